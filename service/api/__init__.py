@@ -1,0 +1,1 @@
+"""Routers: they translate HTTP to pipeline calls and back, nothing more."""

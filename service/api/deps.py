@@ -1,0 +1,27 @@
+"""Typed access to what the lifespan put on ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.errors import NotReadyError
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        raise NotReadyError("the gateway is still loading its models")
+    return pipeline
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -1,0 +1,117 @@
+"""Command line: ``ensemble-gateway serve | make-tiny-models | check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from service.config import load_config
+from service.errors import ConfigError, GatewayError
+
+logger = logging.getLogger("service.cli")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.launcher import Launcher
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"ensemble-gateway: {e}", file=sys.stderr)
+        return 2
+    launcher = Launcher(config.servers, Path(args.log_dir))
+    # Until uvicorn installs its own handlers, SIGTERM/SIGINT unwind through the finally below.
+    previous = {s: signal.signal(s, _raise_on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if config.servers:
+            launcher.start()
+            launcher.wait_healthy()
+        app = create_app(config, server_urls=launcher.base_urls())
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        logger.info("serving on http://%s:%d", args.host, args.port)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+        return 0
+    except _Interrupted as e:
+        logger.info("interrupted by %s during start-up", e)
+        return 130
+    except GatewayError as e:
+        print(f"ensemble-gateway: {e}", file=sys.stderr)
+        return 1
+    finally:
+        launcher.stop()
+
+
+def cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    from service.tiny import make_tiny_models
+
+    paths = make_tiny_models(Path(args.dir), force=args.force)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"ensemble-gateway: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(config.members)} members, {len(config.ensembles)} ensembles (default {config.default})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ensemble-gateway", description=__doc__)
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the configured servers, then serve the gateway")
+    serve.add_argument("--config", required=True, help="YAML configuration file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-dir", default=".cache/logs", help="where launched servers log")
+    serve.set_defaults(func=cmd_serve)
+
+    tiny = sub.add_parser("make-tiny-models", help="write the tiny random-weight checkpoints")
+    tiny.add_argument("dir")
+    tiny.add_argument("--force", action="store_true", help="rewrite existing checkpoints")
+    tiny.set_defaults(func=cmd_make_tiny_models)
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The gateway's configuration: a YAML file validated in full before anything starts.
+
+``${VAR}`` and ``${VAR:-default}`` in the file are replaced from the environment before parsing,
+so one file serves the demo, the tests and a deployment. Every error names the field it is about.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.errors import ConfigError
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(_Strict):
+    """Sampling defaults of a member; a request's own values override them."""
+
+    max_tokens: int = Field(128, ge=1, le=32768, description="Tokens to generate at most.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, description="Sampling seed, if the member should be repeatable.")
+
+
+class MemberConfig(_Strict):
+    """One model of an ensemble, reached through an OpenAI-compatible API."""
+
+    name: Name = Field(description="Unique member name, used in responses and metrics.")
+    endpoint: str | None = Field(
+        None, description="Base URL of an OpenAI-compatible server, e.g. http://host:8000/v1."
+    )
+    server: Name | None = Field(None, description="Name of a server under `servers` instead.")
+    model: str = Field(description="The model name on that server.")
+    api: Literal["chat", "completions"] = Field(
+        "chat", description="chat: /chat/completions with messages; completions: raw prompt."
+    )
+    system_prompt: str | None = Field(None, description="System message prepended for this member.")
+    sampling: Sampling = Field(default_factory=Sampling)  # type: ignore[arg-type]
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-call timeout for this member.")
+    api_key_env: str | None = Field(None, description="Env var holding this member's API key.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> MemberConfig:
+        if (self.endpoint is None) == (self.server is None):
+            raise ValueError("set exactly one of `endpoint` or `server`")
+        if self.endpoint is not None and not re.match(r"^https?://", self.endpoint):
+            raise ValueError("`endpoint` must be an http(s) URL")
+        return self
+
+
+class ServerConfig(_Strict):
+    """A vLLM server the gateway starts and supervises itself (single-node mode)."""
+
+    name: Name
+    model: str = Field(description="Model directory or hub id served by this server.")
+    served_model_names: list[str] = Field(
+        default_factory=list, description="Names the server answers to (default: the model)."
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port; a free one when unset.")
+    args: list[str] = Field(default_factory=list, description="Extra vLLM arguments.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    startup_timeout_s: float = Field(600.0, gt=0, description="How long to wait for /health.")
+
+
+class RankerConfig(_Strict):
+    """A PairRM ranker (PairRM-hf format: a directory or hub id)."""
+
+    kind: Literal["pairrm"] = "pairrm"
+    checkpoint: str
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    source_max_length: int = Field(1224, ge=8)
+    candidate_max_length: int = Field(412, ge=8)
+    aggregation: Literal["max_logits", "max_wins"] = "max_logits"
+    max_batch_pairs: int = Field(32, ge=1, description="Pairs per forward pass at most.")
+
+
+class FuserConfig(_Strict):
+    """A GenFuser: a seq2seq checkpoint fed the top-k candidates in llm-blender's format."""
+
+    kind: Literal["genfuser"] = "genfuser"
+    checkpoint: str
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_length: int = Field(1024, ge=16)
+    candidate_max_length: int = Field(128, ge=1)
+    num_beams: int = Field(4, ge=1, le=16)
+    max_new_tokens: int | None = Field(None, ge=1, description="Default: candidate_max_length.")
+
+
+class EnsembleConfig(_Strict):
+    """A named ensemble: which members answer, and how they are ranked and fused."""
+
+    members: list[Name] = Field(min_length=1)
+    ranker: Name | None = Field(None, description="Ranker name; none: candidates keep their order.")
+    fuser: Name | None = Field(None, description="Fuser name; none: the top candidate is returned.")
+    top_k: int = Field(3, ge=1, description="Candidates given to the fuser.")
+    min_candidates: int = Field(1, ge=1, description="Candidates needed to answer at all.")
+    deadline_s: float = Field(120.0, gt=0, le=3600, description="Whole-request deadline.")
+    instruction: str = Field("", description="Default instruction for ranking and fusion.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> EnsembleConfig:
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("members must not repeat")
+        if self.min_candidates > len(self.members):
+            raise ValueError("min_candidates exceeds the number of members")
+        return self
+
+
+class GatewayConfig(_Strict):
+    """The whole file."""
+
+    members: list[MemberConfig] = Field(min_length=1)
+    servers: list[ServerConfig] = Field(default_factory=list)
+    rankers: dict[Name, RankerConfig] = Field(default_factory=dict)
+    fusers: dict[Name, FuserConfig] = Field(default_factory=dict)
+    ensembles: dict[Name, EnsembleConfig] = Field(min_length=1)
+    default_ensemble: Name | None = Field(None, description="Default: the first ensemble.")
+    max_connections: int = Field(256, ge=1, description="HTTP connections to members at most.")
+
+    @field_validator("members")
+    @classmethod
+    def _unique_members(cls, v: list[MemberConfig]) -> list[MemberConfig]:
+        names = [m.name for m in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate member names: {sorted(dup)}")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        servers = {s.name for s in self.servers}
+        if len(servers) != len(self.servers):
+            raise ValueError("servers: duplicate server names")
+        ports = [s.port for s in self.servers if s.port is not None]
+        if len(set(ports)) != len(ports):
+            raise ValueError("servers: two servers share a port")
+        for i, m in enumerate(self.members):
+            if m.server is not None and m.server not in servers:
+                raise ValueError(f"members.{i}.server: unknown server {m.server!r}")
+        members = {m.name for m in self.members}
+        for name, e in self.ensembles.items():
+            for mname in e.members:
+                if mname not in members:
+                    raise ValueError(f"ensembles.{name}.members: unknown member {mname!r}")
+            if e.ranker is not None and e.ranker not in self.rankers:
+                raise ValueError(f"ensembles.{name}.ranker: unknown ranker {e.ranker!r}")
+            if e.fuser is not None and e.fuser not in self.fusers:
+                raise ValueError(f"ensembles.{name}.fuser: unknown fuser {e.fuser!r}")
+        if self.default_ensemble is not None and self.default_ensemble not in self.ensembles:
+            raise ValueError(f"default_ensemble: unknown ensemble {self.default_ensemble!r}")
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_ensemble or next(iter(self.ensembles))
+
+    def member(self, name: str) -> MemberConfig:
+        return next(m for m in self.members if m.name == name)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, env: dict[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` / ``${VAR:-default}``; an unset variable without default is an error."""
+    env = dict(os.environ) if env is None else env
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set and has no default")
+
+    return _VAR.sub(sub, text)
+
+
+def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
+    """Parse and validate; raise ``ConfigError`` naming the offending field."""
+    try:
+        data = yaml.safe_load(expand_env(text))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(lines)) from e
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from e
+    return parse_config(text, str(p))

@@ -1,0 +1,81 @@
+"""One exception tree for the gateway, mapped to HTTP in one place.
+
+    GatewayError                      500 internal_error
+    ├── ConfigError                   (start-up only: a bad config file)
+    ├── RequestError                  400 invalid_request_error
+    │   └── NotFoundError             404 not_found_error
+    ├── UpstreamError                 502 upstream_error     (a member failed; per member)
+    │   └── UpstreamTimeout           504 upstream_timeout
+    ├── NoQuorumError                 502 no_quorum          (too few candidates arrived)
+    │   └── DeadlineExceeded          504 deadline_exceeded
+    ├── ModelError                    500 model_error        (ranker or fuser failed)
+    └── NotReadyError                 503 not_ready
+
+Every error leaves the gateway as ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code or self.type)
+
+
+class ConfigError(GatewayError):
+    type = "config_error"
+
+
+class RequestError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFoundError(RequestError):
+    status = 404
+    type = "not_found_error"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "upstream_timeout"
+
+
+class NoQuorumError(GatewayError):
+    status = 502
+    type = "no_quorum"
+
+
+class DeadlineExceeded(NoQuorumError):
+    status = 504
+    type = "deadline_exceeded"
+
+
+class ModelError(GatewayError):
+    type = "model_error"
+
+
+class NotReadyError(GatewayError):
+    status = 503
+    type = "not_ready"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

