@@ -158,8 +158,10 @@ def create_app(
             yield
         finally:
             await client.aclose()
-            for model in [*pipeline.rankers.values(), *pipeline.fusers.values()]:
-                model.close()
+            for ranker in pipeline.rankers.values():
+                ranker.close()
+            for fuser in pipeline.fusers.values():
+                fuser.close()
 
     app = FastAPI(
         title="ensemble-gateway",
@@ -210,4 +212,4 @@ def _version() -> str:
         return "0.0.0"
 
 
-__all__: list[Any] = ["create_app", "Components"]
+__all__: list[Any] = ["Components", "create_app"]

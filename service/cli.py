@@ -21,6 +21,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every member call at INFO; that is metrics' job.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class _Interrupted(Exception):
@@ -43,25 +45,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 2
     launcher = Launcher(config.servers, Path(args.log_dir))
-    # Until uvicorn installs its own handlers, SIGTERM/SIGINT unwind through the finally below.
-    previous = {s: signal.signal(s, _raise_on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM/SIGINT unwind through the finally below. While serving, uvicorn handles them (it
+    # drains requests), then restores this handler and re-raises the signal, which lands here too.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_on_signal)
     try:
         if config.servers:
             launcher.start()
             launcher.wait_healthy()
         app = create_app(config, server_urls=launcher.base_urls())
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         logger.info("serving on http://%s:%d", args.host, args.port)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
         return 0
     except _Interrupted as e:
-        logger.info("interrupted by %s during start-up", e)
-        return 130
+        logger.info("stopping on %s", e)
+        return 0
     except GatewayError as e:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 1
     finally:
+        # Stopping is bounded (SIGTERM, then SIGKILL); a second signal must not cut it short.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         launcher.stop()
 
 

@@ -16,7 +16,7 @@ def ensure_transformers_cache() -> None:
     if not hasattr(hub, "TRANSFORMERS_CACHE"):
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        hub.TRANSFORMERS_CACHE = HF_HUB_CACHE
+        hub.TRANSFORMERS_CACHE = HF_HUB_CACHE  # type: ignore[attr-defined]
 
 
 def import_llm_blender(module: str) -> ModuleType:

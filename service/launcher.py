@@ -7,6 +7,7 @@ leaves no orphan servers behind. Progress (which server is up, after how long) g
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -174,7 +175,5 @@ class Launcher:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -13,7 +13,6 @@ import httpx
 from service.config import MemberConfig
 from service.errors import UpstreamError, UpstreamTimeout
 
-
 HEALTH_TIMEOUT_S = 2.0
 
 
@@ -144,10 +143,7 @@ class OpenAIMember:
         try:
             data = resp.json()
             choice = data["choices"][0]
-            if self.config.api == "chat":
-                text = choice["message"]["content"]
-            else:
-                text = choice["text"]
+            text = choice["message"]["content"] if self.config.api == "chat" else choice["text"]
             if not isinstance(text, str):
                 raise TypeError(f"text is {type(text).__name__}")
             usage = data.get("usage") or {}

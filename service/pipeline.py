@@ -194,7 +194,7 @@ class Pipeline:
             fused = False
         t_fuse = time.perf_counter()
 
-        for i, o in enumerate(ok):
+        for o in ok:
             self.metrics.candidates.labels(name, o.member).inc()
         self.metrics.ranked_first.labels(name, ok[order[0]].member).inc()
         for i in selected:

@@ -66,10 +66,12 @@ def scores_from_matrix(matrix: np.ndarray, aggregation: str) -> np.ndarray:
     """Aggregate an n×n comparison matrix into n scores (float32, as llm-blender computes them)."""
     m = matrix.astype(np.float32)
     if aggregation == "max_logits":
-        return ((m - m.T).mean(axis=-1)).astype(np.float32)
-    if aggregation == "max_wins":
-        return ((m > 0).sum(axis=-1) + (m < 0).mean(axis=-2)).astype(np.float32)
-    raise ValueError(f"unknown aggregation {aggregation!r}")
+        scores: np.ndarray = (m - m.T).mean(axis=-1)
+    elif aggregation == "max_wins":
+        scores = (m > 0).sum(axis=-1) + (m < 0).mean(axis=-2)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}")
+    return scores.astype(np.float32)
 
 
 def ranks_from_scores(scores: np.ndarray) -> list[int]:
@@ -114,8 +116,10 @@ class PairRMRanker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.rank_sync, source, candidates)
 
-    def encode_pairs(self, source: str, candidates: list[str]) -> list[tuple[int, int, list[int]]]:
-        """Token ids of every ordered pair (i, j), i ≠ j, tokenized as the PairRM-hf card does.
+    def encode_pairs(
+        self, source: str, candidates: list[str], pairs: list[tuple[int, int]]
+    ) -> list[list[int]]:
+        """Token ids of the given ordered pairs, tokenized as the PairRM-hf model card does.
 
         Each text is tokenized once: a candidate's ids depend only on its prefix and the length
         budget left by the source, so pairs reuse them.
@@ -127,33 +131,47 @@ class PairRMRanker:
         budget = (cfg.source_max_length + 2 * cfg.candidate_max_length - len(source_ids)) // 2
         c1 = [tok.encode(CAND1_PREFIX + c, max_length=budget, truncation=True) for c in candidates]
         c2 = [tok.encode(CAND2_PREFIX + c, max_length=budget, truncation=True) for c in candidates]
-        n = len(candidates)
-        return [(i, j, source_ids + c1[i] + c2[j]) for i in range(n) for j in range(n) if i != j]
+        return [source_ids + c1[i] + c2[j] for i, j in pairs]
 
     def compare_matrix(self, source: str, candidates: list[str]) -> np.ndarray:
+        """M[i, j] for every ordered pair i ≠ j (M[i, i] = 0).
+
+        Identical candidates are compared once: the unique texts are compared (a duplicated text
+        also against itself, as llm-blender does for its copies) and the values copied, so copies
+        get bit-identical scores and tie exactly as they do in llm-blender.
+        """
         torch = self._torch
-        n = len(candidates)
-        matrix = np.zeros((n, n), dtype=np.float32)
-        pairs = self.encode_pairs(source, candidates)
+        unique = list(dict.fromkeys(candidates))
+        where = [unique.index(c) for c in candidates]
+        dup = {u for u in range(len(unique)) if where.count(u) > 1}
+        pairs = [(i, j) for i in range(len(unique)) for j in range(len(unique)) if i != j or i in dup]
+        seqs = self.encode_pairs(source, unique, pairs)
+        values = np.zeros((len(unique), len(unique)), dtype=np.float32)
         # Similar lengths in a batch keep padding small.
-        pairs.sort(key=lambda p: len(p[2]))
+        order = sorted(range(len(pairs)), key=lambda k: len(seqs[k]))
         pad = self.tokenizer.pad_token_id or 0
         step = self.config.max_batch_pairs
         with torch.inference_mode():
-            for start in range(0, len(pairs), step):
-                chunk = pairs[start : start + step]
-                width = max(len(p[2]) for p in chunk)
+            for start in range(0, len(order), step):
+                chunk = order[start : start + step]
+                width = max(len(seqs[k]) for k in chunk)
                 ids = torch.full((len(chunk), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, (_, _, seq) in enumerate(chunk):
-                    ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    mask[row, : len(seq)] = 1
+                for row, k in enumerate(chunk):
+                    ids[row, : len(seqs[k])] = torch.tensor(seqs[k], dtype=torch.long)
+                    mask[row, : len(seqs[k])] = 1
                 out = self.model(
                     input_ids=ids.to(self.config.device), attention_mask=mask.to(self.config.device)
                 )
                 logits = out.logits.float().cpu().numpy()
-                for (i, j, _), value in zip(chunk, logits, strict=True):
-                    matrix[i, j] = value
+                for k, value in zip(chunk, logits, strict=True):
+                    values[pairs[k]] = value
+        n = len(candidates)
+        matrix = np.zeros((n, n), dtype=np.float32)
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    matrix[i, j] = values[where[i], where[j]]
         return matrix
 
     def rank_sync(self, source: str, candidates: list[str]) -> Ranking:

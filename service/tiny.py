@@ -23,14 +23,106 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be "
-    "has have had one not but all new more first two after who they their been its also time "
-    "city world year people capital france paris river music science history water energy "
-    "answer question model language learning system data light power number small large "
-    "good better best great simple clear short long fast slow open close red blue green "
-    "what where when why how who can will would should could may might must do does did"
-).split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "has",
+    "have",
+    "had",
+    "one",
+    "not",
+    "but",
+    "all",
+    "new",
+    "more",
+    "first",
+    "two",
+    "after",
+    "who",
+    "they",
+    "their",
+    "been",
+    "its",
+    "also",
+    "time",
+    "city",
+    "world",
+    "year",
+    "people",
+    "capital",
+    "france",
+    "paris",
+    "river",
+    "music",
+    "science",
+    "history",
+    "water",
+    "energy",
+    "answer",
+    "question",
+    "model",
+    "language",
+    "learning",
+    "system",
+    "data",
+    "light",
+    "power",
+    "number",
+    "small",
+    "large",
+    "good",
+    "better",
+    "best",
+    "great",
+    "simple",
+    "clear",
+    "short",
+    "long",
+    "fast",
+    "slow",
+    "open",
+    "close",
+    "red",
+    "blue",
+    "green",
+    "what",
+    "where",
+    "when",
+    "why",
+    "how",
+    "who",
+    "can",
+    "will",
+    "would",
+    "should",
+    "could",
+    "may",
+    "might",
+    "must",
+    "do",
+    "does",
+    "did",
+]
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
@@ -201,8 +293,7 @@ def make_genfuser(out: Path, seed: int = 11) -> None:
     """A T5 seq2seq checkpoint shaped like Flan-T5 (gated-gelu), tokenizer with T5's specials."""
     import torch
     from tokenizers import processors
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config
-    from transformers import T5ForConditionalGeneration
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
     extra = [f"<extra_id_{i}>" for i in range(FUSER_EXTRA_IDS)]
     tok = _unigram_tokenizer(seed, 400, ["<pad>", "</s>", "<unk>"])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
 from service.config import GatewayConfig, parse_config
 from service.members import Completion, MemberFailure, MemberRequest
 from service.ranking import Ranking, ranks_from_scores
-
-import numpy as np
 
 
 class FakeMember:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter
 
@@ -12,7 +13,7 @@ from service.protocol import ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter()
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
     for code, desc in [
         (400, "Invalid request (bad JSON, wrong types, out-of-range values)."),
@@ -27,7 +28,7 @@ _ERRORS = {
 
 @router.post(
     "/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS
-)  # type: ignore[arg-type]
+)
 async def generate(body: GenerateRequest, pipeline: PipelineDep, metrics: MetricsDep) -> GenerateResponse:
     """Fan the prompt out to the ensemble's members, rank the candidates, fuse the best."""
     ensemble = body.ensemble or pipeline.config.default

