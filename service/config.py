@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import ConfigError
 
@@ -33,14 +43,38 @@ class Sampling(_Strict):
 
 
 class MemberConfig(_Strict):
-    """One model of an ensemble, reached through an OpenAI-compatible API."""
+    """One model of an ensemble, reached through an OpenAI-compatible API.
+
+    Kinds: ``model`` (a whole model), ``lora`` (a LoRA adapter on a server started with
+    ``--enable-lora``) and ``soft_prompt`` (a PEFT prompt-tuning checkpoint over a base model served
+    with ``--enable-prompt-embeds``). All take the same sampling settings and report the same metrics.
+    """
 
     name: Name = Field(description="Unique member name, used in responses and metrics.")
+    kind: Literal["model", "lora", "soft_prompt"] = Field("model", description="What this member is.")
     endpoint: str | None = Field(
         None, description="Base URL of an OpenAI-compatible server, e.g. http://host:8000/v1."
     )
     server: Name | None = Field(None, description="Name of a server under `servers` instead.")
-    model: str = Field(description="The model name on that server.")
+    model: str | None = Field(
+        None,
+        description="The model name on that server. For `lora`: the adapter's name there (default: "
+        "the member name); for `soft_prompt`: the base model's name.",
+    )
+    adapter: str | None = Field(
+        None, description="`lora`: the PEFT LoRA directory; `soft_prompt`: the prompt-tuning directory."
+    )
+    load: Literal["runtime", "startup"] = Field(
+        "runtime",
+        description="`lora` only. runtime: the gateway loads the adapter through vLLM's "
+        "/v1/load_lora_adapter (and unloads it when the member goes); startup: the launched server "
+        "loads it with --lora-modules.",
+    )
+    base_checkpoint: str | None = Field(
+        None,
+        description="`soft_prompt` only: the base model's directory or hub id (tokenizer and input "
+        "embeddings). Default: the model of the member's `server`.",
+    )
     api: Literal["chat", "completions"] = Field(
         "chat", description="chat: /chat/completions with messages; completions: raw prompt."
     )
@@ -55,7 +89,24 @@ class MemberConfig(_Strict):
             raise ValueError("set exactly one of `endpoint` or `server`")
         if self.endpoint is not None and not re.match(r"^https?://", self.endpoint):
             raise ValueError("`endpoint` must be an http(s) URL")
+        if self.kind == "model" and self.model is None:
+            raise ValueError("`model` is required")
+        if self.kind == "model" and self.adapter is not None:
+            raise ValueError("`adapter` is only for kinds lora and soft_prompt")
+        if self.kind in ("lora", "soft_prompt") and self.adapter is None:
+            raise ValueError(f"a {self.kind} member needs `adapter`")
+        if self.kind == "soft_prompt" and self.model is None:
+            raise ValueError("a soft_prompt member needs `model`: the base model's name on its server")
+        if self.kind == "soft_prompt" and self.endpoint is not None and self.base_checkpoint is None:
+            raise ValueError("a soft_prompt member on an `endpoint` needs `base_checkpoint`")
+        if self.kind == "lora" and self.load == "startup" and self.server is None:
+            raise ValueError("load: startup needs a `server` the gateway launches")
         return self
+
+    @property
+    def served_name(self) -> str:
+        """The name requests use on the server."""
+        return self.model or self.name
 
 
 class ServerConfig(_Strict):
@@ -99,6 +150,59 @@ class FuserConfig(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="Default: candidate_max_length.")
 
 
+DEFAULT_AGGREGATION_TEMPLATE = """\
+You have been given responses from several models to the user's request below, ranked best \
+first. Synthesize them into one better response: weigh what they say critically, since some of \
+it may be biased or wrong; keep what is correct and useful; do not simply copy one of them or \
+mention that there were several. Reply with the response only.
+
+{instruction_block}Responses, best first:
+{candidates}"""
+
+_TEMPLATE_FIELDS = {"instruction", "instruction_block", "input", "candidates"}
+
+
+class LLMFuserConfig(_Strict):
+    """A fuser that asks an OpenAI-compatible model to synthesize the ranked candidates
+    (Mixture-of-Agents style). The template becomes the system message; the user's input is the
+    user message. Template fields: {instruction}, {instruction_block}, {input}, {candidates}."""
+
+    kind: Literal["llm"]
+    endpoint: str | None = Field(None, description="Base URL of an OpenAI-compatible server.")
+    server: Name | None = Field(None, description="Name of a server under `servers` instead.")
+    model: str = Field(description="The model name on that server.")
+    template: str = Field(DEFAULT_AGGREGATION_TEMPLATE, description="The aggregation prompt.")
+    sampling: Sampling = Field(default_factory=Sampling)  # type: ignore[arg-type]
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+    api_key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMFuserConfig:
+        if (self.endpoint is None) == (self.server is None):
+            raise ValueError("set exactly one of `endpoint` or `server`")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"template: {e}") from e
+        unknown = fields - _TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(f"template: unknown fields {sorted(unknown)}; known: {sorted(_TEMPLATE_FIELDS)}")
+        if "candidates" not in fields:
+            raise ValueError("template: must contain {candidates}")
+        return self
+
+
+def _fuser_kind(value: object) -> str:
+    kind = value.get("kind", "genfuser") if isinstance(value, dict) else getattr(value, "kind", "genfuser")
+    return str(kind)
+
+
+AnyFuserConfig = Annotated[
+    Annotated[FuserConfig, Tag("genfuser")] | Annotated[LLMFuserConfig, Tag("llm")],
+    Discriminator(_fuser_kind),
+]
+
+
 class EnsembleConfig(_Strict):
     """A named ensemble: which members answer, and how they are ranked and fused."""
 
@@ -125,7 +229,7 @@ class GatewayConfig(_Strict):
     members: list[MemberConfig] = Field(min_length=1)
     servers: list[ServerConfig] = Field(default_factory=list)
     rankers: dict[Name, RankerConfig] = Field(default_factory=dict)
-    fusers: dict[Name, FuserConfig] = Field(default_factory=dict)
+    fusers: dict[Name, AnyFuserConfig] = Field(default_factory=dict)
     ensembles: dict[Name, EnsembleConfig] = Field(min_length=1)
     default_ensemble: Name | None = Field(None, description="Default: the first ensemble.")
     max_connections: int = Field(256, ge=1, description="HTTP connections to members at most.")
@@ -150,6 +254,9 @@ class GatewayConfig(_Strict):
         for i, m in enumerate(self.members):
             if m.server is not None and m.server not in servers:
                 raise ValueError(f"members.{i}.server: unknown server {m.server!r}")
+        for name, f in self.fusers.items():
+            if isinstance(f, LLMFuserConfig) and f.server is not None and f.server not in servers:
+                raise ValueError(f"fusers.{name}.server: unknown server {f.server!r}")
         members = {m.name for m in self.members}
         for name, e in self.ensembles.items():
             for mname in e.members:

@@ -93,7 +93,7 @@ class OpenAIMember:
         if self.config.system_prompt:
             messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
         body: dict[str, Any] = {
-            "model": self.config.model,
+            "model": self.config.served_name,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,

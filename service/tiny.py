@@ -6,7 +6,9 @@ Writes, from fixed seeds and with tokenizers trained on the spot (no hub needed)
   its own byte-level BPE tokenizer and a chat template;
 - ``pairrm``: a PairRM-hf checkpoint (``DebertaV2PairRM``) whose tokenizer holds
   ``<|source|>``, ``<|candidate1|>``, ``<|candidate2|>`` and adds CLS/SEP like DeBERTa's;
-- ``genfuser``: a T5 seq2seq checkpoint whose tokenizer knows ``</s>`` and ``<extra_id_N>``.
+- ``genfuser``: a T5 seq2seq checkpoint whose tokenizer knows ``</s>`` and ``<extra_id_N>``;
+- ``llama-a-lora-1``, ``llama-a-lora-2``: PEFT LoRA adapters over ``llama-a`` (ranks 8 and 4);
+- ``llama-a-soft-1``: a PEFT prompt-tuning checkpoint (8 virtual tokens) over ``llama-a``.
 
 The weights are random: the text these models produce is noise by design. What is real is the
 architecture, the file formats and every code path that loads and runs them.
@@ -16,8 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import shutil
 import string
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +134,9 @@ _CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# Bump when a generator changes: checkpoints written by another version are rewritten.
+GENERATOR_VERSION = 2
+
 PAIRRM_SPECIAL = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
 FUSER_EXTRA_IDS = 100
 
@@ -201,20 +209,27 @@ def make_llama(out: Path, seed: int, layers: int, vocab_size: int = 512) -> None
     tok.save_pretrained(out)
 
 
-def _unigram_tokenizer(seed: int, vocab_size: int, specials: list[str]) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _unigram_tokenizer(seed: int, specials: list[str], unk: str) -> Any:
+    """A SentencePiece-style (Metaspace + Unigram) tokenizer whose vocabulary is built from the
+    corpus word counts. Built, not trained: the ``tokenizers`` Unigram trainer gives a different
+    vocabulary on every run, and checkpoints must be reproducible."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    tok = Tokenizer(models.Unigram())
+    counts: Counter[str] = Counter()
+    for line in _corpus(seed):
+        for word in line.split():
+            counts["\u2581" + word] += 1
+    total = sum(counts.values())
+    vocab: dict[str, float] = {s: 0.0 for s in specials}
+    for piece, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        vocab.setdefault(piece, math.log(count / total))
+    for ch in string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(ch, -20.0)
+        vocab.setdefault("\u2581" + ch, -20.0)
+    vocab.setdefault("\u2581", -20.0)
+    tok = Tokenizer(models.Unigram(list(vocab.items()), unk_id=specials.index(unk)))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        unk_token=specials[2] if specials[0] == "<pad>" else "[UNK]",
-        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
     return tok
 
 
@@ -229,7 +244,7 @@ def make_pairrm(out: Path, seed: int = 7) -> None:
     DebertaV2PairRM = import_pairrm()
 
     specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
-    tok = _unigram_tokenizer(seed, 400, specials)
+    tok = _unigram_tokenizer(seed, specials, unk="[UNK]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B [SEP]",
@@ -296,7 +311,7 @@ def make_genfuser(out: Path, seed: int = 11) -> None:
     from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
     extra = [f"<extra_id_{i}>" for i in range(FUSER_EXTRA_IDS)]
-    tok = _unigram_tokenizer(seed, 400, ["<pad>", "</s>", "<unk>"])
+    tok = _unigram_tokenizer(seed, ["<pad>", "</s>", "<unk>"], unk="<unk>")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )
@@ -328,6 +343,8 @@ def make_genfuser(out: Path, seed: int = 11) -> None:
     model = T5ForConditionalGeneration(config)
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.3)
+        # A damped end-of-sequence row: random weights would otherwise often end at once.
+        model.lm_head.weight[fast.eos_token_id] *= 0.1
     model.generation_config = GenerationConfig(
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
@@ -337,9 +354,53 @@ def make_genfuser(out: Path, seed: int = 11) -> None:
     fast.save_pretrained(out)
 
 
+def make_lora(out: Path, base: Path, seed: int, rank: int = 8) -> None:
+    """A PEFT LoRA adapter over ``base`` with random A and B (PEFT's default B=0 would be a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out)
+
+
+def make_soft_prompt(out: Path, base: Path, seed: int, virtual_tokens: int = 8) -> None:
+    """A PEFT prompt-tuning checkpoint (``prompt_embeddings`` [virtual_tokens, hidden]) for ``base``."""
+    import torch
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.RANDOM,
+        token_dim=model.config.hidden_size,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder.parameters():
+            p.normal_(0.0, 1.0)
+    peft_model.save_pretrained(out)
+
+
 TINY_MODELS = {
     "llama-a": lambda out: make_llama(out, seed=1, layers=2),
     "llama-b": lambda out: make_llama(out, seed=2, layers=3),
+    "llama-a-lora-1": lambda out: make_lora(out, out.parent / "llama-a", seed=21),
+    "llama-a-lora-2": lambda out: make_lora(out, out.parent / "llama-a", seed=22, rank=4),
+    "llama-a-soft-1": lambda out: make_soft_prompt(out, out.parent / "llama-a", seed=31),
     "pairrm": make_pairrm,
     "genfuser": make_genfuser,
 }
@@ -352,12 +413,15 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     for name, build in TINY_MODELS.items():
         out = root / name
         marker = out / ".complete"
-        if marker.exists() and not force:
+        stamp = json.dumps({"name": name, "version": GENERATOR_VERSION})
+        if marker.exists() and marker.read_text() == stamp and not force:
             logger.info("tiny model %s already at %s", name, out)
         else:
             logger.info("writing tiny model %s to %s", name, out)
-            out.mkdir(parents=True, exist_ok=True)
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
             build(out)
-            marker.write_text(json.dumps({"name": name}))
+            marker.write_text(stamp)
         written[name] = out
     return written

@@ -1,0 +1,263 @@
+"""LoRA adapters and soft prompts (PEFT prompt tuning): checks on their files, and the shared
+input embeddings that soft-prompt members need.
+
+Everything here that can be checked before a request is checked at start-up (or reload) and fails
+with a ``ConfigError`` that names the member; what only the server can tell (is LoRA enabled
+there, does it accept this rank) is learnt when the adapter is loaded and marks the member
+unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.config import GatewayConfig, MemberConfig, ServerConfig
+from service.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def _arg_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def read_adapter_config(member: MemberConfig) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json``; a ``ConfigError`` naming the member if unreadable."""
+    assert member.adapter is not None  # guaranteed by MemberConfig
+    path = Path(member.adapter) / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"members.{member.name}.adapter: no adapter at {member.adapter} ({path} missing)"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"members.{member.name}.adapter: cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"members.{member.name}.adapter: {path} is not a JSON object")
+    return data
+
+
+def check_lora(member: MemberConfig, server: ServerConfig | None) -> dict[str, Any]:
+    cfg = read_adapter_config(member)
+    if cfg.get("peft_type") != "LORA":
+        raise ConfigError(f"members.{member.name}.adapter: peft_type is {cfg.get('peft_type')!r}, not LORA")
+    rank = int(cfg.get("r", 0))
+    if server is not None:
+        if "--enable-lora" not in server.args:
+            raise ConfigError(
+                f"members.{member.name}: server {server.name!r} is not started with --enable-lora"
+            )
+        max_rank = int(_arg_value(server.args, "--max-lora-rank") or VLLM_DEFAULT_MAX_LORA_RANK)
+        if rank > max_rank:
+            raise ConfigError(
+                f"members.{member.name}: adapter rank {rank} exceeds server {server.name!r}'s "
+                f"--max-lora-rank {max_rank}"
+            )
+        if member.load == "runtime" and server.env.get(
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", ""
+        ).lower() not in (
+            "1",
+            "true",
+        ):
+            raise ConfigError(
+                f"members.{member.name}: load: runtime needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                f"in server {server.name!r}'s env (or use load: startup)"
+            )
+    return cfg
+
+
+def base_checkpoint(config: GatewayConfig, member: MemberConfig) -> str:
+    if member.base_checkpoint is not None:
+        return member.base_checkpoint
+    server = next(s for s in config.servers if s.name == member.server)
+    return server.model
+
+
+def check_soft_prompt(config: GatewayConfig, member: MemberConfig, server: ServerConfig | None) -> None:
+    cfg = read_adapter_config(member)
+    if cfg.get("peft_type") != "PROMPT_TUNING":
+        raise ConfigError(
+            f"members.{member.name}.adapter: peft_type is {cfg.get('peft_type')!r}, not PROMPT_TUNING"
+        )
+    if server is not None and "--enable-prompt-embeds" not in server.args:
+        raise ConfigError(
+            f"members.{member.name}: server {server.name!r} is not started with --enable-prompt-embeds"
+        )
+    prompt = load_prompt_embeddings(member)
+    base = base_checkpoint(config, member)
+    hidden = _base_hidden_size(base)
+    if hidden is not None and prompt.shape[1] != hidden:
+        raise ConfigError(
+            f"members.{member.name}: soft prompt hidden size {prompt.shape[1]} differs from "
+            f"base {base}'s hidden size {hidden}"
+        )
+
+
+def check_members(config: GatewayConfig) -> None:
+    """Start-up (and reload) checks of every adapter member's files against its server."""
+    servers = {s.name: s for s in config.servers}
+    for m in config.members:
+        server = servers.get(m.server) if m.server else None
+        if m.kind == "lora":
+            check_lora(m, server)
+        elif m.kind == "soft_prompt":
+            check_soft_prompt(config, m, server)
+
+
+def startup_lora_args(config: GatewayConfig) -> dict[str, list[str]]:
+    """Extra server arguments: ``--lora-modules NAME=DIR`` for LoRA members loaded at start-up."""
+    extra: dict[str, list[str]] = {}
+    for m in config.members:
+        if m.kind == "lora" and m.load == "startup" and m.server is not None:
+            extra.setdefault(m.server, []).append(f"{m.served_name}={m.adapter}")
+    return {server: ["--lora-modules", *mods] for server, mods in extra.items()}
+
+
+def _base_hidden_size(base: str) -> int | None:
+    path = Path(base) / "config.json"
+    if not path.exists():
+        return None  # a hub id: checked against the embedding matrix when it loads
+    data = json.loads(path.read_text())
+    size = data.get("hidden_size") or data.get("text_config", {}).get("hidden_size")
+    return int(size) if size else None
+
+
+def load_prompt_embeddings(member: MemberConfig) -> Any:
+    """PEFT's ``prompt_embeddings`` tensor [num_virtual_tokens, hidden]."""
+    import torch
+    from safetensors import safe_open
+
+    assert member.adapter is not None
+    directory = Path(member.adapter)
+    st = directory / "adapter_model.safetensors"
+    try:
+        if st.exists():
+            with safe_open(str(st), framework="pt") as f:
+                tensor = f.get_tensor("prompt_embeddings")
+        else:
+            tensor = torch.load(directory / "adapter_model.bin", map_location="cpu")["prompt_embeddings"]
+    except (OSError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"members.{member.name}.adapter: no prompt_embeddings in {directory}: {e}") from e
+    if tensor.ndim != 2 or not tensor.is_floating_point():
+        raise ConfigError(
+            f"members.{member.name}.adapter: prompt_embeddings must be a 2-D float tensor, "
+            f"got {tuple(tensor.shape)} {tensor.dtype}"
+        )
+    return tensor
+
+
+def _embedding_key(names: list[str]) -> str:
+    for suffix in ("embed_tokens.weight", "wte.weight", "word_embeddings.weight"):
+        hits = [n for n in names if n.endswith(suffix) and "lm_head" not in n]
+        if hits:
+            return sorted(hits, key=len)[0]
+    raise KeyError("no input-embedding tensor (…embed_tokens.weight) in the checkpoint")
+
+
+def load_input_embeddings(base: str) -> Any:
+    """Only the input-embedding matrix of a base checkpoint (safetensors loads one tensor)."""
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+
+    root = Path(base)
+    if not root.exists():
+        root = Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        key = _embedding_key(list(weight_map))
+        shard = root / weight_map[key]
+    else:
+        shard = root / "model.safetensors"
+        with safe_open(str(shard), framework="pt") as f:
+            key = _embedding_key(list(f.keys()))
+    with safe_open(str(shard), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+@dataclass
+class BaseModelInputs:
+    """A base model's tokenizer and input embeddings, loaded once and shared by its soft prompts."""
+
+    checkpoint: str
+    tokenizer: Any
+    embeddings: Any  # [vocab, hidden]
+    executor: ThreadPoolExecutor
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            from service.members import render_prompt
+
+            text = render_prompt(messages)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def embeds_b64(self, prompt_embeddings: Any, messages: list[dict[str, str]]) -> str:
+        """base64(torch.save([virtual tokens ‖ embeddings of the prompt tokens])), checked."""
+        import torch
+
+        ids = self.prompt_ids(messages)
+        if ids and max(ids) >= self.embeddings.shape[0]:
+            raise ValueError(f"token id {max(ids)} outside the embedding matrix")
+        words = self.embeddings[torch.tensor(ids, dtype=torch.long)]
+        tensor = torch.cat([prompt_embeddings.to(self.embeddings.dtype), words], dim=0).contiguous()
+        if tensor.ndim != 2 or tensor.shape[1] != self.embeddings.shape[1]:
+            raise ValueError(f"prompt_embeds has shape {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError("prompt_embeds has non-finite values")
+        buf = io.BytesIO()
+        torch.save(tensor, buf)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class BaseModelCache:
+    """One ``BaseModelInputs`` per base checkpoint."""
+
+    def __init__(self) -> None:
+        self._bases: dict[str, BaseModelInputs] = {}
+        self._lock = threading.Lock()
+
+    def get(self, checkpoint: str) -> BaseModelInputs:
+        with self._lock:
+            if checkpoint not in self._bases:
+                from transformers import AutoTokenizer
+
+                start = time.perf_counter()
+                tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+                embeddings = load_input_embeddings(checkpoint)
+                self._bases[checkpoint] = BaseModelInputs(
+                    checkpoint,
+                    tokenizer,
+                    embeddings,
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="soft-prompt"),
+                )
+                logger.info(
+                    "input embeddings of %s loaded in %.1fs: %s",
+                    checkpoint,
+                    time.perf_counter() - start,
+                    tuple(embeddings.shape),
+                )
+            return self._bases[checkpoint]
+
+    def close(self) -> None:
+        for base in self._bases.values():
+            base.executor.shutdown(wait=False, cancel_futures=True)
