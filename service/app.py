@@ -10,34 +10,24 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.adapters import BaseModelCache
 from service.api import generate, health
+from service.build import Components, build_pipeline
 from service.config import GatewayConfig
-from service.errors import ConfigError, GatewayError, error_body
-from service.fusion import Fuser, GenFuser
-from service.members import Member, MemberFailure, OpenAIMember, make_http_client
+from service.errors import GatewayError, error_body
+from service.members import MemberFailure, make_http_client
 from service.metrics import Metrics
 from service.pipeline import Pipeline
-from service.ranking import PairRMRanker, Ranker
 
 logger = logging.getLogger(__name__)
 
 READY_CACHE_S = 2.0
-
-
-@dataclass
-class Components:
-    """Pre-built parts, for tests and embedding; anything missing is built from the config."""
-
-    members: dict[str, Member] | None = None
-    rankers: dict[str, Ranker] | None = None
-    fusers: dict[str, Fuser] | None = None
 
 
 @dataclass
@@ -47,38 +37,6 @@ class Readiness:
     checked_at: float = 0.0
     members: dict[str, str | None] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-def member_base_url(config: GatewayConfig, name: str, server_urls: dict[str, str]) -> str:
-    member = config.member(name)
-    if member.endpoint is not None:
-        return member.endpoint
-    assert member.server is not None  # guaranteed by the config's validation
-    if member.server not in server_urls:
-        raise ConfigError(f"members.{name}.server: server {member.server!r} is not running")
-    return server_urls[member.server]
-
-
-async def build_pipeline(
-    config: GatewayConfig,
-    metrics: Metrics,
-    client: httpx.AsyncClient,
-    server_urls: dict[str, str],
-    parts: Components,
-) -> Pipeline:
-    members: dict[str, Member] = dict(parts.members or {})
-    for m in config.members:
-        if m.name not in members:
-            members[m.name] = OpenAIMember(m, member_base_url(config, m.name, server_urls), client)
-    rankers: dict[str, Ranker] = dict(parts.rankers or {})
-    for name, rcfg in config.rankers.items():
-        if name not in rankers:
-            rankers[name] = await asyncio.to_thread(PairRMRanker, name, rcfg)
-    fusers: dict[str, Fuser] = dict(parts.fusers or {})
-    for name, fcfg in config.fusers.items():
-        if name not in fusers:
-            fusers[name] = await asyncio.to_thread(GenFuser, name, fcfg)
-    return Pipeline(config, members, rankers, fusers, metrics)
 
 
 class _JsonBodyDefault:
@@ -144,11 +102,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = make_http_client(config.max_connections)
+        bases = BaseModelCache()
         start = time.perf_counter()
         try:
-            pipeline = await build_pipeline(config, metrics, client, server_urls or {}, parts or Components())
+            pipeline = await build_pipeline(
+                config, metrics, client, server_urls or {}, parts or Components(), bases
+            )
         except BaseException:
             await client.aclose()
+            bases.close()
             raise
         logger.info(
             "pipeline ready in %.1fs: ensembles %s", time.perf_counter() - start, list(config.ensembles)
@@ -157,7 +119,10 @@ def create_app(
         try:
             yield
         finally:
+            # Runtime-loaded adapters stay loaded: other gateway replicas may share the server.
+            # They are unloaded only when their member leaves the configuration.
             await client.aclose()
+            bases.close()
             for ranker in pipeline.rankers.values():
                 ranker.close()
             for fuser in pipeline.fusers.values():
@@ -191,6 +156,8 @@ async def probe_members(app: FastAPI) -> dict[str, str | None]:
         names = list(pipeline.members)
 
         async def check(name: str) -> str | None:
+            if name in pipeline.unavailable:
+                return f"unavailable: {pipeline.unavailable[name]}"
             try:
                 await pipeline.members[name].health()
             except MemberFailure as e:

@@ -36,15 +36,17 @@ def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.adapters import check_members, startup_lora_args
     from service.app import create_app
     from service.launcher import Launcher
 
     try:
         config = load_config(args.config)
+        check_members(config)
     except ConfigError as e:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 2
-    launcher = Launcher(config.servers, Path(args.log_dir))
+    launcher = Launcher(config.servers, Path(args.log_dir), startup_lora_args(config))
     # SIGTERM/SIGINT unwind through the finally below. While serving, uvicorn handles them (it
     # drains requests), then restores this handler and re-raises the signal, which lands here too.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,8 +82,11 @@ def cmd_make_tiny_models(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from service.adapters import check_members
+
     try:
         config = load_config(args.config)
+        check_members(config)
     except ConfigError as e:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 2

@@ -233,6 +233,11 @@ class GatewayConfig(_Strict):
     ensembles: dict[Name, EnsembleConfig] = Field(min_length=1)
     default_ensemble: Name | None = Field(None, description="Default: the first ensemble.")
     max_connections: int = Field(256, ge=1, description="HTTP connections to members at most.")
+    isolate_prompt_embeds: bool = Field(
+        True,
+        description="Never let soft-prompt (prompt_embeds) requests and token requests run at once "
+        "on the same server: vLLM crashes on such batches when LoRA is enabled too (vllm#51122).",
+    )
 
     @field_validator("members")
     @classmethod

@@ -13,7 +13,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from service.config import FuserConfig
+import httpx
+
+from service.config import FuserConfig, LLMFuserConfig, MemberConfig
+from service.errors import ModelError
+from service.gate import ClassGate
+from service.members import MemberFailure, MemberRequest, OpenAIMember
 from service.ranking import torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -97,3 +102,65 @@ class GenFuser:
                 num_return_sequences=1,
             )
         return str(self.tokenizer.batch_decode(out, skip_special_tokens=True)[0])
+
+
+def format_candidates(candidates: list[str]) -> str:
+    return "\n\n".join(f"[{i}] {c.strip()}" for i, c in enumerate(candidates, start=1))
+
+
+def aggregation_messages(
+    template: str, instruction: str, input_text: str, candidates: list[str]
+) -> list[dict[str, str]]:
+    """The LLM fuser's conversation: the filled template as system message, the request as user."""
+    fields = {
+        "instruction": instruction,
+        "instruction_block": f"Instruction: {instruction.strip()}\n\n" if instruction.strip() else "",
+        "input": input_text,
+        "candidates": format_candidates(candidates),
+    }
+    user = f"{instruction}\n\n{input_text}" if instruction else input_text
+    return [{"role": "system", "content": template.format_map(fields)}, {"role": "user", "content": user}]
+
+
+class LLMFuser:
+    """Mixture-of-Agents-style aggregation by any OpenAI-compatible model (kind ``llm``)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: LLMFuserConfig,
+        base_url: str,
+        client: httpx.AsyncClient,
+        gate: ClassGate | None = None,
+    ):
+        self.name = name
+        self.config = config
+        endpoint = MemberConfig.model_validate(
+            {
+                "name": name,
+                "endpoint": base_url,
+                "model": config.model,
+                "sampling": config.sampling,
+                "timeout_s": config.timeout_s,
+                "api_key_env": config.api_key_env,
+            }
+        )
+        self._endpoint = OpenAIMember(endpoint, base_url, client, gate)
+
+    def close(self) -> None:
+        pass
+
+    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
+        s = self.config.sampling
+        request = MemberRequest(
+            messages=aggregation_messages(self.config.template, instruction, input_text, candidates),
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+        )
+        try:
+            completion = await self._endpoint.generate(request)
+        except MemberFailure as e:
+            raise ModelError(f"llm fuser {self.name}: {e}") from e
+        return completion.text

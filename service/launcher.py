@@ -82,9 +82,12 @@ def vllm_command(cfg: ServerConfig, port: int) -> list[str]:
 class Launcher:
     """Starts, watches and stops local vLLM servers."""
 
-    def __init__(self, servers: list[ServerConfig], log_dir: Path):
+    def __init__(
+        self, servers: list[ServerConfig], log_dir: Path, extra_args: dict[str, list[str]] | None = None
+    ):
         self.configs = servers
         self.log_dir = log_dir
+        self.extra_args = extra_args or {}
         self.running: dict[str, RunningServer] = {}
 
     def start(self) -> None:
@@ -94,7 +97,7 @@ class Launcher:
             log_path = self.log_dir / f"{cfg.name}.log"
             log = log_path.open("wb")
             env = {**os.environ, **cfg.env}
-            cmd = vllm_command(cfg, port)
+            cmd = vllm_command(cfg, port) + self.extra_args.get(cfg.name, [])
             logger.info("starting server %s on %s:%d (log: %s)", cfg.name, cfg.host, port, log_path)
             proc = subprocess.Popen(
                 cmd,

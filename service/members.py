@@ -6,14 +6,18 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
+from service.adapters import BaseModelInputs
 from service.config import MemberConfig
 from service.errors import UpstreamError, UpstreamTimeout
+from service.gate import ClassGate
 
 HEALTH_TIMEOUT_S = 2.0
+ADAPTER_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class Member(Protocol):
 
     ``generate`` returns a ``Completion`` or raises ``MemberFailure``; it never raises anything
     else and never blocks the event loop. It honours its own timeout. ``health`` returns when the
-    member can take requests and raises ``MemberFailure`` when it cannot.
+    member can take requests and raises ``MemberFailure`` when it cannot. ``prepare`` makes it
+    servable (loads an adapter) and ``release`` undoes that; both raise ``MemberFailure``.
     """
 
     name: str
@@ -65,6 +70,10 @@ class Member(Protocol):
     async def generate(self, request: MemberRequest) -> Completion: ...
 
     async def health(self) -> None: ...
+
+    async def prepare(self) -> None: ...
+
+    async def release(self) -> None: ...
 
 
 def render_prompt(messages: list[dict[str, str]]) -> str:
@@ -75,23 +84,35 @@ def render_prompt(messages: list[dict[str, str]]) -> str:
 
 
 class OpenAIMember:
-    """A member on an OpenAI-compatible server (vLLM, or any other)."""
+    """A member on an OpenAI-compatible server (vLLM, or any other): kind ``model``."""
 
-    def __init__(self, config: MemberConfig, base_url: str, client: httpx.AsyncClient):
+    gate_class = "tokens"
+
+    def __init__(
+        self,
+        config: MemberConfig,
+        base_url: str,
+        client: httpx.AsyncClient,
+        gate: ClassGate | None = None,
+    ):
         self.name = config.name
         self.config = config
         self.base_url = base_url.rstrip("/")
         self._client = client
+        self._gate = gate
         self._headers: dict[str, str] = {}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env, "")
             if key:
                 self._headers["Authorization"] = f"Bearer {key}"
 
-    def _payload(self, request: MemberRequest) -> tuple[str, dict[str, Any]]:
-        messages = request.messages
-        if self.config.system_prompt:
-            messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
+    async def prepare(self) -> None:
+        """Make the member servable (e.g. load its adapter); raise ``MemberFailure`` if it cannot be."""
+
+    async def release(self) -> None:
+        """Undo ``prepare`` when the member leaves the configuration."""
+
+    def _sampling(self, request: MemberRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.config.served_name,
             "max_tokens": request.max_tokens,
@@ -100,50 +121,164 @@ class OpenAIMember:
         }
         if request.seed is not None:
             body["seed"] = request.seed
+        return body
+
+    def _messages(self, request: MemberRequest) -> list[dict[str, str]]:
+        if self.config.system_prompt:
+            return [{"role": "system", "content": self.config.system_prompt}, *request.messages]
+        return request.messages
+
+    async def _payload(self, request: MemberRequest) -> tuple[str, dict[str, Any]]:
+        body = self._sampling(request)
         if self.config.api == "chat":
-            body["messages"] = messages
+            body["messages"] = self._messages(request)
             return f"{self.base_url}/chat/completions", body
-        body["prompt"] = render_prompt(messages)
+        body["prompt"] = render_prompt(self._messages(request))
         return f"{self.base_url}/completions", body
 
-    async def generate(self, request: MemberRequest) -> Completion:
-        url, body = self._payload(request)
-        start = time.perf_counter()
-        timeout = self.config.timeout_s
+    async def _send(self, method: str, url: str, body: Any, timeout: float) -> httpx.Response:
+        """One bounded HTTP call; transport failures become ``MemberFailure``."""
         try:
             # httpx's timeout bounds each read; asyncio's bounds the whole call (slow drips).
             async with asyncio.timeout(timeout):
-                resp = await self._client.post(url, json=body, headers=self._headers, timeout=timeout)
-        except (httpx.TimeoutException, TimeoutError) as e:
-            raise MemberFailure("timeout", f"no answer within {self.config.timeout_s:g}s", e) from e
-        except httpx.HTTPError as e:
-            raise MemberFailure("connect", f"{type(e).__name__}: {e}", e) from e
-        latency_ms = (time.perf_counter() - start) * 1000
-        if resp.status_code >= 400:
-            kind = "http_5xx" if resp.status_code >= 500 else "http_4xx"
-            raise MemberFailure(kind, f"HTTP {resp.status_code}: {resp.text[:200]}")
-        return self._parse(resp, latency_ms)
-
-    async def health(self) -> None:
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                resp = await self._client.get(
-                    f"{self.base_url}/models", headers=self._headers, timeout=HEALTH_TIMEOUT_S
+                return await self._client.request(
+                    method, url, json=body, headers=self._headers, timeout=timeout
                 )
         except (httpx.TimeoutException, TimeoutError) as e:
-            raise MemberFailure("timeout", "health check timed out", e) from e
+            raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
         except httpx.HTTPError as e:
             raise MemberFailure("connect", f"{type(e).__name__}: {e}", e) from e
-        if resp.status_code != 200:
-            raise MemberFailure(
-                "http_5xx" if resp.status_code >= 500 else "http_4xx", f"HTTP {resp.status_code}"
-            )
+
+    async def generate(self, request: MemberRequest) -> Completion:
+        start = time.perf_counter()
+        timeout = self.config.timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                url, body = await self._payload(request)
+                if self._gate is None:
+                    resp = await self._send("POST", url, body, timeout)
+                else:
+                    async with self._gate.hold(self.gate_class):
+                        resp = await self._send("POST", url, body, timeout)
+        except TimeoutError as e:
+            raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
+        latency_ms = (time.perf_counter() - start) * 1000
+        _raise_for_status(resp)
+        return self._parse(resp, latency_ms)
+
+    async def _models(self) -> list[str]:
+        resp = await self._send("GET", f"{self.base_url}/models", None, HEALTH_TIMEOUT_S)
+        _raise_for_status(resp)
+        try:
+            return [str(m["id"]) for m in resp.json()["data"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MemberFailure("invalid_response", f"/models: {type(e).__name__}: {e}", e) from e
+
+    async def health(self) -> None:
+        await self._models()
 
     def _parse(self, resp: httpx.Response, latency_ms: float) -> Completion:
         try:
             data = resp.json()
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.config.api == "chat" else choice["text"]
+            if not isinstance(text, str):
+                raise TypeError(f"text is {type(text).__name__}")
+            usage = data.get("usage") or {}
+            return Completion(
+                text=text,
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                latency_ms=latency_ms,
+            )
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise MemberFailure("invalid_response", f"{type(e).__name__}: {e}", e) from e
+
+
+def _raise_for_status(resp: httpx.Response) -> None:
+    if resp.status_code >= 400:
+        kind = "http_5xx" if resp.status_code >= 500 else "http_4xx"
+        raise MemberFailure(kind, f"HTTP {resp.status_code}: {resp.text[:300]}")
+
+
+class LoRAMember(OpenAIMember):
+    """A LoRA adapter on a vLLM server with LoRA enabled; requests name the adapter as the model.
+
+    With ``load: runtime`` the gateway loads the adapter through ``/v1/load_lora_adapter`` in
+    ``prepare`` and unloads it in ``release``; with ``load: startup`` the server loaded it itself.
+    """
+
+    async def prepare(self) -> None:
+        if self.config.load != "runtime":
+            return
+        assert self.config.adapter is not None
+        body = {"lora_name": self.config.served_name, "lora_path": str(Path(self.config.adapter).resolve())}
+        resp = await self._send("POST", f"{self.base_url}/load_lora_adapter", body, ADAPTER_TIMEOUT_S)
+        if resp.status_code == 400 and "already" in resp.text.lower():
+            return  # loaded by an earlier run of the gateway: same name, same path
+        if resp.status_code == 404:
+            raise MemberFailure(
+                "adapter_load",
+                "the server has no /v1/load_lora_adapter (start it with --enable-lora and "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+            )
+        if resp.status_code >= 400:
+            raise MemberFailure("adapter_load", f"HTTP {resp.status_code}: {resp.text[:300]}")
+
+    async def release(self) -> None:
+        if self.config.load != "runtime":
+            return
+        body = {"lora_name": self.config.served_name}
+        resp = await self._send("POST", f"{self.base_url}/unload_lora_adapter", body, ADAPTER_TIMEOUT_S)
+        if resp.status_code >= 400:
+            raise MemberFailure("adapter_unload", f"HTTP {resp.status_code}: {resp.text[:300]}")
+
+    async def health(self) -> None:
+        if self.config.served_name not in await self._models():
+            raise MemberFailure("adapter_missing", f"adapter {self.config.served_name!r} is not loaded")
+
+
+class SoftPromptMember(OpenAIMember):
+    """A prompt-tuning checkpoint over a base model served with ``--enable-prompt-embeds``.
+
+    The prompt is tokenized with the base tokenizer (chat template applied), embedded with the
+    base's input-embedding matrix, prefixed with the soft prompt's virtual tokens, and sent as
+    ``prompt_embeds`` to ``/v1/completions``. Tensor work runs on the base's own thread.
+    """
+
+    gate_class = "embeds"
+
+    def __init__(
+        self,
+        config: MemberConfig,
+        base_url: str,
+        client: httpx.AsyncClient,
+        base: BaseModelInputs,
+        prompt_embeddings: Any,
+        gate: ClassGate | None = None,
+    ):
+        super().__init__(config, base_url, client, gate)
+        self.base = base
+        self.prompt_embeddings = prompt_embeddings
+
+    async def _payload(self, request: MemberRequest) -> tuple[str, dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        try:
+            embeds = await loop.run_in_executor(
+                self.base.executor, self.base.embeds_b64, self.prompt_embeddings, self._messages(request)
+            )
+        except (ValueError, RuntimeError) as e:
+            raise MemberFailure("invalid_request", f"cannot build prompt_embeds: {e}", e) from e
+        body = self._sampling(request)
+        body["prompt_embeds"] = embeds
+        return f"{self.base_url}/completions", body
+
+    def _parse(self, resp: httpx.Response, latency_ms: float) -> Completion:
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            text = choice["text"]
             if not isinstance(text, str):
                 raise TypeError(f"text is {type(text).__name__}")
             usage = data.get("usage") or {}

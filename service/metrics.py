@@ -69,5 +69,11 @@ class Metrics:
             ["ensemble", "member"],
             registry=r,
         )
+        self.member_available = Gauge(
+            "gateway_member_available",
+            "0 when a member could not be prepared (e.g. its adapter failed to load); see /ready.",
+            ["member"],
+            registry=r,
+        )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served.", registry=r)
         self.ready = Gauge("gateway_ready", "1 when the gateway is ready to serve.", registry=r)

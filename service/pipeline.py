@@ -75,8 +75,10 @@ class Pipeline:
         rankers: dict[str, Ranker],
         fusers: dict[str, Fuser],
         metrics: Metrics,
+        unavailable: dict[str, str] | None = None,
     ):
         self.config = config
+        self.unavailable = dict(unavailable or {})
         self.members = members
         self.rankers = rankers
         self.fusers = fusers
@@ -102,7 +104,12 @@ class Pipeline:
     ) -> list[_Outcome]:
         messages = member_messages(request, instruction)
         tasks: dict[asyncio.Task[_Outcome], str] = {}
+        skipped = []
         for name in names:
+            if name in self.unavailable:
+                self.metrics.member_errors.labels(name, "unavailable").inc()
+                skipped.append(_Outcome(name, error=f"unavailable: {self.unavailable[name]}"))
+                continue
             member = self.members[name]
             sampling = self.config.member(name).sampling
             member_request = MemberRequest(
@@ -116,7 +123,7 @@ class Pipeline:
         done, pending = await asyncio.wait(tasks, timeout=deadline_s)
         for task in pending:
             task.cancel()
-        outcomes = []
+        outcomes = skipped
         for task, name in tasks.items():
             if task in done:
                 outcomes.append(task.result())

@@ -371,7 +371,7 @@ def make_lora(out: Path, base: Path, seed: int, rank: int = 8) -> None:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
 
 
 def make_soft_prompt(out: Path, base: Path, seed: int, virtual_tokens: int = 8) -> None:
@@ -392,7 +392,7 @@ def make_soft_prompt(out: Path, base: Path, seed: int, virtual_tokens: int = 8) 
     with torch.no_grad():
         for p in peft_model.prompt_encoder.parameters():
             p.normal_(0.0, 1.0)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
 
 
 TINY_MODELS = {

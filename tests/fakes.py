@@ -30,6 +30,13 @@ class FakeMember:
         if self.fail:
             raise MemberFailure(self.fail, "fake down")
 
+    async def prepare(self) -> None:
+        if self.fail == "adapter_load":
+            raise MemberFailure("adapter_load", "fake adapter refused")
+
+    async def release(self) -> None:
+        pass
+
 
 class LengthRanker:
     """Scores a candidate by its length: longer is better."""

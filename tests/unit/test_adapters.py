@@ -1,0 +1,173 @@
+"""Adapter misconfigurations are start-up errors that name the member."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from service.adapters import check_members, startup_lora_args
+from service.cli import main
+from service.config import parse_config
+from service.errors import ConfigError
+from service.fusion import aggregation_messages
+
+
+def lora_dir(root: Path, rank: int) -> Path:
+    d = root / f"lora-r{rank}"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank}))
+    return d
+
+
+def soft_dir(root: Path, hidden: int) -> Path:
+    d = root / f"soft-{hidden}"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+    save_file({"prompt_embeddings": torch.zeros(4, hidden)}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def base_dir(root: Path, hidden: int = 128) -> Path:
+    d = root / "base"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+    return d
+
+
+def config(
+    member: str,
+    server_args: str = "[--enable-lora, --max-lora-rank, '8', --enable-prompt-embeds]",
+    env: str = "{VLLM_ALLOW_RUNTIME_LORA_UPDATING: 'True'}",
+    model: str = "/nowhere",
+) -> str:
+    return f"""
+servers:
+  - {{name: s, model: "{model}", args: {server_args}, env: {env}}}
+members:
+  - {{name: base, server: s, model: m}}
+  - {member}
+ensembles:
+  e: {{members: [base, v]}}
+"""
+
+
+def test_missing_adapter_names_the_member(tmp_path: Path) -> None:
+    cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{tmp_path}/gone"}}'))
+    with pytest.raises(ConfigError, match=r"members\.v\.adapter: no adapter at"):
+        check_members(cfg)
+
+
+def test_unreadable_adapter_config(tmp_path: Path) -> None:
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text("{not json")
+    cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{d}"}}'))
+    with pytest.raises(ConfigError, match=r"members\.v\.adapter: cannot read"):
+        check_members(cfg)
+
+
+def test_rank_above_server_maximum(tmp_path: Path) -> None:
+    cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{lora_dir(tmp_path, 16)}"}}'))
+    with pytest.raises(
+        ConfigError, match=r"members\.v: adapter rank 16 exceeds server 's'.s --max-lora-rank 8"
+    ):
+        check_members(cfg)
+
+
+def test_lora_on_a_server_without_lora(tmp_path: Path) -> None:
+    cfg = parse_config(
+        config(f'{{name: v, kind: lora, server: s, adapter: "{lora_dir(tmp_path, 4)}"}}', server_args="[]")
+    )
+    with pytest.raises(ConfigError, match=r"members\.v: server 's' is not started with --enable-lora"):
+        check_members(cfg)
+
+
+def test_runtime_lora_needs_runtime_updating(tmp_path: Path) -> None:
+    cfg = parse_config(
+        config(f'{{name: v, kind: lora, server: s, adapter: "{lora_dir(tmp_path, 4)}"}}', env="{}")
+    )
+    with pytest.raises(ConfigError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+        check_members(cfg)
+
+
+def test_startup_lora_goes_into_server_args(tmp_path: Path) -> None:
+    d = lora_dir(tmp_path, 4)
+    cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{d}", load: startup}}', env="{}"))
+    check_members(cfg)
+    assert startup_lora_args(cfg) == {"s": ["--lora-modules", f"v={d}"]}
+
+
+def test_soft_prompt_hidden_size_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = base_dir(tmp_path, hidden=128)
+    text = config(
+        f'{{name: v, kind: soft_prompt, server: s, model: m, adapter: "{soft_dir(tmp_path, 64)}"}}',
+        model=str(base),
+    )
+    with pytest.raises(ConfigError, match=r"members\.v: soft prompt hidden size 64 differs from base .* 128"):
+        check_members(parse_config(text))
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert main(["serve", "--config", str(path)]) == 2
+    assert "members.v: soft prompt hidden size 64" in capsys.readouterr().err
+
+
+def test_soft_prompt_needs_prompt_embeds_on_its_server(tmp_path: Path) -> None:
+    base = base_dir(tmp_path)
+    text = config(
+        f'{{name: v, kind: soft_prompt, server: s, model: m, adapter: "{soft_dir(tmp_path, 128)}"}}',
+        server_args="[]",
+        model=str(base),
+    )
+    with pytest.raises(ConfigError, match="not started with --enable-prompt-embeds"):
+        check_members(parse_config(text))
+
+
+def test_wrong_peft_type(tmp_path: Path) -> None:
+    d = soft_dir(tmp_path, 128)
+    cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{d}"}}'))
+    with pytest.raises(ConfigError, match="not LORA"):
+        check_members(cfg)
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        ("{name: v, kind: lora, server: s}", "needs `adapter`"),
+        ("{name: v, kind: soft_prompt, server: s, adapter: x}", "needs `model`"),
+        (
+            '{name: v, kind: soft_prompt, endpoint: "http://h/v1", model: m, adapter: x}',
+            "needs `base_checkpoint`",
+        ),
+        ('{name: v, kind: lora, endpoint: "http://h/v1", adapter: x, load: startup}', "needs a `server`"),
+        ("{name: v, server: s, model: m, adapter: x}", "only for kinds"),
+    ],
+)
+def test_kind_fields_are_validated(member: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config(member))
+
+
+def test_aggregation_prompt_lists_candidates_in_rank_order() -> None:
+    msgs = aggregation_messages(
+        "Rank order:\n{candidates}\n{instruction_block}", "Be brief.", "Q?", ["best", "next"]
+    )
+    assert msgs[0] == {
+        "role": "system",
+        "content": "Rank order:\n[1] best\n\n[2] next\nInstruction: Be brief.\n\n",
+    }
+    assert msgs[1] == {"role": "user", "content": "Be brief.\n\nQ?"}
+    assert aggregation_messages("{candidates}", "", "Q?", ["a"])[1]["content"] == "Q?"
+
+
+def test_llm_fuser_template_fields_are_checked() -> None:
+    base = (
+        'members: [{name: a, endpoint: "http://h/v1", model: m}]\nensembles: {e: {members: [a], fuser: f}}\n'
+    )
+    with pytest.raises(ConfigError, match=r"must contain \{candidates\}"):
+        parse_config(base + 'fusers: {f: {kind: llm, endpoint: "http://h/v1", model: m, template: "hi"}}')
+    cfg = parse_config(base + 'fusers: {f: {kind: llm, endpoint: "http://h/v1", model: m}}')
+    assert cfg.fusers["f"].kind == "llm"
