@@ -44,9 +44,7 @@ def read_adapter_config(member: MemberConfig) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ConfigError(
-            f"members.{member.name}.adapter: no adapter at {member.adapter} ({path} missing)"
-        ) from e
+        raise ConfigError(f"members.{member.name}.adapter: no adapter at {member.adapter} ({path} missing)") from e
     except (OSError, ValueError) as e:
         raise ConfigError(f"members.{member.name}.adapter: cannot read {path}: {e}") from e
     if not isinstance(data, dict):
@@ -61,18 +59,14 @@ def check_lora(member: MemberConfig, server: ServerConfig | None) -> dict[str, A
     rank = int(cfg.get("r", 0))
     if server is not None:
         if "--enable-lora" not in server.args:
-            raise ConfigError(
-                f"members.{member.name}: server {server.name!r} is not started with --enable-lora"
-            )
+            raise ConfigError(f"members.{member.name}: server {server.name!r} is not started with --enable-lora")
         max_rank = int(_arg_value(server.args, "--max-lora-rank") or VLLM_DEFAULT_MAX_LORA_RANK)
         if rank > max_rank:
             raise ConfigError(
                 f"members.{member.name}: adapter rank {rank} exceeds server {server.name!r}'s "
                 f"--max-lora-rank {max_rank}"
             )
-        if member.load == "runtime" and server.env.get(
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", ""
-        ).lower() not in (
+        if member.load == "runtime" and server.env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() not in (
             "1",
             "true",
         ):
@@ -93,13 +87,9 @@ def base_checkpoint(config: GatewayConfig, member: MemberConfig) -> str:
 def check_soft_prompt(config: GatewayConfig, member: MemberConfig, server: ServerConfig | None) -> None:
     cfg = read_adapter_config(member)
     if cfg.get("peft_type") != "PROMPT_TUNING":
-        raise ConfigError(
-            f"members.{member.name}.adapter: peft_type is {cfg.get('peft_type')!r}, not PROMPT_TUNING"
-        )
+        raise ConfigError(f"members.{member.name}.adapter: peft_type is {cfg.get('peft_type')!r}, not PROMPT_TUNING")
     if server is not None and "--enable-prompt-embeds" not in server.args:
-        raise ConfigError(
-            f"members.{member.name}: server {server.name!r} is not started with --enable-prompt-embeds"
-        )
+        raise ConfigError(f"members.{member.name}: server {server.name!r} is not started with --enable-prompt-embeds")
     prompt = load_prompt_embeddings(member)
     base = base_checkpoint(config, member)
     hidden = _base_hidden_size(base)

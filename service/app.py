@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.adapters import BaseModelCache
-from service.api import generate, health
+from service.api import generate, health, openai
 from service.build import Components, build_pipeline
 from service.config import GatewayConfig
 from service.errors import GatewayError, error_body
@@ -71,11 +71,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             msg = "request body is not valid JSON"
         message = f"{param}: {msg}" if param else str(msg)
-        if request.url.path == "/generate":
+        if request.url.path in ("/generate", "/v1/chat/completions", "/v1/completions"):
             request.app.state.metrics.requests.labels("-", "400").inc()
-        return JSONResponse(
-            error_body(message, "invalid_request_error", param, "invalid_request"), status_code=400
-        )
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_request"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -85,9 +83,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(
-            error_body("internal error", "internal_error", None, "internal_error"), status_code=500
-        )
+        return JSONResponse(error_body("internal error", "internal_error", None, "internal_error"), status_code=500)
 
 
 def create_app(
@@ -105,16 +101,12 @@ def create_app(
         bases = BaseModelCache()
         start = time.perf_counter()
         try:
-            pipeline = await build_pipeline(
-                config, metrics, client, server_urls or {}, parts or Components(), bases
-            )
+            pipeline = await build_pipeline(config, metrics, client, server_urls or {}, parts or Components(), bases)
         except BaseException:
             await client.aclose()
             bases.close()
             raise
-        logger.info(
-            "pipeline ready in %.1fs: ensembles %s", time.perf_counter() - start, list(config.ensembles)
-        )
+        logger.info("pipeline ready in %.1fs: ensembles %s", time.perf_counter() - start, list(config.ensembles))
         app.state.pipeline = pipeline
         try:
             yield
@@ -135,12 +127,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.started_at = time.time()
     app.state.metrics = metrics
     app.state.readiness = Readiness()
     app.add_middleware(_JsonBodyDefault)
     _install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)
+    app.include_router(openai.router)
     return app
 
 

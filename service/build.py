@@ -121,9 +121,7 @@ async def build_pipeline(
     gates = prompt_embeds_gates(config, server_urls) if not prebuilt else {}
     members: dict[str, Member] = {}
     for m in config.members:
-        members[m.name] = prebuilt.get(m.name) or await build_member(
-            config, m, client, server_urls, bases, gates
-        )
+        members[m.name] = prebuilt.get(m.name) or await build_member(config, m, client, server_urls, bases, gates)
     unavailable = await prepare_members(members)
     rankers: dict[str, Ranker] = dict(parts.rankers or {})
     for name, rcfg in config.rankers.items():

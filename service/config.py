@@ -52,9 +52,7 @@ class MemberConfig(_Strict):
 
     name: Name = Field(description="Unique member name, used in responses and metrics.")
     kind: Literal["model", "lora", "soft_prompt"] = Field("model", description="What this member is.")
-    endpoint: str | None = Field(
-        None, description="Base URL of an OpenAI-compatible server, e.g. http://host:8000/v1."
-    )
+    endpoint: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://host:8000/v1.")
     server: Name | None = Field(None, description="Name of a server under `servers` instead.")
     model: str | None = Field(
         None,
@@ -79,7 +77,7 @@ class MemberConfig(_Strict):
         "chat", description="chat: /chat/completions with messages; completions: raw prompt."
     )
     system_prompt: str | None = Field(None, description="System message prepended for this member.")
-    sampling: Sampling = Field(default_factory=Sampling)  # type: ignore[arg-type]
+    sampling: Sampling = Field(default_factory=Sampling)
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-call timeout for this member.")
     api_key_env: str | None = Field(None, description="Env var holding this member's API key.")
 
@@ -172,7 +170,7 @@ class LLMFuserConfig(_Strict):
     server: Name | None = Field(None, description="Name of a server under `servers` instead.")
     model: str = Field(description="The model name on that server.")
     template: str = Field(DEFAULT_AGGREGATION_TEMPLATE, description="The aggregation prompt.")
-    sampling: Sampling = Field(default_factory=Sampling)  # type: ignore[arg-type]
+    sampling: Sampling = Field(default_factory=Sampling)
     timeout_s: float = Field(120.0, gt=0, le=3600)
     api_key_env: str | None = None
 

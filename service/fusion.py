@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -34,12 +36,59 @@ class Fuser(Protocol):
 
     async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str: ...
 
+    def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
+        """The same text as ``fuse``, in pieces as soon as each is final."""
+        ...
+
     def close(self) -> None: ...
 
 
-def genfuser_input(
-    tokenizer: object, instruction: str, input_text: str, candidates: list[str], cand_max: int
-) -> str:
+class _FinalPrefix:
+    """A stopping criterion that never stops generation: it watches beam search and reports text
+    as soon as it is final.
+
+    Each step, beam search hands the stopping criteria all its top continuations: every sequence
+    that stays in the beam and every one that may finish at this step. The output is one of the
+    finished ones, and each finished one was such a continuation at its last step. So tokens that
+    all current continuations and all continuations ever seen ending in EOS agree on are final.
+    Text is held back while it ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None, cancel: threading.Event | None) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.cancel = cancel
+        self.eos = tokenizer.eos_token_id
+        self.ended: list[list[int]] = []
+        self.sent = ""
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        stop = self.cancel is not None and self.cancel.is_set()
+        if self.on_text is not None and not stop:
+            seqs = input_ids.tolist()
+            self.ended.extend(s for s in seqs if s and s[-1] == self.eos)
+            prefix = _common_prefix(seqs + self.ended)[1:]  # drop the decoder start token
+            text = self.tokenizer.decode(prefix, skip_special_tokens=True).rstrip("\ufffd")
+            if len(text) > len(self.sent) and text.startswith(self.sent):
+                self.on_text(text[len(self.sent) :])
+                self.sent = text
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    if not seqs:
+        return []
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return first[:i]
+    return first[:n]
+
+
+def genfuser_input(tokenizer: object, instruction: str, input_text: str, candidates: list[str], cand_max: int) -> str:
     """The GenFuser prompt, exactly as llm-blender's ``GenFuserDataset`` builds it."""
     cut = []
     for cand in candidates:
@@ -67,9 +116,9 @@ class GenFuser:
         self._torch = torch
         start = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(
-            config.checkpoint, dtype=torch_dtype(config.dtype)
-        ).to(config.device)
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(config.checkpoint, dtype=torch_dtype(config.dtype)).to(
+            config.device
+        )
         self.model.eval()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fuser-{name}")
         logger.info("fuser %s loaded in %.1fs", name, time.perf_counter() - start)
@@ -81,11 +130,38 @@ class GenFuser:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.fuse_sync, instruction, input_text, candidates)
 
-    def fuse_sync(self, instruction: str, input_text: str, candidates: list[str]) -> str:
+    async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def push(piece: str | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+        def work() -> str:
+            try:
+                return self.fuse_sync(instruction, input_text, candidates, on_text=push, cancel=cancel)
+            finally:
+                push(None)
+
+        future = loop.run_in_executor(self._executor, work)
+        try:
+            while (piece := await queue.get()) is not None:
+                yield piece
+            await future
+        finally:
+            cancel.set()  # a client that went away stops the beam search at its next step
+
+    def fuse_sync(
+        self,
+        instruction: str,
+        input_text: str,
+        candidates: list[str],
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> str:
         cfg = self.config
-        text = genfuser_input(
-            self.tokenizer, instruction, input_text, list(candidates), cfg.candidate_max_length
-        )
+        text = genfuser_input(self.tokenizer, instruction, input_text, list(candidates), cfg.candidate_max_length)
         enc = self.tokenizer(
             text,
             max_length=cfg.max_length,
@@ -93,6 +169,13 @@ class GenFuser:
             add_special_tokens=False,
             return_tensors="pt",
         )
+        watcher = None
+        extra = {}
+        if on_text is not None or cancel is not None:
+            from transformers import StoppingCriteriaList
+
+            watcher = _FinalPrefix(self.tokenizer, on_text, cancel)
+            extra["stopping_criteria"] = StoppingCriteriaList([watcher])
         with self._torch.inference_mode():
             out = self.model.generate(
                 input_ids=enc["input_ids"].to(cfg.device),
@@ -100,8 +183,17 @@ class GenFuser:
                 num_beams=cfg.num_beams,
                 max_new_tokens=cfg.max_new_tokens or cfg.candidate_max_length,
                 num_return_sequences=1,
+                **extra,
             )
-        return str(self.tokenizer.batch_decode(out, skip_special_tokens=True)[0])
+        text = str(self.tokenizer.batch_decode(out, skip_special_tokens=True)[0])
+        if watcher is not None and on_text is not None:
+            if not text.startswith(watcher.sent):
+                # Cannot happen if the prefix rule holds; logged loudly rather than hidden.
+                logger.error("streamed text is not a prefix of the fused text; sending the rest as is")
+                on_text(text[len(watcher.sent) :])
+            else:
+                on_text(text[len(watcher.sent) :])
+        return text
 
 
 def format_candidates(candidates: list[str]) -> str:
@@ -151,16 +243,26 @@ class LLMFuser:
         pass
 
     async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
+        request = self._request(instruction, input_text, candidates)
+        try:
+            completion = await self._endpoint.generate(request)
+        except MemberFailure as e:
+            raise ModelError(f"llm fuser {self.name}: {e}") from e
+        return completion.text
+
+    def _request(self, instruction: str, input_text: str, candidates: list[str]) -> MemberRequest:
         s = self.config.sampling
-        request = MemberRequest(
+        return MemberRequest(
             messages=aggregation_messages(self.config.template, instruction, input_text, candidates),
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=s.seed,
         )
+
+    async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
         try:
-            completion = await self._endpoint.generate(request)
+            async for piece in self._endpoint.generate_stream(self._request(instruction, input_text, candidates)):
+                yield piece
         except MemberFailure as e:
             raise ModelError(f"llm fuser {self.name}: {e}") from e
-        return completion.text

@@ -82,9 +82,7 @@ def vllm_command(cfg: ServerConfig, port: int) -> list[str]:
 class Launcher:
     """Starts, watches and stops local vLLM servers."""
 
-    def __init__(
-        self, servers: list[ServerConfig], log_dir: Path, extra_args: dict[str, list[str]] | None = None
-    ):
+    def __init__(self, servers: list[ServerConfig], log_dir: Path, extra_args: dict[str, list[str]] | None = None):
         self.configs = servers
         self.log_dir = log_dir
         self.extra_args = extra_args or {}
@@ -111,9 +109,7 @@ class Launcher:
             log.close()
             self.running[cfg.name] = RunningServer(cfg, port, proc, log_path)
 
-    def wait_healthy(
-        self, progress_every_s: float = 10.0, should_stop: Callable[[], bool] | None = None
-    ) -> None:
+    def wait_healthy(self, progress_every_s: float = 10.0, should_stop: Callable[[], bool] | None = None) -> None:
         """Block until every server answers /health 200; raise ``LaunchError`` if one dies or is late."""
         pending = dict(self.running)
         last_report = time.monotonic()
@@ -125,8 +121,7 @@ class Launcher:
                     code = srv.process.poll()
                     if code is not None:
                         raise LaunchError(
-                            f"server {name} exited with code {code} during start-up; last log lines:\n"
-                            + srv.log_tail()
+                            f"server {name} exited with code {code} during start-up; last log lines:\n" + srv.log_tail()
                         )
                     waited = time.monotonic() - srv.started
                     try:
@@ -138,8 +133,7 @@ class Launcher:
                         del pending[name]
                     elif waited > srv.config.startup_timeout_s:
                         raise LaunchError(
-                            f"server {name} not healthy after {waited:.0f}s; last log lines:\n"
-                            + srv.log_tail()
+                            f"server {name} not healthy after {waited:.0f}s; last log lines:\n" + srv.log_tail()
                         )
                 if pending and time.monotonic() - last_report >= progress_every_s:
                     last_report = time.monotonic()

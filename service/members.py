@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -141,9 +144,7 @@ class OpenAIMember:
         try:
             # httpx's timeout bounds each read; asyncio's bounds the whole call (slow drips).
             async with asyncio.timeout(timeout):
-                return await self._client.request(
-                    method, url, json=body, headers=self._headers, timeout=timeout
-                )
+                return await self._client.request(method, url, json=body, headers=self._headers, timeout=timeout)
         except (httpx.TimeoutException, TimeoutError) as e:
             raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
         except httpx.HTTPError as e:
@@ -165,6 +166,43 @@ class OpenAIMember:
         latency_ms = (time.perf_counter() - start) * 1000
         _raise_for_status(resp)
         return self._parse(resp, latency_ms)
+
+    async def generate_stream(self, request: MemberRequest) -> AsyncIterator[str]:
+        """The completion's text as the server streams it (OpenAI server-sent events)."""
+        url, body = await self._payload(request)
+        body["stream"] = True
+        timeout = self.config.timeout_s
+        gate = self._gate.hold(self.gate_class) if self._gate is not None else contextlib.nullcontext()
+        try:
+            async with (
+                asyncio.timeout(timeout),
+                gate,
+                self._client.stream("POST", url, json=body, headers=self._headers, timeout=timeout) as resp,
+            ):
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _raise_for_status(resp)
+                async for line in resp.aiter_lines():
+                    piece = self._stream_piece(line)
+                    if piece:
+                        yield piece
+        except TimeoutError as e:
+            raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
+        except httpx.HTTPError as e:
+            raise MemberFailure("connect", f"{type(e).__name__}: {e}", e) from e
+
+    def _stream_piece(self, line: str) -> str | None:
+        if not line.startswith("data:"):
+            return None
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return None
+        try:
+            choice = json.loads(data)["choices"][0]
+            piece = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise MemberFailure("invalid_response", f"bad stream event: {type(e).__name__}: {e}", e) from e
+        return piece if isinstance(piece, str) else None
 
     async def _models(self) -> list[str]:
         resp = await self._send("GET", f"{self.base_url}/models", None, HEALTH_TIMEOUT_S)

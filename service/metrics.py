@@ -48,9 +48,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.model_errors = Counter(
-            "gateway_model_errors", "Ranker or fuser failures.", ["stage", "model"], registry=r
-        )
+        self.model_errors = Counter("gateway_model_errors", "Ranker or fuser failures.", ["stage", "model"], registry=r)
         self.ranked_first = Counter(
             "gateway_member_ranked_first",
             "Times a member's candidate ranked first.",

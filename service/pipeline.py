@@ -6,7 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from service.config import EnsembleConfig, GatewayConfig
 from service.errors import (
@@ -55,6 +56,32 @@ def member_messages(request: GenerateRequest, instruction: str) -> list[dict[str
                 m["content"] = f"{instruction}\n\n{m['content']}"
                 break
     return messages
+
+
+@dataclass
+class Staged:
+    """A request after fan-out and ranking, before fusion."""
+
+    name: str
+    request: GenerateRequest
+    instruction: str
+    input_text: str
+    members: list[str]  # of the candidates that arrived, in arrival-list order
+    completions: list[Completion]
+    failed: list[FailedMember]
+    scores: list[float | None]
+    ranks: list[int]
+    order: list[int]  # candidate indices, best first
+    selected: list[int]  # fed to the fuser (or the one returned), in rank order
+    fuser: Fuser | None
+    start: float
+    t_members: float
+    t_rank: float
+    id: str = field(default_factory=lambda: f"gen-{uuid.uuid4().hex}")
+
+    @property
+    def selected_texts(self) -> list[str]:
+        return [self.completions[i].text for i in self.selected]
 
 
 @dataclass
@@ -129,14 +156,13 @@ class Pipeline:
                 outcomes.append(task.result())
             else:
                 self.metrics.member_errors.labels(name, "deadline").inc()
-                outcomes.append(
-                    _Outcome(name, error=f"deadline: no answer within {deadline_s:g}s", timed_out=True)
-                )
+                outcomes.append(_Outcome(name, error=f"deadline: no answer within {deadline_s:g}s", timed_out=True))
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         return outcomes
 
-    async def run(self, request: GenerateRequest) -> GenerateResponse:
+    async def stage(self, request: GenerateRequest) -> Staged:
+        """Fan out and rank: everything before fusion. Raises the request's errors."""
         start = time.perf_counter()
         name, ens = self.ensemble(request.ensemble)
         top_k = request.top_k or ens.top_k
@@ -151,9 +177,7 @@ class Pipeline:
         outcomes = await self.fan_out(ens.members, request, instruction, ens.deadline_s)
         t_members = time.perf_counter()
         ok = [o for o in outcomes if o.completion is not None]
-        failed = [
-            FailedMember(member=o.member, error=o.error or "") for o in outcomes if o.completion is None
-        ]
+        failed = [FailedMember(member=o.member, error=o.error or "") for o in outcomes if o.completion is None]
         if len(ok) < ens.min_candidates:
             detail = "; ".join(f"{f.member}: {f.error}" for f in failed)
             msg = f"{len(ok)} of {len(ens.members)} members answered, {ens.min_candidates} needed ({detail})"
@@ -161,7 +185,8 @@ class Pipeline:
                 raise DeadlineExceeded(msg, code="no_quorum")
             raise NoQuorumError(msg, code="no_quorum")
 
-        texts = [o.completion.text for o in ok if o.completion is not None]
+        completions = [o.completion for o in ok if o.completion is not None]
+        texts = [c.text for c in completions]
         scores: list[float | None] = [None] * len(ok)
         ranks = list(range(1, len(ok) + 1))
         if ens.ranker is not None:
@@ -178,65 +203,100 @@ class Pipeline:
             self.metrics.ranker_latency.labels(ranker.name).observe(time.perf_counter() - t0)
             scores = list(ranking.scores)
             ranks = ranking.ranks
-        t_rank = time.perf_counter()
-
         order = sorted(range(len(ok)), key=lambda i: (ranks[i], i))
-        selected = order[: min(top_k, len(order))]
-        if ens.fuser is not None and selected:
-            fuser = self.fusers[ens.fuser]
-            t0 = time.perf_counter()
-            try:
-                output = await fuser.fuse(instruction, text, [texts[i] for i in selected])
-            except GatewayError:
-                self.metrics.model_errors.labels("fuse", fuser.name).inc()
-                raise
-            except Exception as e:
-                self.metrics.model_errors.labels("fuse", fuser.name).inc()
-                raise ModelError(f"fuser {fuser.name} failed: {type(e).__name__}: {e}") from e
-            self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
-            fused = True
-        else:
-            output = texts[order[0]]
-            selected = order[:1]
-            fused = False
-        t_fuse = time.perf_counter()
+        fuser = self.fusers[ens.fuser] if ens.fuser is not None else None
+        selected = order[: min(top_k, len(order))] if fuser is not None else order[:1]
+        return Staged(
+            name=name,
+            request=request,
+            instruction=instruction,
+            input_text=text,
+            members=[o.member for o in ok],
+            completions=completions,
+            failed=failed,
+            scores=scores,
+            ranks=ranks,
+            order=order,
+            selected=selected,
+            fuser=fuser,
+            start=start,
+            t_members=t_members,
+            t_rank=time.perf_counter(),
+        )
 
-        for o in ok:
-            self.metrics.candidates.labels(name, o.member).inc()
-        self.metrics.ranked_first.labels(name, ok[order[0]].member).inc()
-        for i in selected:
-            self.metrics.selected.labels(name, ok[i].member).inc()
+    async def fuse(self, staged: Staged) -> str:
+        """The answer: the fuser's output, or the top candidate when the ensemble does not fuse."""
+        if staged.fuser is None:
+            return staged.completions[staged.order[0]].text
+        fuser = staged.fuser
+        t0 = time.perf_counter()
+        try:
+            output = await fuser.fuse(staged.instruction, staged.input_text, staged.selected_texts)
+        except GatewayError:
+            self.metrics.model_errors.labels("fuse", fuser.name).inc()
+            raise
+        except Exception as e:
+            self.metrics.model_errors.labels("fuse", fuser.name).inc()
+            raise ModelError(f"fuser {fuser.name} failed: {type(e).__name__}: {e}") from e
+        self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
+        return output
 
-        completions = [o.completion for o in ok if o.completion is not None]
+    async def fuse_stream(self, staged: Staged) -> AsyncIterator[str]:
+        """The answer as it is generated; the pieces join to what ``fuse`` returns."""
+        if staged.fuser is None:
+            yield staged.completions[staged.order[0]].text
+            return
+        fuser = staged.fuser
+        t0 = time.perf_counter()
+        try:
+            async for piece in fuser.fuse_stream(staged.instruction, staged.input_text, staged.selected_texts):
+                yield piece
+        except GatewayError:
+            self.metrics.model_errors.labels("fuse", fuser.name).inc()
+            raise
+        except Exception as e:
+            self.metrics.model_errors.labels("fuse", fuser.name).inc()
+            raise ModelError(f"fuser {fuser.name} failed: {type(e).__name__}: {e}") from e
+        self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
+
+    def finish(self, staged: Staged, output: str) -> GenerateResponse:
+        """The response, and the per-member ranking metrics of a request that was answered."""
+        t_end = time.perf_counter()
+        for member in staged.members:
+            self.metrics.candidates.labels(staged.name, member).inc()
+        self.metrics.ranked_first.labels(staged.name, staged.members[staged.order[0]]).inc()
+        for i in staged.selected:
+            self.metrics.selected.labels(staged.name, staged.members[i]).inc()
+        completions = staged.completions
         prompt_tokens = sum(c.prompt_tokens for c in completions)
         completion_tokens = sum(c.completion_tokens for c in completions)
         candidates = None
-        if request.return_candidates:
+        if staged.request.return_candidates:
             candidates = [
                 Candidate(
-                    member=ok[i].member,
-                    text=texts[i],
-                    score=scores[i],
-                    rank=ranks[i],
+                    member=staged.members[i],
+                    text=completions[i].text,
+                    score=staged.scores[i],
+                    rank=staged.ranks[i],
                     latency_ms=round(completions[i].latency_ms, 3),
                     finish_reason=completions[i].finish_reason,
                 )
-                for i in order
+                for i in staged.order
             ]
         ms = 1000.0
         return GenerateResponse(
-            id=f"gen-{uuid.uuid4().hex}",
-            ensemble=name,
+            id=staged.id,
+            ensemble=staged.name,
             output=output,
-            fused=fused,
-            selected=[ok[i].member for i in selected],
+            fused=staged.fuser is not None,
+            selected=[staged.members[i] for i in staged.selected],
             candidates=candidates,
-            failed_members=failed,
+            failed_members=staged.failed,
             timings_ms=Timings(
-                members=round((t_members - start) * ms, 3),
-                rank=round((t_rank - t_members) * ms, 3),
-                fuse=round((t_fuse - t_rank) * ms, 3),
-                total=round((time.perf_counter() - start) * ms, 3),
+                members=round((staged.t_members - staged.start) * ms, 3),
+                rank=round((staged.t_rank - staged.t_members) * ms, 3),
+                fuse=round((t_end - staged.t_rank) * ms, 3),
+                total=round((t_end - staged.start) * ms, 3),
             ),
             usage=Usage(
                 prompt_tokens=prompt_tokens,
@@ -244,3 +304,7 @@ class Pipeline:
                 total_tokens=prompt_tokens + completion_tokens,
             ),
         )
+
+    async def run(self, request: GenerateRequest) -> GenerateResponse:
+        staged = await self.stage(request)
+        return self.finish(staged, await self.fuse(staged))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +44,11 @@ class GenerateRequest(_Wire):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
     return_candidates: bool = Field(False, description="Include every candidate in the response.")
+    stream: bool = Field(
+        False,
+        description="Server-sent events: the answer in OpenAI chat chunks as it is generated, then one "
+        "`ensemble.result` event with the whole response (ranking evidence included), then [DONE].",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -100,3 +105,211 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# --- OpenAI-compatible surface ----------------------------------------------------------------
+
+# Fields of OpenAI's API that would change results in ways an ensemble cannot honour: a request
+# that sets one (to anything but its neutral value) gets a 400 naming it.
+UNSUPPORTED_CHAT_FIELDS = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "stop",
+    "logit_bias",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+)
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class OpenAIChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(_Wire):
+    """Fields shared by chat and text completions; ``model`` names an ensemble."""
+
+    model: str = Field(description="An ensemble name (see GET /v1/models).")
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="Per-member token limit.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int | None = Field(None, description="Only 1: an ensemble returns one answer.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="Accepted and ignored.")
+    presence_penalty: float | None = Field(None, description="Only 0.")
+    frequency_penalty: float | None = Field(None, description="Only 0.")
+    logprobs: Any = Field(None, description="Not supported.")
+    top_logprobs: Any = Field(None, description="Not supported.")
+    # Extensions of this gateway.
+    top_k: int | None = Field(None, ge=1, description="Extension: candidates fused.")
+    instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Extension: task instruction.")
+
+    def unsupported(self) -> str | None:
+        """The first field set that the ensemble cannot honour, if any."""
+        if self.n not in (None, 1):
+            return "n"
+        if self.logprobs not in (None, False, 0):
+            return "logprobs"
+        if self.top_logprobs not in (None, 0):
+            return "top_logprobs"
+        for f in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, f) not in (None, 0, 0.0):
+                return f
+        return None
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[OpenAIChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    stop: Any = None
+    logit_bias: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted and ignored.")
+
+    def unsupported(self) -> str | None:
+        for f in UNSUPPORTED_CHAT_FIELDS:
+            value = getattr(self, f)
+            if value is not None and not (f == "response_format" and value == {"type": "text"}):
+                return f
+        return super().unsupported()
+
+    def to_generate(self) -> GenerateRequest:
+        messages = [
+            ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in self.messages
+        ]
+        return GenerateRequest(
+            messages=messages,
+            ensemble=self.model,
+            instruction=self.instruction,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            top_k=self.top_k,
+        )
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] = Field(description="A prompt (a list of exactly one is accepted).")
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    stop: Any = None
+    logit_bias: Any = None
+
+    def unsupported(self) -> str | None:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            return "prompt"
+        for f in ("echo", "suffix", "stop", "logit_bias"):
+            if getattr(self, f) not in (None, False):
+                return f
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return super().unsupported()
+
+    def to_generate(self) -> GenerateRequest:
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return GenerateRequest(
+            prompt=prompt,
+            ensemble=self.model,
+            instruction=self.instruction,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            top_k=self.top_k,
+        )
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ensemble-gateway"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

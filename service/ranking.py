@@ -101,9 +101,7 @@ class PairRMRanker:
         start = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
         model_cls = import_pairrm()
-        self.model = model_cls.from_pretrained(config.checkpoint, dtype=torch_dtype(config.dtype)).to(
-            config.device
-        )
+        self.model = model_cls.from_pretrained(config.checkpoint, dtype=torch_dtype(config.dtype)).to(config.device)
         self.model.eval()
         # One thread owns the model: torch work never runs on the event loop, nor concurrently.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ranker-{name}")
@@ -116,9 +114,7 @@ class PairRMRanker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.rank_sync, source, candidates)
 
-    def encode_pairs(
-        self, source: str, candidates: list[str], pairs: list[tuple[int, int]]
-    ) -> list[list[int]]:
+    def encode_pairs(self, source: str, candidates: list[str], pairs: list[tuple[int, int]]) -> list[list[int]]:
         """Token ids of the given ordered pairs, tokenized as the PairRM-hf model card does.
 
         Each text is tokenized once: a candidate's ids depend only on its prefix and the length
@@ -160,9 +156,7 @@ class PairRMRanker:
                 for row, k in enumerate(chunk):
                     ids[row, : len(seqs[k])] = torch.tensor(seqs[k], dtype=torch.long)
                     mask[row, : len(seqs[k])] = 1
-                out = self.model(
-                    input_ids=ids.to(self.config.device), attention_mask=mask.to(self.config.device)
-                )
+                out = self.model(input_ids=ids.to(self.config.device), attention_mask=mask.to(self.config.device))
                 logits = out.logits.float().cpu().numpy()
                 for k, value in zip(chunk, logits, strict=True):
                     values[pairs[k]] = value

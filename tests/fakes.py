@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import numpy as np
 
@@ -70,6 +71,11 @@ class JoinFuser:
         if self.fail:
             raise RuntimeError("fuser exploded")
         return " | ".join(candidates)
+
+    async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
+        text = await self.fuse(instruction, input_text, candidates)
+        for i in range(0, len(text), 3):
+            yield text[i : i + 3]
 
     def close(self) -> None:
         pass

@@ -41,9 +41,7 @@ def reference_matrix(checkpoint: str, source: str, candidates: list[str]) -> np.
     return matrix
 
 
-def reference_rank(
-    checkpoint: str, source: str, candidates: list[str], policy: str
-) -> tuple[list[float], list[int]]:
+def reference_rank(checkpoint: str, source: str, candidates: list[str], policy: str) -> tuple[list[float], list[int]]:
     gpt = import_llm_blender("llm_blender.gpt_eval.utils")
     matrix = reference_matrix(checkpoint, source, candidates)
     scores = gpt.get_scores_from_cmps(matrix[None], policy=policy)[0]
@@ -61,7 +59,5 @@ def _blender(checkpoint: str) -> Any:
 
 
 def reference_fuse(checkpoint: str, instruction: str, input_text: str, candidates: list[str]) -> str:
-    out = _blender(checkpoint).fuse(
-        [input_text], [copy.deepcopy(candidates)], instructions=[instruction], batch_size=1
-    )
+    out = _blender(checkpoint).fuse([input_text], [copy.deepcopy(candidates)], instructions=[instruction], batch_size=1)
     return str(out[0])

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.deps import MetricsDep, PipelineDep
+from service.api.requests import Tracker
+from service.api.streaming import answer_events, chat_chunk, now, stream_response
 from service.errors import GatewayError
 from service.protocol import ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
     for code, desc in [
-        (400, "Invalid request (bad JSON, wrong types, out-of-range values)."),
-        (404, "Unknown ensemble."),
+        (400, "Invalid request (bad JSON, wrong types, out-of-range or unsupported values)."),
+        (401, "Missing or wrong API key."),
+        (404, "Unknown ensemble (model)."),
+        (413, "Request body too large."),
         (500, "Ranker or fuser failure."),
         (502, "Too few members answered."),
         (503, "Not ready."),
@@ -27,21 +31,41 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post(
-    "/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=_ERRORS
+    "/generate",
+    response_model=GenerateResponse,
+    response_model_exclude_none=True,
+    responses={
+        **ERROR_RESPONSES,
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true."},
+    },
 )
-async def generate(body: GenerateRequest, pipeline: PipelineDep, metrics: MetricsDep) -> GenerateResponse:
+async def generate(
+    body: GenerateRequest, pipeline: PipelineDep, metrics: MetricsDep
+) -> GenerateResponse | StreamingResponse | JSONResponse:
     """Fan the prompt out to the ensemble's members, rank the candidates, fuse the best."""
-    ensemble = body.ensemble or pipeline.config.default
-    label = ensemble if ensemble in pipeline.config.ensembles else "-"
-    start = time.perf_counter()
-    metrics.in_flight.inc()
+    tracker = Tracker(metrics, pipeline, body.ensemble)
     try:
-        response = await pipeline.run(body)
+        staged = await pipeline.stage(body)
+        if not body.stream:
+            response = pipeline.finish(staged, await pipeline.fuse(staged))
+            tracker.end(200)
+            return JSONResponse(response.model_dump(exclude_none=True))
     except GatewayError as e:
-        metrics.requests.labels(label, str(e.status)).inc()
+        tracker.end(e.status)
         raise
-    finally:
-        metrics.in_flight.dec()
-        metrics.request_latency.labels(label).observe(time.perf_counter() - start)
-    metrics.requests.labels(label, "200").inc()
-    return response
+    except BaseException:
+        tracker.end(500)
+        raise
+    created = now()
+    return stream_response(
+        answer_events(
+            pipeline,
+            staged,
+            first=chat_chunk(staged.id, created, staged.name, {"role": "assistant", "content": ""}, None),
+            chunk=lambda piece, last: chat_chunk(
+                staged.id, created, staged.name, {} if last else {"content": piece}, "stop" if last else None
+            ),
+            on_done=lambda r: [{"object": "ensemble.result", **r.model_dump(exclude_none=True)}],
+            on_end=tracker.end,
+        )
+    )

@@ -74,13 +74,9 @@ def test_soft_prompt_member_equals_independent_prompt_embeds(
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     base_dir = tiny_models / "llama-a"
-    peft_model = PeftModel.from_pretrained(
-        LlamaForCausalLM.from_pretrained(base_dir), tiny_models / "llama-a-soft-1"
-    )
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), tiny_models / "llama-a-soft-1")
     tok = AutoTokenizer.from_pretrained(base_dir)
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
-    )
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
         virtual = peft_model.get_prompt(batch_size=1)[0]
@@ -119,9 +115,7 @@ def test_concurrent_requests_mixing_lora_and_soft_prompts(gateway: Gateway) -> N
 
     for body in asyncio.run(burst()):
         assert body.get("failed_members") == [], body
-    assert (
-        httpx.get(f"{gateway.server_urls['base-a'].removesuffix('/v1')}/health", timeout=5).status_code == 200
-    )
+    assert httpx.get(f"{gateway.server_urls['base-a'].removesuffix('/v1')}/health", timeout=5).status_code == 200
 
 
 def test_llm_fuser_returns_its_endpoints_synthesis(gateway: Gateway) -> None:

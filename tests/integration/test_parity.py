@@ -35,12 +35,8 @@ def ranker_ckpt(tiny_models: Path) -> str:
 
 @pytest.mark.parametrize("aggregation", ["max_logits", "max_wins"])
 @pytest.mark.parametrize(("source", "candidates"), RANK_CASES)
-def test_pairrm_equals_llm_blender(
-    ranker_ckpt: str, aggregation: str, source: str, candidates: list[str]
-) -> None:
-    ranker = PairRMRanker(
-        "pairrm", RankerConfig(checkpoint=ranker_ckpt, aggregation=aggregation, max_batch_pairs=5)
-    )
+def test_pairrm_equals_llm_blender(ranker_ckpt: str, aggregation: str, source: str, candidates: list[str]) -> None:
+    ranker = PairRMRanker("pairrm", RankerConfig(checkpoint=ranker_ckpt, aggregation=aggregation, max_batch_pairs=5))
     try:
         ours = ranker.compare_matrix(source, candidates)
         ref = reference_matrix(ranker_ckpt, source, candidates)

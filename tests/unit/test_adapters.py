@@ -72,9 +72,7 @@ def test_unreadable_adapter_config(tmp_path: Path) -> None:
 
 def test_rank_above_server_maximum(tmp_path: Path) -> None:
     cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{lora_dir(tmp_path, 16)}"}}'))
-    with pytest.raises(
-        ConfigError, match=r"members\.v: adapter rank 16 exceeds server 's'.s --max-lora-rank 8"
-    ):
+    with pytest.raises(ConfigError, match=r"members\.v: adapter rank 16 exceeds server 's'.s --max-lora-rank 8"):
         check_members(cfg)
 
 
@@ -87,9 +85,7 @@ def test_lora_on_a_server_without_lora(tmp_path: Path) -> None:
 
 
 def test_runtime_lora_needs_runtime_updating(tmp_path: Path) -> None:
-    cfg = parse_config(
-        config(f'{{name: v, kind: lora, server: s, adapter: "{lora_dir(tmp_path, 4)}"}}', env="{}")
-    )
+    cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{lora_dir(tmp_path, 4)}"}}', env="{}"))
     with pytest.raises(ConfigError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
         check_members(cfg)
 
@@ -152,9 +148,7 @@ def test_kind_fields_are_validated(member: str, message: str) -> None:
 
 
 def test_aggregation_prompt_lists_candidates_in_rank_order() -> None:
-    msgs = aggregation_messages(
-        "Rank order:\n{candidates}\n{instruction_block}", "Be brief.", "Q?", ["best", "next"]
-    )
+    msgs = aggregation_messages("Rank order:\n{candidates}\n{instruction_block}", "Be brief.", "Q?", ["best", "next"])
     assert msgs[0] == {
         "role": "system",
         "content": "Rank order:\n[1] best\n\n[2] next\nInstruction: Be brief.\n\n",
@@ -164,9 +158,7 @@ def test_aggregation_prompt_lists_candidates_in_rank_order() -> None:
 
 
 def test_llm_fuser_template_fields_are_checked() -> None:
-    base = (
-        'members: [{name: a, endpoint: "http://h/v1", model: m}]\nensembles: {e: {members: [a], fuser: f}}\n'
-    )
+    base = 'members: [{name: a, endpoint: "http://h/v1", model: m}]\nensembles: {e: {members: [a], fuser: f}}\n'
     with pytest.raises(ConfigError, match=r"must contain \{candidates\}"):
         parse_config(base + 'fusers: {f: {kind: llm, endpoint: "http://h/v1", model: m, template: "hi"}}')
     cfg = parse_config(base + 'fusers: {f: {kind: llm, endpoint: "http://h/v1", model: m}}')

@@ -17,9 +17,7 @@ def test_demo_config_is_valid() -> None:
     bases = {cfg.member(m).server for m in demo.members}
     assert len(bases) >= 2, "the demo needs members built from at least two base checkpoints"
     assert all(r.device == "cpu" and r.dtype == "float32" for r in cfg.rankers.values())
-    assert all(
-        f.device == "cpu" and f.dtype == "float32" for f in cfg.fusers.values() if f.kind == "genfuser"
-    )
+    assert all(f.device == "cpu" and f.dtype == "float32" for f in cfg.fusers.values() if f.kind == "genfuser")
     kinds = {cfg.member(m).kind for m in demo.members}
     assert kinds == {"model", "lora", "soft_prompt"} and len(demo.members) >= 5
     variants = [cfg.member(m) for m in demo.members if cfg.member(m).kind != "model"]

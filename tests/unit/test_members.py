@@ -7,9 +7,7 @@ import pytest
 from service.config import MemberConfig
 from service.members import MemberFailure, MemberRequest, OpenAIMember, render_prompt
 
-REQ = MemberRequest(
-    messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.1, top_p=0.9, seed=3
-)
+REQ = MemberRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.1, top_p=0.9, seed=3)
 
 
 def member(handler, **cfg) -> OpenAIMember:  # type: ignore[no-untyped-def]
@@ -51,9 +49,7 @@ async def test_completions_api() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/v1/completions"
         body = json.loads(request.content)
-        return httpx.Response(
-            200, json={"choices": [{"text": body["prompt"].upper(), "finish_reason": "stop"}]}
-        )
+        return httpx.Response(200, json={"choices": [{"text": body["prompt"].upper(), "finish_reason": "stop"}]})
 
     out = await member(handler, api="completions").generate(REQ)
     assert out.text == "HI" and out.prompt_tokens == 0

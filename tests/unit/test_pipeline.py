@@ -7,9 +7,7 @@ from service.protocol import ChatMessage, GenerateRequest
 from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
 
 
-def pipeline(
-    members: list[FakeMember], ranker: LengthRanker | None = None, fuser: JoinFuser | None = None
-) -> Pipeline:
+def pipeline(members: list[FakeMember], ranker: LengthRanker | None = None, fuser: JoinFuser | None = None) -> Pipeline:
     return Pipeline(
         fake_config(),
         {m.name: m for m in members},
@@ -121,9 +119,7 @@ async def test_metrics_count_wins_and_selection() -> None:
 def test_message_rendering_rule() -> None:
     one = GenerateRequest(messages=[ChatMessage(role="user", content="hi")])
     assert input_text(one) == "hi"
-    conv = GenerateRequest(
-        messages=[ChatMessage(role="system", content="s"), ChatMessage(role="user", content="u")]
-    )
+    conv = GenerateRequest(messages=[ChatMessage(role="system", content="s"), ChatMessage(role="user", content="u")])
     assert input_text(conv) == "system: s\nuser: u"
     assert member_messages(conv, "Do X.")[1] == {"role": "user", "content": "Do X.\n\nu"}
     assert member_messages(GenerateRequest(prompt="p"), "") == [{"role": "user", "content": "p"}]
