@@ -14,7 +14,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.adapters import BaseModelCache
 from service.api import generate, health, openai
@@ -23,6 +22,7 @@ from service.config import GatewayConfig
 from service.errors import GatewayError, error_body
 from service.members import MemberFailure, make_http_client
 from service.metrics import Metrics
+from service.middleware import EdgeMiddleware
 from service.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -37,21 +37,6 @@ class Readiness:
     checked_at: float = 0.0
     members: dict[str, str | None] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-class _JsonBodyDefault:
-    """Treat a POST body sent without a JSON content type (``curl -d``) as JSON."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            ctype = dict(scope["headers"]).get(b"content-type", b"")
-            if ctype in (b"", b"application/x-www-form-urlencoded"):
-                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -130,7 +115,7 @@ def create_app(
     app.state.started_at = time.time()
     app.state.metrics = metrics
     app.state.readiness = Readiness()
-    app.add_middleware(_JsonBodyDefault)
+    app.add_middleware(EdgeMiddleware, config=lambda: app.state.config)
     _install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)

@@ -11,18 +11,9 @@ from types import FrameType
 
 from service.config import load_config
 from service.errors import ConfigError, GatewayError
+from service.logs import setup_logging
 
 logger = logging.getLogger("service.cli")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every member call at INFO; that is metrics' job.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class _Interrupted(Exception):
@@ -46,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 2
+    setup_logging(config.logging.level, config.logging.json_logs)
     launcher = Launcher(config.servers, Path(args.log_dir), startup_lora_args(config))
     # SIGTERM/SIGINT unwind through the finally below. While serving, uvicorn handles them (it
     # drains requests), then restores this handler and re-raises the signal, which lands here too.
@@ -57,7 +49,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             launcher.wait_healthy()
         app = create_app(config, server_urls=launcher.base_urls())
         logger.info("serving on http://%s:%d", args.host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_config=None, log_level=config.logging.level, access_log=False
+        )
         return 0
     except _Interrupted as e:
         logger.info("stopping on %s", e)
@@ -119,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, json_logs=False)
     return int(args.func(args))
 
 

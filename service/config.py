@@ -221,6 +221,44 @@ class EnsembleConfig(_Strict):
         return self
 
 
+class AuthConfig(_Strict):
+    """API keys, checked as ``Authorization: Bearer KEY`` in constant time."""
+
+    api_keys: list[str] = Field(default_factory=list, description="Keys written in the file (prefer the env).")
+    api_keys_env: str | None = Field(
+        "GATEWAY_API_KEYS", description="Env var with comma-separated client keys. No keys at all: open."
+    )
+    admin_key_env: str | None = Field(
+        "GATEWAY_ADMIN_KEY", description="Env var with the admin key for /admin/*. Unset: /admin is disabled."
+    )
+    protect_health: bool = Field(False, description="Require a client key for /health and /ready.")
+    protect_metrics: bool = Field(False, description="Require a client key for /metrics.")
+
+    def client_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_env:
+            keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+        return keys
+
+    def admin_key(self) -> str | None:
+        return (os.environ.get(self.admin_key_env) or None) if self.admin_key_env else None
+
+
+class LimitsConfig(_Strict):
+    """Request limits; exceeding one is a clear 4xx naming it."""
+
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Request body size (413 beyond).")
+    max_prompt_chars: int = Field(100_000, ge=1, description="Characters of prompt, messages and instruction.")
+    max_messages: int = Field(128, ge=1, description="Messages in one conversation.")
+    max_tokens: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask for.")
+
+
+class LoggingConfig(_Strict):
+    json_logs: bool = Field(True, alias="json", description="One JSON object per line.")
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = Field(False, description="Log prompts and answers (debugging only).")
+
+
 class GatewayConfig(_Strict):
     """The whole file."""
 
@@ -231,6 +269,9 @@ class GatewayConfig(_Strict):
     ensembles: dict[Name, EnsembleConfig] = Field(min_length=1)
     default_ensemble: Name | None = Field(None, description="Default: the first ensemble.")
     max_connections: int = Field(256, ge=1, description="HTTP connections to members at most.")
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     isolate_prompt_embeds: bool = Field(
         True,
         description="Never let soft-prompt (prompt_embeds) requests and token requests run at once "

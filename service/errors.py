@@ -3,7 +3,10 @@
     GatewayError                      500 internal_error
     ├── ConfigError                   (start-up only: a bad config file)
     ├── RequestError                  400 invalid_request_error
-    │   └── NotFoundError             404 not_found_error
+    │   ├── NotFoundError             404 not_found_error
+    │   ├── AuthenticationError       401 authentication_error
+    │   ├── PermissionDenied          403 permission_error
+    │   └── PayloadTooLarge           413 request_too_large
     ├── UpstreamError                 502 upstream_error     (a member failed; per member)
     │   └── UpstreamTimeout           504 upstream_timeout
     ├── NoQuorumError                 502 no_quorum          (too few candidates arrived)
@@ -45,6 +48,21 @@ class RequestError(GatewayError):
 class NotFoundError(RequestError):
     status = 404
     type = "not_found_error"
+
+
+class AuthenticationError(RequestError):
+    status = 401
+    type = "authentication_error"
+
+
+class PermissionDenied(RequestError):
+    status = 403
+    type = "permission_error"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    type = "request_too_large"
 
 
 class UpstreamError(GatewayError):

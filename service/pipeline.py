@@ -117,6 +117,30 @@ class Pipeline:
             raise NotFoundError(f"unknown ensemble {name!r}", param="ensemble", code="ensemble_not_found")
         return name, self.config.ensembles[name]
 
+    def check_limits(self, request: GenerateRequest) -> None:
+        limits = self.config.limits
+        chars = len(request.prompt or "") + len(request.instruction or "")
+        chars += sum(len(m.content) for m in request.messages or [])
+        if chars > limits.max_prompt_chars:
+            param = "messages" if request.messages else "prompt"
+            raise RequestError(
+                f"the prompt has {chars} characters; the limit is {limits.max_prompt_chars}",
+                param=param,
+                code="prompt_too_long",
+            )
+        if request.messages and len(request.messages) > limits.max_messages:
+            raise RequestError(
+                f"{len(request.messages)} messages; the limit is {limits.max_messages}",
+                param="messages",
+                code="too_many_messages",
+            )
+        if request.max_tokens is not None and request.max_tokens > limits.max_tokens:
+            raise RequestError(
+                f"max_tokens={request.max_tokens} exceeds the limit {limits.max_tokens}",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
+
     async def _call(self, member: Member, request: MemberRequest) -> _Outcome:
         try:
             completion = await member.generate(request)
@@ -165,6 +189,7 @@ class Pipeline:
         """Fan out and rank: everything before fusion. Raises the request's errors."""
         start = time.perf_counter()
         name, ens = self.ensemble(request.ensemble)
+        self.check_limits(request)
         top_k = request.top_k or ens.top_k
         if request.top_k is not None and request.top_k > len(ens.members):
             raise RequestError(
@@ -284,6 +309,16 @@ class Pipeline:
                 for i in staged.order
             ]
         ms = 1000.0
+        extra: dict[str, object] = {
+            "ensemble": staged.name,
+            "candidates": len(staged.members),
+            "failed": [f.member for f in staged.failed],
+            "selected": [staged.members[i] for i in staged.selected],
+            "total_ms": round((t_end - staged.start) * ms, 1),
+        }
+        if self.config.logging.log_prompts:
+            extra.update(input=staged.input_text, output=output)
+        logger.info("answered", extra=extra)
         return GenerateResponse(
             id=staged.id,
             ensemble=staged.name,
