@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,15 +17,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.adapters import BaseModelCache
-from service.api import generate, health, openai
-from service.build import Components, build_pipeline
+from service.api import admin, generate, health, openai
+from service.build import Components
 from service.config import GatewayConfig
 from service.errors import GatewayError, error_body
-from service.members import MemberFailure, make_http_client
+from service.launcher import Launcher
+from service.members import MemberFailure
 from service.metrics import Metrics
 from service.middleware import EdgeMiddleware
 from service.pipeline import Pipeline
+from service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Readiness:
 
     checked_at: float = 0.0
     members: dict[str, str | None] = field(default_factory=dict)
+    pipeline: object = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -74,36 +78,27 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(
     config: GatewayConfig,
     *,
-    server_urls: dict[str, str] | None = None,
     parts: Components | None = None,
+    launcher: Launcher | None = None,
+    config_path: Path | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up."""
     metrics = Metrics()
 
+    runtime = Runtime(config, metrics, launcher=launcher, config_path=config_path, parts=parts)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = make_http_client(config.max_connections)
-        bases = BaseModelCache()
         start = time.perf_counter()
-        try:
-            pipeline = await build_pipeline(config, metrics, client, server_urls or {}, parts or Components(), bases)
-        except BaseException:
-            await client.aclose()
-            bases.close()
-            raise
+        await runtime.start()
         logger.info("pipeline ready in %.1fs: ensembles %s", time.perf_counter() - start, list(config.ensembles))
-        app.state.pipeline = pipeline
+        hup = _install_sighup(runtime)
         try:
             yield
         finally:
-            # Runtime-loaded adapters stay loaded: other gateway replicas may share the server.
-            # They are unloaded only when their member leaves the configuration.
-            await client.aclose()
-            bases.close()
-            for ranker in pipeline.rankers.values():
-                ranker.close()
-            for fuser in pipeline.fusers.values():
-                fuser.close()
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await runtime.close()
 
     app = FastAPI(
         title="ensemble-gateway",
@@ -111,26 +106,28 @@ def create_app(
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.config = config
+    app.state.runtime = runtime
     app.state.started_at = time.time()
     app.state.metrics = metrics
     app.state.readiness = Readiness()
-    app.add_middleware(EdgeMiddleware, config=lambda: app.state.config)
+    app.add_middleware(EdgeMiddleware, config=lambda: runtime.config)
     _install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(admin.router)
     return app
 
 
 async def probe_members(app: FastAPI) -> dict[str, str | None]:
     """Each member's health (None = up), cached for a couple of seconds."""
     state: Readiness = app.state.readiness
-    pipeline: Pipeline | None = getattr(app.state, "pipeline", None)
+    pipeline: Pipeline | None = app.state.runtime.pipeline
     if pipeline is None:
         return {}
     async with state.lock:
-        if time.monotonic() - state.checked_at < READY_CACHE_S and state.members:
+        fresh = time.monotonic() - state.checked_at < READY_CACHE_S
+        if fresh and state.pipeline is pipeline:
             return state.members
         names = list(pipeline.members)
 
@@ -146,7 +143,34 @@ async def probe_members(app: FastAPI) -> dict[str, str | None]:
         results = await asyncio.gather(*(check(n) for n in names))
         state.members = dict(zip(names, results, strict=True))
         state.checked_at = time.monotonic()
+        state.pipeline = pipeline
         return state.members
+
+
+def _install_sighup(runtime: Runtime) -> bool:
+    """SIGHUP reloads the config file (only where signals can be handled: the main thread)."""
+    if runtime.config_path is None:
+        return False
+
+    def on_hup() -> None:
+        async def reload() -> None:
+            try:
+                await runtime.reload_from_file()
+            except Exception as e:
+                logger.error("reload on SIGHUP failed; the previous configuration keeps serving: %s", e)
+
+        task = asyncio.create_task(reload())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _version() -> str:

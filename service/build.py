@@ -106,6 +106,24 @@ async def build_fuser(
     return await asyncio.to_thread(GenFuser, name, cfg)
 
 
+@dataclass
+class Built:
+    """A pipeline, and which of its parts were made for it (not taken over from the previous one)."""
+
+    pipeline: Pipeline
+    new_members: list[Member]
+    new_rankers: list[Ranker]
+    new_fusers: list[Fuser]
+
+
+def _same_member(prev: Pipeline, config: GatewayConfig, m: MemberConfig, url: str, gate: ClassGate | None) -> bool:
+    old_cfg = next((o for o in prev.config.members if o.name == m.name), None)
+    if old_cfg != m or m.name not in prev.members:
+        return False
+    old_url = target_url(f"members.{m.name}", m.endpoint, m.server, prev.server_urls)
+    return old_url == url and getattr(prev.members[m.name], "_gate", None) is gate
+
+
 async def build_pipeline(
     config: GatewayConfig,
     metrics: Metrics,
@@ -113,24 +131,76 @@ async def build_pipeline(
     server_urls: dict[str, str],
     parts: Components,
     bases: BaseModelCache,
-) -> Pipeline:
-    """Everything a configuration needs; a ``ConfigError`` names what is wrong."""
+    *,
+    previous: Pipeline | None = None,
+    gates: dict[str, ClassGate] | None = None,
+) -> Built:
+    """Everything a configuration needs, taking over unchanged parts of ``previous``.
+
+    A ``ConfigError`` names what is wrong; on any failure the parts made here are closed again.
+    """
     prebuilt = dict(parts.members or {})
     if not prebuilt:
         await asyncio.to_thread(check_members, config)
-    gates = prompt_embeds_gates(config, server_urls) if not prebuilt else {}
+    gates = {} if gates is None else gates
+    for url in prompt_embeds_gates(config, server_urls) if not prebuilt else {}:
+        gates.setdefault(url, ClassGate())
     members: dict[str, Member] = {}
-    for m in config.members:
-        members[m.name] = prebuilt.get(m.name) or await build_member(config, m, client, server_urls, bases, gates)
-    unavailable = await prepare_members(members)
-    rankers: dict[str, Ranker] = dict(parts.rankers or {})
-    for name, rcfg in config.rankers.items():
-        if name not in rankers:
-            rankers[name] = await asyncio.to_thread(PairRMRanker, name, rcfg)
-    fusers: dict[str, Fuser] = dict(parts.fusers or {})
-    for name, fcfg in config.fusers.items():
-        if name not in fusers:
-            fusers[name] = await build_fuser(name, fcfg, client, server_urls, gates)
+    new_members: list[Member] = []
+    new_rankers: list[Ranker] = []
+    new_fusers: list[Fuser] = []
+    to_prepare: dict[str, Member] = {}
+    try:
+        for m in config.members:
+            if m.name in prebuilt:
+                members[m.name] = prebuilt[m.name]
+                to_prepare[m.name] = prebuilt[m.name]
+                continue
+            url = target_url(f"members.{m.name}", m.endpoint, m.server, server_urls)
+            gate = gates.get(url.rstrip("/"))
+            if previous is not None and _same_member(previous, config, m, url, gate):
+                members[m.name] = previous.members[m.name]
+                if m.name in previous.unavailable:
+                    to_prepare[m.name] = members[m.name]  # try again: the cause may be gone
+                continue
+            member = await build_member(config, m, client, server_urls, bases, gates)
+            members[m.name] = member
+            new_members.append(member)
+            to_prepare[m.name] = member
+        unavailable = await prepare_members(to_prepare)
+        rankers: dict[str, Ranker] = dict(parts.rankers or {})
+        for name, rcfg in config.rankers.items():
+            if name in rankers:
+                continue
+            if previous is not None and previous.config.rankers.get(name) == rcfg and name in previous.rankers:
+                rankers[name] = previous.rankers[name]
+                continue
+            ranker = await asyncio.to_thread(PairRMRanker, name, rcfg)
+            rankers[name] = ranker
+            new_rankers.append(ranker)
+        fusers: dict[str, Fuser] = dict(parts.fusers or {})
+        for name, fcfg in config.fusers.items():
+            if name in fusers:
+                continue
+            if previous is not None and name in previous.fusers and previous.config.fusers.get(name) == fcfg:
+                same_url = not isinstance(fcfg, LLMFuserConfig) or target_url(
+                    name, fcfg.endpoint, fcfg.server, previous.server_urls
+                ) == target_url(name, fcfg.endpoint, fcfg.server, server_urls)
+                if same_url:
+                    fusers[name] = previous.fusers[name]
+                    continue
+            fuser = await build_fuser(name, fcfg, client, server_urls, gates)
+            fusers[name] = fuser
+            new_fusers.append(fuser)
+    except BaseException:
+        for r in new_rankers:
+            r.close()
+        for f in new_fusers:
+            f.close()
+        raise
+    if previous is not None:
+        unavailable.update({n: r for n, r in previous.unavailable.items() if n in members and n not in to_prepare})
     for name in members:
         metrics.member_available.labels(name).set(0 if name in unavailable else 1)
-    return Pipeline(config, members, rankers, fusers, metrics, unavailable)
+    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls)
+    return Built(pipeline, new_members, new_rankers, new_fusers)

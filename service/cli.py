@@ -38,16 +38,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 2
     setup_logging(config.logging.level, config.logging.json_logs)
-    launcher = Launcher(config.servers, Path(args.log_dir), startup_lora_args(config))
+    launcher = Launcher(Path(args.log_dir))
     # SIGTERM/SIGINT unwind through the finally below. While serving, uvicorn handles them (it
     # drains requests), then restores this handler and re-raises the signal, which lands here too.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise_on_signal)
     try:
         if config.servers:
-            launcher.start()
-            launcher.wait_healthy()
-        app = create_app(config, server_urls=launcher.base_urls())
+            launcher.start(config.servers, startup_lora_args(config))
+        app = create_app(config, launcher=launcher, config_path=Path(args.config))
         logger.info("serving on http://%s:%d", args.host, args.port)
         uvicorn.run(
             app, host=args.host, port=args.port, log_config=None, log_level=config.logging.level, access_log=False

@@ -1,7 +1,7 @@
 """One exception tree for the gateway, mapped to HTTP in one place.
 
     GatewayError                      500 internal_error
-    ├── ConfigError                   (start-up only: a bad config file)
+    ├── ConfigError                   400 config_error (start-up stops; a reload keeps the old one)
     ├── RequestError                  400 invalid_request_error
     │   ├── NotFoundError             404 not_found_error
     │   ├── AuthenticationError       401 authentication_error
@@ -37,6 +37,7 @@ class GatewayError(Exception):
 
 
 class ConfigError(GatewayError):
+    status = 400  # as the answer to a reload; at start-up it stops the gateway
     type = "config_error"
 
 

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,16 +42,22 @@ def _die_with_parent() -> None:
 
 
 class LaunchError(GatewayError):
+    status = 502
     type = "launch_error"
 
 
 @dataclass
 class RunningServer:
     config: ServerConfig
+    extra_args: list[str]
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     @property
     def base_url(self) -> str:
@@ -61,6 +66,12 @@ class RunningServer:
     @property
     def health_url(self) -> str:
         return f"http://{self.config.host}:{self.port}/health"
+
+    def same_as(self, cfg: ServerConfig, extra_args: list[str]) -> bool:
+        """Would this instance serve ``cfg`` unchanged? (An unset port matches any.)"""
+        mine = self.config.model_copy(update={"port": None})
+        theirs = cfg.model_copy(update={"port": None})
+        return mine == theirs and self.extra_args == extra_args and cfg.port in (None, self.port)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -80,23 +91,24 @@ def vllm_command(cfg: ServerConfig, port: int) -> list[str]:
 
 
 class Launcher:
-    """Starts, watches and stops local vLLM servers."""
+    """Starts, watches and stops local vLLM servers. ``running`` maps each server name to the
+    instance requests go to; a reload may start a new instance before the old one stops."""
 
-    def __init__(self, servers: list[ServerConfig], log_dir: Path, extra_args: dict[str, list[str]] | None = None):
-        self.configs = servers
+    def __init__(self, log_dir: Path):
         self.log_dir = log_dir
-        self.extra_args = extra_args or {}
         self.running: dict[str, RunningServer] = {}
+        self._all: list[RunningServer] = []
+        self._generation = 0
 
-    def start(self) -> None:
+    def launch(self, cfg: ServerConfig, extra_args: list[str]) -> RunningServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for cfg in self.configs:
-            port = cfg.port or free_port(cfg.host)
-            log_path = self.log_dir / f"{cfg.name}.log"
-            log = log_path.open("wb")
-            env = {**os.environ, **cfg.env}
-            cmd = vllm_command(cfg, port) + self.extra_args.get(cfg.name, [])
-            logger.info("starting server %s on %s:%d (log: %s)", cfg.name, cfg.host, port, log_path)
+        self._generation += 1
+        port = cfg.port or free_port(cfg.host)
+        log_path = self.log_dir / f"{cfg.name}.{self._generation}.log"
+        env = {**os.environ, **cfg.env}
+        cmd = vllm_command(cfg, port) + extra_args
+        logger.info("starting server %s on %s:%d (log: %s)", cfg.name, cfg.host, port, log_path)
+        with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 cmd,
                 stdout=log,
@@ -106,17 +118,22 @@ class Launcher:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-            log.close()
-            self.running[cfg.name] = RunningServer(cfg, port, proc, log_path)
+        srv = RunningServer(cfg, list(extra_args), port, proc, log_path)
+        self._all.append(srv)
+        return srv
 
-    def wait_healthy(self, progress_every_s: float = 10.0, should_stop: Callable[[], bool] | None = None) -> None:
-        """Block until every server answers /health 200; raise ``LaunchError`` if one dies or is late."""
-        pending = dict(self.running)
+    def start(self, servers: list[ServerConfig], extra_args: dict[str, list[str]] | None = None) -> None:
+        """Start every server and wait for all of them (single-node start-up)."""
+        new = [self.launch(cfg, (extra_args or {}).get(cfg.name, [])) for cfg in servers]
+        self.wait_healthy(new)
+        self.running.update({srv.name: srv for srv in new})
+
+    def wait_healthy(self, servers: list[RunningServer], progress_every_s: float = 10.0) -> None:
+        """Block until each server answers /health 200; raise ``LaunchError`` if one dies or is late."""
+        pending = {srv.name: srv for srv in servers}
         last_report = time.monotonic()
         with httpx.Client(timeout=2.0) as client:
             while pending:
-                if should_stop is not None and should_stop():
-                    raise LaunchError("start-up interrupted")
                 for name, srv in list(pending.items()):
                     code = srv.process.poll()
                     if code is not None:
@@ -151,24 +168,31 @@ class Launcher:
     def base_urls(self) -> dict[str, str]:
         return {name: srv.base_url for name, srv in self.running.items()}
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop_instances(self, servers: list[RunningServer], timeout_s: float = 15.0) -> None:
         """SIGTERM each server's process group, then SIGKILL what is left after the timeout."""
-        for srv in self.running.values():
+        for srv in servers:
             if srv.process.poll() is None:
-                logger.info("stopping server %s (pid %d)", srv.config.name, srv.process.pid)
+                logger.info("stopping server %s (pid %d)", srv.name, srv.process.pid)
                 _signal_group(srv.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for srv in self.running.values():
+        for srv in servers:
             try:
                 srv.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("server %s did not stop in time; killing it", srv.config.name)
+                logger.warning("server %s did not stop in time; killing it", srv.name)
             _signal_group(srv.process.pid, signal.SIGKILL)
             try:
                 srv.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                logger.error("server %s (pid %d) survived SIGKILL", srv.config.name, srv.process.pid)
-        self.running.clear()
+                logger.error("server %s (pid %d) survived SIGKILL", srv.name, srv.process.pid)
+            if srv in self._all:
+                self._all.remove(srv)
+            if self.running.get(srv.name) is srv:
+                del self.running[srv.name]
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop every instance this launcher started."""
+        self.stop_instances(list(self._all), timeout_s)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

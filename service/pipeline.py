@@ -103,13 +103,38 @@ class Pipeline:
         fusers: dict[str, Fuser],
         metrics: Metrics,
         unavailable: dict[str, str] | None = None,
+        server_urls: dict[str, str] | None = None,
     ):
         self.config = config
         self.unavailable = dict(unavailable or {})
+        self.server_urls = dict(server_urls or {})
+        self.active = 0
+        self._idle: asyncio.Event | None = None
         self.members = members
         self.rankers = rankers
         self.fusers = fusers
         self.metrics = metrics
+
+    def enter(self) -> None:
+        """A request starts on this pipeline (it finishes on it, whatever reloads happen)."""
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request runs on this pipeline; False if the timeout came first."""
+        if self.active == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def ensemble(self, name: str | None) -> tuple[str, EnsembleConfig]:
         name = name or self.config.default

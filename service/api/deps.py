@@ -12,7 +12,7 @@ from service.pipeline import Pipeline
 
 
 def get_pipeline(request: Request) -> Pipeline:
-    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    pipeline: Pipeline | None = request.app.state.runtime.pipeline
     if pipeline is None:
         raise NotReadyError("the gateway is still loading its models")
     return pipeline

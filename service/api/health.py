@@ -24,8 +24,8 @@ async def ready(request: Request, metrics: MetricsDep) -> JSONResponse:
     """Ready when the models are loaded and every ensemble can reach its quorum of members."""
     from service.app import probe_members
 
-    config = request.app.state.config
-    loaded = getattr(request.app.state, "pipeline", None) is not None
+    config = request.app.state.runtime.config
+    loaded = request.app.state.runtime.pipeline is not None
     members = await probe_members(request.app) if loaded else {}
     ensembles: dict[str, Any] = {}
     for name, ens in config.ensembles.items():

@@ -34,7 +34,7 @@ router = APIRouter(prefix="/v1")
 async def list_models(request: Request) -> ModelList:
     """Each ensemble, as a model."""
     created = int(request.app.state.started_at)
-    return ModelList(data=[ModelCard(id=name, created=created) for name in request.app.state.config.ensembles])
+    return ModelList(data=[ModelCard(id=name, created=created) for name in request.app.state.runtime.config.ensembles])
 
 
 def _check(body: ChatCompletionRequest | CompletionRequest, pipeline: Pipeline) -> None:

@@ -16,14 +16,17 @@ class Tracker:
         name = ensemble or pipeline.config.default
         self.label = name if name in pipeline.config.ensembles else "-"
         self.metrics = metrics
+        self.pipeline = pipeline
         self.start = time.perf_counter()
         self.done = False
         metrics.in_flight.inc()
+        pipeline.enter()
 
     def end(self, status: int) -> None:
         if self.done:
             return
         self.done = True
+        self.pipeline.leave()
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(self.label, str(status)).inc()
         self.metrics.request_latency.labels(self.label).observe(time.perf_counter() - self.start)
