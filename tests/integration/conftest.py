@@ -35,6 +35,9 @@ def tiny_models() -> Path:
     return root
 
 
+ADMIN_KEY = "integration-admin-key"
+
+
 @dataclass
 class Gateway:
     url: str
@@ -42,6 +45,8 @@ class Gateway:
     config: GatewayConfig
     server_urls: dict[str, str]
     log: Path
+    config_path: Path
+    config_text: str
 
 
 def _log_tail(path: Path, n: int = 40) -> str:
@@ -77,6 +82,7 @@ def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=ROOT,
+            env={**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY},
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -92,7 +98,7 @@ def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        yield Gateway(url, proc.pid, config, server_urls, log)
+        yield Gateway(url, proc.pid, config, server_urls, log, cfg_path, cfg_path.read_text())
     finally:
         _stop_and_check(proc, log)
 

@@ -76,3 +76,18 @@ def test_genfuser_equals_blender_fuse(
         fuser.close()
     assert ours == reference_fuse(ckpt, instruction, input_text, candidates)
     assert ours.strip(), "the tiny fuser generates text"
+
+
+@pytest.mark.parametrize(("instruction", "input_text", "candidates"), FUSE_CASES[:3])
+async def test_streamed_fusion_equals_blender_fuse(
+    tiny_models: Path, instruction: str, input_text: str, candidates: list[str]
+) -> None:
+    """Pieces are sent only once all beams agree on them, and join to Blender.fuse's text."""
+    ckpt = str(tiny_models / "genfuser")
+    fuser = GenFuser("genfuser", FuserConfig(checkpoint=ckpt))
+    try:
+        pieces = [p async for p in fuser.fuse_stream(instruction, input_text, candidates)]
+    finally:
+        fuser.close()
+    assert "".join(pieces) == reference_fuse(ckpt, instruction, input_text, candidates)
+    assert len([p for p in pieces if p]) > 1

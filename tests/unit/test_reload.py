@@ -88,30 +88,34 @@ async def test_reload_while_requests_run(setup) -> None:  # type: ignore[no-unty
 
 async def test_invalid_config_keeps_the_old_one_and_says_why(setup) -> None:  # type: ignore[no-untyped-def]
     app, path, _ = setup
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-            path.write_text(version(main="a, zz"))
-            r = await client.post("/admin/reload", headers=ADMIN)
-            assert r.status_code == 400
-            err = r.json()["error"]
-            assert err["type"] == "config_error" and "ensembles.main.members" in err["message"]
-            path.write_text("members: [")
-            assert (await client.post("/admin/reload", headers=ADMIN)).status_code == 400
-            r = await client.post("/generate", json={"prompt": "q", "ensemble": "old-only"})
-            assert r.status_code == 200
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,
+    ):
+        path.write_text(version(main="a, zz"))
+        r = await client.post("/admin/reload", headers=ADMIN)
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["type"] == "config_error" and "ensembles.main.members" in err["message"]
+        path.write_text("members: [")
+        assert (await client.post("/admin/reload", headers=ADMIN)).status_code == 400
+        r = await client.post("/generate", json={"prompt": "q", "ensemble": "old-only"})
+        assert r.status_code == 200
 
 
 async def test_in_flight_request_finishes_on_its_configuration(setup) -> None:  # type: ignore[no-untyped-def]
     app, path, _ = setup
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-            slow = asyncio.create_task(client.post("/generate", json={"prompt": "q", "ensemble": "old-only"}))
-            await asyncio.sleep(0.1)
-            path.write_text(version())  # drops the ensemble the slow request runs on
-            r = await client.post("/admin/reload", headers=ADMIN)
-            assert r.status_code == 200 and r.json()["changes"]["ensembles"] == ["main"]
-            assert (await slow).status_code == 200
-            gone = await client.post("/generate", json={"prompt": "q", "ensemble": "old-only"})
-            assert gone.status_code == 404
-            models = (await client.get("/v1/models")).json()["data"]
-            assert [m["id"] for m in models] == ["main"]
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,
+    ):
+        slow = asyncio.create_task(client.post("/generate", json={"prompt": "q", "ensemble": "old-only"}))
+        await asyncio.sleep(0.1)
+        path.write_text(version())  # drops the ensemble the slow request runs on
+        r = await client.post("/admin/reload", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["changes"]["ensembles"] == ["main"]
+        assert (await slow).status_code == 200
+        gone = await client.post("/generate", json={"prompt": "q", "ensemble": "old-only"})
+        assert gone.status_code == 404
+        models = (await client.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in models] == ["main"]
