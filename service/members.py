@@ -265,6 +265,8 @@ class LoRAMember(OpenAIMember):
             raise MemberFailure("adapter_load", f"HTTP {resp.status_code}: {resp.text[:300]}")
 
     async def release(self) -> None:
+        # vLLM 0.32 only forgets the name here; the engine keeps the adapter (vllm#54839), and
+        # after unload/reload cycles we saw base requests answered with an adapter's output.
         if self.config.load != "runtime":
             return
         body = {"lora_name": self.config.served_name}

@@ -103,6 +103,46 @@ def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         _stop_and_check(proc, log)
 
 
+@pytest.fixture(scope="session")
+def scratch_lora_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A LoRA-enabled server of base A for tests that load and unload adapters at run time.
+
+    vLLM 0.32's /v1/unload_lora_adapter leaves the adapter in the engine's slot (vllm#54839); after
+    unload/reload cycles, mixed batches on that server were seen answering base-model requests with
+    an adapter's output. The demo's servers must stay exact for the parity checks, so such cycles
+    happen here instead.
+    """
+    from service.config import ServerConfig
+    from service.launcher import Launcher
+
+    launcher = Launcher(tmp_path_factory.mktemp("scratch-logs"))
+    cfg = ServerConfig(
+        name="scratch",
+        model=str(tiny_models / "llama-a"),
+        served_model_names=["tiny-llama-a"],
+        args=[
+            "--max-model-len",
+            "256",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+        ],
+        env={
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        },
+    )
+    try:
+        launcher.start([cfg])
+        yield launcher.running["scratch"].base_url
+    finally:
+        launcher.stop()
+
+
 def _stop_and_check(proc: subprocess.Popen[bytes], log: Path) -> None:
     try:
         family = psutil.Process(proc.pid).children(recursive=True)

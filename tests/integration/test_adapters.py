@@ -139,9 +139,11 @@ def test_llm_fuser_returns_its_endpoints_synthesis(gateway: Gateway) -> None:
     assert body["output"] == direct["choices"][0]["message"]["content"]
 
 
-def test_runtime_lora_member_is_loaded_then_unloaded(gateway: Gateway, tiny_models: Path) -> None:
+def test_runtime_lora_member_is_loaded_then_unloaded(
+    gateway: Gateway, tiny_models: Path, scratch_lora_server: str
+) -> None:
     """What a reload does when a LoRA member appears and then leaves the configuration."""
-    base_a = gateway.server_urls["base-a"]
+    base_a = scratch_lora_server
     config = parse_config(
         f"""
 members:

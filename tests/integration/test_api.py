@@ -126,15 +126,17 @@ def _listed(url: str) -> list[str]:
     return [m["id"] for m in httpx.get(f"{url}/models", timeout=10).json()["data"]]
 
 
-def test_reload_under_load_adds_changes_and_removes_members_and_loras(gateway: Gateway, tiny_models: Path) -> None:
-    base_a = gateway.server_urls["base-a"]
+def test_reload_under_load_adds_changes_and_removes_members_and_loras(
+    gateway: Gateway, tiny_models: Path, scratch_lora_server: str
+) -> None:
+    base_a = scratch_lora_server
 
     def add_lora(d: dict[str, Any]) -> None:
         d["members"].append(
             {
                 "name": "late-lora",
                 "kind": "lora",
-                "server": "base-a",
+                "endpoint": scratch_lora_server,
                 "adapter": str(tiny_models / "llama-a-lora-1"),
                 "sampling": {"max_tokens": 16},
             }
