@@ -215,11 +215,14 @@ class OpenAIMember:
     async def health(self) -> None:
         await self._models()
 
+    def _choice_text(self, choice: dict[str, Any]) -> Any:
+        return choice["message"]["content"] if self.config.api == "chat" else choice["text"]
+
     def _parse(self, resp: httpx.Response, latency_ms: float) -> Completion:
         try:
             data = resp.json()
             choice = data["choices"][0]
-            text = choice["message"]["content"] if self.config.api == "chat" else choice["text"]
+            text = self._choice_text(choice)
             if not isinstance(text, str):
                 raise TypeError(f"text is {type(text).__name__}")
             usage = data.get("usage") or {}
@@ -314,23 +317,8 @@ class SoftPromptMember(OpenAIMember):
         body["prompt_embeds"] = embeds
         return f"{self.base_url}/completions", body
 
-    def _parse(self, resp: httpx.Response, latency_ms: float) -> Completion:
-        try:
-            data = resp.json()
-            choice = data["choices"][0]
-            text = choice["text"]
-            if not isinstance(text, str):
-                raise TypeError(f"text is {type(text).__name__}")
-            usage = data.get("usage") or {}
-            return Completion(
-                text=text,
-                finish_reason=choice.get("finish_reason"),
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                latency_ms=latency_ms,
-            )
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise MemberFailure("invalid_response", f"{type(e).__name__}: {e}", e) from e
+    def _choice_text(self, choice: dict[str, Any]) -> Any:
+        return choice["text"]
 
 
 def make_http_client(max_connections: int) -> httpx.AsyncClient:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from service.config import EnsembleConfig, GatewayConfig
@@ -142,6 +143,18 @@ class Pipeline:
             raise NotFoundError(f"unknown ensemble {name!r}", param="ensemble", code="ensemble_not_found")
         return name, self.config.ensembles[name]
 
+    @contextlib.contextmanager
+    def _model_errors(self, stage: str, what: str, model: str) -> Iterator[None]:
+        """Count a ranker or fuser failure; anything but a ``GatewayError`` becomes ``ModelError``."""
+        try:
+            yield
+        except GatewayError:
+            self.metrics.model_errors.labels(stage, model).inc()
+            raise
+        except Exception as e:
+            self.metrics.model_errors.labels(stage, model).inc()
+            raise ModelError(f"{what} failed: {type(e).__name__}: {e}") from e
+
     def check_limits(self, request: GenerateRequest) -> None:
         limits = self.config.limits
         chars = len(request.prompt or "") + len(request.instruction or "")
@@ -242,14 +255,8 @@ class Pipeline:
         if ens.ranker is not None:
             ranker = self.rankers[ens.ranker]
             t0 = time.perf_counter()
-            try:
+            with self._model_errors("rank", f"ranker {ranker.name}", ranker.name):
                 ranking = await ranker.rank(instruction + text, texts)
-            except GatewayError:
-                self.metrics.model_errors.labels("rank", ranker.name).inc()
-                raise
-            except Exception as e:
-                self.metrics.model_errors.labels("rank", ranker.name).inc()
-                raise ModelError(f"ranker {ranker.name} failed: {type(e).__name__}: {e}") from e
             self.metrics.ranker_latency.labels(ranker.name).observe(time.perf_counter() - t0)
             scores = list(ranking.scores)
             ranks = ranking.ranks
@@ -280,14 +287,8 @@ class Pipeline:
             return staged.completions[staged.order[0]].text
         fuser = staged.fuser
         t0 = time.perf_counter()
-        try:
+        with self._model_errors("fuse", f"fuser {fuser.name}", fuser.name):
             output = await fuser.fuse(staged.instruction, staged.input_text, staged.selected_texts)
-        except GatewayError:
-            self.metrics.model_errors.labels("fuse", fuser.name).inc()
-            raise
-        except Exception as e:
-            self.metrics.model_errors.labels("fuse", fuser.name).inc()
-            raise ModelError(f"fuser {fuser.name} failed: {type(e).__name__}: {e}") from e
         self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
         return output
 
@@ -298,15 +299,9 @@ class Pipeline:
             return
         fuser = staged.fuser
         t0 = time.perf_counter()
-        try:
+        with self._model_errors("fuse", f"fuser {fuser.name}", fuser.name):
             async for piece in fuser.fuse_stream(staged.instruction, staged.input_text, staged.selected_texts):
                 yield piece
-        except GatewayError:
-            self.metrics.model_errors.labels("fuse", fuser.name).inc()
-            raise
-        except Exception as e:
-            self.metrics.model_errors.labels("fuse", fuser.name).inc()
-            raise ModelError(f"fuser {fuser.name} failed: {type(e).__name__}: {e}") from e
         self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
 
     def finish(self, staged: Staged, output: str) -> GenerateResponse:
