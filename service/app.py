@@ -8,9 +8,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,25 +20,11 @@ from service.build import Components
 from service.config import GatewayConfig
 from service.errors import GatewayError, error_body
 from service.launcher import Launcher
-from service.members import MemberFailure
 from service.metrics import Metrics
 from service.middleware import EdgeMiddleware
-from service.pipeline import Pipeline
 from service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-READY_CACHE_S = 2.0
-
-
-@dataclass
-class Readiness:
-    """Cached member probes behind /ready."""
-
-    checked_at: float = 0.0
-    members: dict[str, str | None] = field(default_factory=dict)
-    pipeline: object = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -109,7 +93,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.started_at = time.time()
     app.state.metrics = metrics
-    app.state.readiness = Readiness()
+    app.state.readiness = health.Readiness()
     app.add_middleware(EdgeMiddleware, config=lambda: runtime.config)
     _install_error_handlers(app)
     app.include_router(generate.router)
@@ -117,34 +101,6 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(admin.router)
     return app
-
-
-async def probe_members(app: FastAPI) -> dict[str, str | None]:
-    """Each member's health (None = up), cached for a couple of seconds."""
-    state: Readiness = app.state.readiness
-    pipeline: Pipeline | None = app.state.runtime.pipeline
-    if pipeline is None:
-        return {}
-    async with state.lock:
-        fresh = time.monotonic() - state.checked_at < READY_CACHE_S
-        if fresh and state.pipeline is pipeline:
-            return state.members
-        names = list(pipeline.members)
-
-        async def check(name: str) -> str | None:
-            if name in pipeline.unavailable:
-                return f"unavailable: {pipeline.unavailable[name]}"
-            try:
-                await pipeline.members[name].health()
-            except MemberFailure as e:
-                return str(e)
-            return None
-
-        results = await asyncio.gather(*(check(n) for n in names))
-        state.members = dict(zip(names, results, strict=True))
-        state.checked_at = time.monotonic()
-        state.pipeline = pipeline
-        return state.members
 
 
 def _install_sighup(runtime: Runtime) -> bool:
@@ -180,6 +136,3 @@ def _version() -> str:
         return version("ensemble-gateway")
     except PackageNotFoundError:
         return "0.0.0"
-
-
-__all__: list[Any] = ["Components", "create_app"]

@@ -16,7 +16,6 @@ import httpx
 
 from service.adapters import BaseModelInputs
 from service.config import MemberConfig
-from service.errors import UpstreamError, UpstreamTimeout
 from service.gate import ClassGate
 
 HEALTH_TIMEOUT_S = 2.0
@@ -53,10 +52,6 @@ class MemberFailure(Exception):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.detail}"
-
-    def as_gateway_error(self) -> UpstreamError:
-        cls = UpstreamTimeout if self.kind == "timeout" else UpstreamError
-        return cls(str(self))
 
 
 class Member(Protocol):

@@ -223,6 +223,7 @@ class ChatCompletionRequest(_OpenAIRequest):
             top_p=self.top_p,
             seed=self.seed,
             top_k=self.top_k,
+            stream=self.stream,
         )
 
 
@@ -255,13 +256,8 @@ class CompletionRequest(_OpenAIRequest):
             top_p=self.top_p,
             seed=self.seed,
             top_k=self.top_k,
+            stream=self.stream,
         )
-
-
-class CompletionUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class ChatChoiceMessage(BaseModel):
@@ -282,7 +278,7 @@ class ChatCompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: CompletionUsage
+    usage: Usage
     system_fingerprint: str | None = None
 
 
@@ -299,7 +295,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: CompletionUsage
+    usage: Usage
     system_fingerprint: str | None = None
 
 

@@ -8,9 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.deps import MetricsDep, PipelineDep
-from service.api.requests import Tracker
+from service.api.requests import run_tracked
 from service.api.streaming import answer_events, chat_chunk, now, stream_response
-from service.errors import GatewayError
 from service.protocol import ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter()
@@ -43,19 +42,9 @@ async def generate(
     body: GenerateRequest, pipeline: PipelineDep, metrics: MetricsDep
 ) -> GenerateResponse | StreamingResponse | JSONResponse:
     """Fan the prompt out to the ensemble's members, rank the candidates, fuse the best."""
-    tracker = Tracker(metrics, pipeline, body.ensemble)
-    try:
-        staged = await pipeline.stage(body)
-        if not body.stream:
-            response = pipeline.finish(staged, await pipeline.fuse(staged))
-            tracker.end(200)
-            return JSONResponse(response.model_dump(exclude_none=True))
-    except GatewayError as e:
-        tracker.end(e.status)
-        raise
-    except BaseException:
-        tracker.end(500)
-        raise
+    tracker, staged, response = await run_tracked(pipeline, metrics, body.ensemble, lambda: body)
+    if response is not None:
+        return JSONResponse(response.model_dump(exclude_none=True))
     created = now()
     return stream_response(
         answer_events(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from service.api.deps import MetricsDep, PipelineDep
 from service.api.generate import ERROR_RESPONSES
-from service.api.requests import Tracker
+from service.api.requests import run_tracked
 from service.api.streaming import answer_events, chat_chunk, now, stream_response, text_chunk
-from service.errors import GatewayError, NotFoundError, RequestError
+from service.errors import NotFoundError, RequestError
+from service.metrics import Metrics
 from service.pipeline import Pipeline, Staged
 from service.protocol import (
     ChatChoice,
@@ -21,7 +24,7 @@ from service.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    CompletionUsage,
+    GenerateRequest,
     GenerateResponse,
     ModelCard,
     ModelList,
@@ -37,16 +40,13 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=created) for name in request.app.state.runtime.config.ensembles])
 
 
-def _check(body: ChatCompletionRequest | CompletionRequest, pipeline: Pipeline) -> None:
+def _prepare(body: ChatCompletionRequest | CompletionRequest, pipeline: Pipeline) -> GenerateRequest:
     field = body.unsupported()
     if field is not None:
         raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
     if body.model not in pipeline.config.ensembles:
         raise NotFoundError(f"the model `{body.model}` does not exist", param="model", code="model_not_found")
-
-
-def _usage(r: GenerateResponse) -> CompletionUsage:
-    return CompletionUsage(**r.usage.model_dump())
+    return body.to_generate()
 
 
 def _finish_reason(staged: Staged) -> str:
@@ -55,42 +55,49 @@ def _finish_reason(staged: Staged) -> str:
     return "stop"
 
 
-async def _run(
-    body: ChatCompletionRequest | CompletionRequest, pipeline: Pipeline, metrics: Any
-) -> tuple[Tracker, Staged, GenerateResponse | None]:
-    tracker = Tracker(metrics, pipeline, body.model)
-    try:
-        _check(body, pipeline)
-        staged = await pipeline.stage(body.to_generate())
-        if body.stream:
-            return tracker, staged, None
-        response = pipeline.finish(staged, await pipeline.fuse(staged))
-        tracker.end(200)
-        return tracker, staged, response
-    except GatewayError as e:
-        tracker.end(e.status)
-        raise
-    except BaseException:
-        tracker.end(500)
-        raise
+# (id, created, model, finish_reason, response) -> the plain (non-streamed) response body
+PlainBody = Callable[[str, int, str, str, GenerateResponse], BaseModel]
+# (id, created, model, piece, finish_reason or None) -> one stream chunk
+Chunk = Callable[[str, int, str, str, str | None], dict[str, Any]]
 
 
-def _usage_events(body: ChatCompletionRequest | CompletionRequest, kind: str, staged: Staged, created: int) -> Any:
-    def on_done(r: GenerateResponse) -> list[dict[str, Any]]:
+async def _serve(
+    body: ChatCompletionRequest | CompletionRequest,
+    pipeline: Pipeline,
+    metrics: Metrics,
+    *,
+    id_prefix: str,
+    chunk_object: str,
+    plain: PlainBody,
+    chunk: Chunk,
+    first: Callable[[str, int, str], dict[str, Any]] | None = None,
+) -> JSONResponse | StreamingResponse:
+    """Run the ensemble named by ``model``; answer in one body or as OpenAI stream chunks."""
+    tracker, staged, response = await run_tracked(pipeline, metrics, body.model, lambda: _prepare(body, pipeline))
+    created = now()
+    cid = staged.id.replace("gen-", id_prefix)
+    finish = _finish_reason(staged)
+    if response is not None:
+        return JSONResponse(plain(cid, created, staged.name, finish, response).model_dump())
+
+    def usage_chunk(r: GenerateResponse) -> list[dict[str, Any]]:
         if body.stream_options is None or not body.stream_options.include_usage:
             return []
+        usage = r.usage.model_dump()
         return [
-            {
-                "id": staged.id,
-                "object": kind,
-                "created": created,
-                "model": staged.name,
-                "choices": [],
-                "usage": _usage(r).model_dump(),
-            }
+            {"id": cid, "object": chunk_object, "created": created, "model": staged.name, "choices": [], "usage": usage}
         ]
 
-    return on_done
+    return stream_response(
+        answer_events(
+            pipeline,
+            staged,
+            first=first(cid, created, staged.name) if first is not None else None,
+            chunk=lambda piece, last: chunk(cid, created, staged.name, piece, finish if last else None),
+            on_done=usage_chunk,
+            on_end=tracker.end,
+        )
+    )
 
 
 @router.post(
@@ -100,35 +107,25 @@ def _usage_events(body: ChatCompletionRequest | CompletionRequest, kind: str, st
 )
 async def chat_completions(
     body: ChatCompletionRequest, pipeline: PipelineDep, metrics: MetricsDep
-) -> ChatCompletionResponse | StreamingResponse | JSONResponse:
+) -> JSONResponse | StreamingResponse:
     """Run the ensemble named by `model` on the conversation."""
-    tracker, staged, response = await _run(body, pipeline, metrics)
-    created = now()
-    cid = staged.id.replace("gen-", "chatcmpl-")
-    if response is not None:
-        return JSONResponse(
-            ChatCompletionResponse(
-                id=cid,
-                created=created,
-                model=staged.name,
-                choices=[
-                    ChatChoice(message=ChatChoiceMessage(content=response.output), finish_reason=_finish_reason(staged))
-                ],
-                usage=_usage(response),
-            ).model_dump()
-        )
-    finish = _finish_reason(staged)
-    return stream_response(
-        answer_events(
-            pipeline,
-            staged,
-            first=chat_chunk(cid, created, staged.name, {"role": "assistant", "content": ""}, None),
-            chunk=lambda piece, last: chat_chunk(
-                cid, created, staged.name, {} if last else {"content": piece}, finish if last else None
-            ),
-            on_done=_usage_events(body, "chat.completion.chunk", staged, created),
-            on_end=tracker.end,
-        )
+    return await _serve(
+        body,
+        pipeline,
+        metrics,
+        id_prefix="chatcmpl-",
+        chunk_object="chat.completion.chunk",
+        plain=lambda cid, created, model, finish, r: ChatCompletionResponse(
+            id=cid,
+            created=created,
+            model=model,
+            choices=[ChatChoice(message=ChatChoiceMessage(content=r.output), finish_reason=finish)],
+            usage=r.usage,
+        ),
+        chunk=lambda cid, created, model, piece, finish: chat_chunk(
+            cid, created, model, {} if finish else {"content": piece}, finish
+        ),
+        first=lambda cid, created, model: chat_chunk(cid, created, model, {"role": "assistant", "content": ""}, None),
     )
 
 
@@ -139,28 +136,20 @@ async def chat_completions(
 )
 async def completions(
     body: CompletionRequest, pipeline: PipelineDep, metrics: MetricsDep
-) -> CompletionResponse | StreamingResponse | JSONResponse:
+) -> JSONResponse | StreamingResponse:
     """Run the ensemble named by `model` on the prompt."""
-    tracker, staged, response = await _run(body, pipeline, metrics)
-    created = now()
-    cid = staged.id.replace("gen-", "cmpl-")
-    if response is not None:
-        return JSONResponse(
-            CompletionResponse(
-                id=cid,
-                created=created,
-                model=staged.name,
-                choices=[CompletionChoice(text=response.output, finish_reason=_finish_reason(staged))],
-                usage=_usage(response),
-            ).model_dump()
-        )
-    finish = _finish_reason(staged)
-    return stream_response(
-        answer_events(
-            pipeline,
-            staged,
-            chunk=lambda piece, last: text_chunk(cid, created, staged.name, piece, finish if last else None),
-            on_done=_usage_events(body, "text_completion", staged, created),
-            on_end=tracker.end,
-        )
+    return await _serve(
+        body,
+        pipeline,
+        metrics,
+        id_prefix="cmpl-",
+        chunk_object="text_completion",
+        plain=lambda cid, created, model, finish, r: CompletionResponse(
+            id=cid,
+            created=created,
+            model=model,
+            choices=[CompletionChoice(text=r.output, finish_reason=finish)],
+            usage=r.usage,
+        ),
+        chunk=text_chunk,
     )

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from service.errors import GatewayError
 from service.metrics import Metrics
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, Staged
+from service.protocol import GenerateRequest, GenerateResponse
 
 
 class Tracker:
@@ -31,6 +33,26 @@ class Tracker:
         self.metrics.requests.labels(self.label, str(status)).inc()
         self.metrics.request_latency.labels(self.label).observe(time.perf_counter() - self.start)
 
-    @property
-    def ender(self) -> Callable[[int], None]:
-        return self.end
+
+async def run_tracked(
+    pipeline: Pipeline, metrics: Metrics, ensemble: str | None, prepare: Callable[[], GenerateRequest]
+) -> tuple[Tracker, Staged, GenerateResponse | None]:
+    """Check and stage a request, and fuse it unless it streams; every outcome is counted.
+
+    A streaming request is returned staged, with its tracker still open: the stream ends it.
+    """
+    tracker = Tracker(metrics, pipeline, ensemble)
+    try:
+        request = prepare()
+        staged = await pipeline.stage(request)
+        if request.stream:
+            return tracker, staged, None
+        response = pipeline.finish(staged, await pipeline.fuse(staged))
+        tracker.end(200)
+        return tracker, staged, response
+    except GatewayError as e:
+        tracker.end(e.status)
+        raise
+    except BaseException:
+        tracker.end(500)
+        raise
