@@ -32,7 +32,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -93,7 +93,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.started_at = time.time()
     app.state.metrics = metrics
-    app.state.readiness = health.Readiness()
+    app.state.admission = runtime.admission
     app.add_middleware(EdgeMiddleware, config=lambda: runtime.config)
     _install_error_handlers(app)
     app.include_router(generate.router)

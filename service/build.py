@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -17,6 +18,7 @@ from service.members import LoRAMember, Member, MemberFailure, OpenAIMember, Sof
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.ranking import PairRMRanker, Ranker
+from service.resilience import Guards
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ async def build_member(
     return OpenAIMember(m, url, client, gate)
 
 
-async def prepare_members(members: dict[str, Member]) -> dict[str, str]:
+async def prepare_members(members: Mapping[str, Member]) -> dict[str, str]:
     """Prepare every member at once; the reasons of those that could not be prepared."""
 
     async def one(member: Member) -> str | None:
@@ -134,6 +136,7 @@ async def build_pipeline(
     *,
     previous: Pipeline | None = None,
     gates: dict[str, ClassGate] | None = None,
+    guards: Guards | None = None,
 ) -> Built:
     """Everything a configuration needs, taking over unchanged parts of ``previous``.
 
@@ -202,5 +205,5 @@ async def build_pipeline(
         unavailable.update({n: r for n, r in previous.unavailable.items() if n in members and n not in to_prepare})
     for name in members:
         metrics.member_available.labels(name).set(0 if name in unavailable else 1)
-    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls)
+    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls, guards)
     return Built(pipeline, new_members, new_rankers, new_fusers)

@@ -27,9 +27,24 @@ def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    class _DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: refuse new requests (503, and /ready fails) while uvicorn lets the
+        ones in flight finish, for up to ``resilience.drain_timeout_s``."""
+
+        def __init__(self, config: uvicorn.Config, admission: Admission):
+            super().__init__(config)
+            self.admission = admission
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.admission.draining:
+                logger.info("draining: %d requests in flight", self.admission.running)
+            self.admission.draining = True
+            super().handle_exit(sig, frame)
+
     from service.adapters import check_members, startup_lora_args
     from service.app import create_app
     from service.launcher import Launcher
+    from service.resilience import Admission
 
     try:
         config = load_config(args.config)
@@ -48,9 +63,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             launcher.start(config.servers, startup_lora_args(config))
         app = create_app(config, launcher=launcher, config_path=Path(args.config))
         logger.info("serving on http://%s:%d", args.host, args.port)
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_config=None, log_level=config.logging.level, access_log=False
+        server_config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            log_level=config.logging.level,
+            access_log=False,
+            timeout_graceful_shutdown=max(1, round(config.resilience.drain_timeout_s)),
         )
+        _DrainingServer(server_config, app.state.admission).run()
         return 0
     except _Interrupted as e:
         logger.info("stopping on %s", e)

@@ -133,6 +133,24 @@ class RankerConfig(_Strict):
     candidate_max_length: int = Field(412, ge=8)
     aggregation: Literal["max_logits", "max_wins"] = "max_logits"
     max_batch_pairs: int = Field(32, ge=1, description="Pairs per forward pass at most.")
+    scheme: Literal["full", "tournament", "bubble", "topk"] = Field(
+        "full",
+        description="Which pairs are compared. full: every ordered pair, llm-blender's scores (exact). "
+        "Opt-in and cheaper, the scores then only order the candidates: tournament (a knockout, the best in "
+        "2(n-1) comparisons, in about log2(n) rounds), bubble (one bubble pass, 2(n-1) comparisons in n-1 "
+        "rounds), topk (the knockout, then replays among those beaten only by the selected, to select "
+        "`select_k` in order).",
+    )
+    select_k: int = Field(3, ge=1, description="topk scheme: candidates selected in order (the ensemble's top_k).")
+    max_batch_tokens: int = Field(
+        16384, ge=64, description="Padded tokens (pairs x longest pair) per forward pass at most."
+    )
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long the batching worker, woken by a request, waits for others to share its forwards.",
+    )
 
 
 class FuserConfig(_Strict):
@@ -209,7 +227,27 @@ class EnsembleConfig(_Strict):
     fuser: Name | None = Field(None, description="Fuser name; none: the top candidate is returned.")
     top_k: int = Field(3, ge=1, description="Candidates given to the fuser.")
     min_candidates: int = Field(1, ge=1, description="Candidates needed to answer at all.")
-    deadline_s: float = Field(120.0, gt=0, le=3600, description="Whole-request deadline.")
+    deadline_s: float = Field(
+        120.0, gt=0, le=3600, description="Whole-request deadline; a request's `deadline_s` may only shorten it."
+    )
+    members_share: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Share of the deadline the fan-out may use; the rest is kept for ranking and fusion.",
+    )
+    quorum: int | None = Field(
+        None,
+        ge=1,
+        description="Answers after which the gateway stops waiting for stragglers once `straggler_ratio` has "
+        "passed too. Default: a majority of the members (at least `min_candidates`).",
+    )
+    straggler_ratio: float = Field(
+        1.0,
+        ge=0,
+        description="Once the quorum has answered after t seconds, wait at most t * ratio more for the rest "
+        "(0: rank as soon as the quorum is in).",
+    )
     instruction: str = Field("", description="Default instruction for ranking and fusion.")
 
     @model_validator(mode="after")
@@ -218,7 +256,13 @@ class EnsembleConfig(_Strict):
             raise ValueError("members must not repeat")
         if self.min_candidates > len(self.members):
             raise ValueError("min_candidates exceeds the number of members")
+        if self.quorum is not None and self.quorum > len(self.members):
+            raise ValueError("quorum exceeds the number of members")
         return self
+
+    @property
+    def effective_quorum(self) -> int:
+        return max(self.min_candidates, self.quorum or len(self.members) // 2 + 1)
 
 
 class AuthConfig(_Strict):
@@ -251,6 +295,50 @@ class LimitsConfig(_Strict):
     max_prompt_chars: int = Field(100_000, ge=1, description="Characters of prompt, messages and instruction.")
     max_messages: int = Field(128, ge=1, description="Messages in one conversation.")
     max_tokens: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask for.")
+    max_in_flight: int = Field(64, ge=1, description="Ensemble requests served at once; more wait in the queue.")
+    max_queue: int = Field(
+        128, ge=0, description="Requests waiting for a slot at most; beyond it, 429 with Retry-After at once."
+    )
+    queue_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a slot (bounded by the request's deadline), then 429."
+    )
+    retry_after_s: int = Field(1, ge=1, description="The Retry-After a shed request is told.")
+
+
+class RetryConfig(_Strict):
+    """Retries of a member call after a connection error or a 5xx, only within the request's deadline."""
+
+    attempts: int = Field(3, ge=1, le=10, description="Calls at most, the first included (1: no retries).")
+    backoff_s: float = Field(0.05, ge=0, description="Base of the exponential backoff; full jitter.")
+    backoff_max_s: float = Field(1.0, ge=0, description="Largest backoff between two attempts.")
+
+
+class BreakerConfig(_Strict):
+    """Per-member outlier ejection: after consecutive failures a member is skipped for a cool-down,
+    then one request (or a passing health check) probes it."""
+
+    failures: int = Field(5, ge=1, description="Consecutive failed calls that open the circuit.")
+    cooldown_s: float = Field(10.0, gt=0, description="First cool-down; doubles while probes fail.")
+    max_cooldown_s: float = Field(120.0, gt=0, description="Longest cool-down.")
+
+
+class HealthCheckConfig(_Strict):
+    """Active health checks of every member (GET /v1/models; a LoRA member's adapter must be listed)."""
+
+    interval_s: float = Field(5.0, ge=0, description="Seconds between rounds; 0 disables active checks.")
+    timeout_s: float = Field(2.0, gt=0, description="A check slower than this fails.")
+    failures: int = Field(2, ge=1, description="Consecutive failed checks that open the member's circuit.")
+
+
+class ResilienceConfig(_Strict):
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    health_checks: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long requests in flight may still finish before the gateway stops."
+    )
+    restart_servers: bool = Field(True, description="Single-node mode: restart a launched server that died.")
+    restart_backoff_s: float = Field(2.0, gt=0, description="First wait before a restart; doubles up to 120 s.")
 
 
 class LoggingConfig(_Strict):
@@ -272,6 +360,7 @@ class GatewayConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     isolate_prompt_embeds: bool = Field(
         True,
         description="Never let soft-prompt (prompt_embeds) requests and token requests run at once "

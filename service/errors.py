@@ -12,7 +12,9 @@
     ├── NoQuorumError                 502 no_quorum          (too few candidates arrived)
     │   └── DeadlineExceeded          504 deadline_exceeded
     ├── ModelError                    500 model_error        (ranker or fuser failed)
-    └── NotReadyError                 503 not_ready
+    ├── NotReadyError                 503 not_ready
+    │   └── ShuttingDown              503 shutting_down      (draining after SIGTERM)
+    └── Overloaded                    429 rate_limit_error   (shed: in-flight cap and queue full)
 
 Every error leaves the gateway as ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -26,11 +28,19 @@ class GatewayError(Exception):
     status = 500
     type = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code or self.type)
@@ -93,6 +103,15 @@ class ModelError(GatewayError):
 class NotReadyError(GatewayError):
     status = 503
     type = "not_ready"
+
+
+class ShuttingDown(NotReadyError):
+    type = "shutting_down"
+
+
+class Overloaded(GatewayError):
+    status = 429
+    type = "rate_limit_error"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -122,6 +122,13 @@ class Launcher:
         self._all.append(srv)
         return srv
 
+    def relaunch(self, srv: RunningServer) -> RunningServer:
+        """Start a dead server again on the same port; what is left of its process group goes first."""
+        _signal_group(srv.process.pid, signal.SIGKILL)
+        if srv in self._all:
+            self._all.remove(srv)
+        return self.launch(srv.config.model_copy(update={"port": srv.port}), srv.extra_args)
+
     def start(self, servers: list[ServerConfig], extra_args: dict[str, list[str]] | None = None) -> None:
         """Start every server and wait for all of them (single-node start-up)."""
         new = [self.launch(cfg, (extra_args or {}).get(cfg.name, [])) for cfg in servers]

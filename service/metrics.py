@@ -73,5 +73,39 @@ class Metrics:
             ["member"],
             registry=r,
         )
+        self.circuit_state = Gauge(
+            "gateway_member_circuit_state",
+            "A member's circuit: 0 closed (called), 1 half-open (probed), 2 open (skipped).",
+            ["member"],
+            registry=r,
+        )
+        self.circuit_opened = Counter(
+            "gateway_member_circuit_opened", "Times a member's circuit opened.", ["member"], registry=r
+        )
+        self.member_healthy = Gauge(
+            "gateway_member_healthy", "1 when the member's last active health check passed.", ["member"], registry=r
+        )
+        self.retries = Counter(
+            "gateway_member_retries", "Member calls retried after a connection error or a 5xx.", ["member"], registry=r
+        )
+        self.degraded = Counter(
+            "gateway_degraded",
+            "Answers given without ranking or fusion because the ranker or fuser failed.",
+            ["ensemble", "reason"],
+            registry=r,
+        )
+        self.fusion_skipped = Counter(
+            "gateway_fusion_skipped",
+            "Requests answered with the top candidate without fusion (adaptive fusion).",
+            ["ensemble", "reason"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "gateway_shed", "Requests refused with 429 because the gateway was full.", ["reason"], registry=r
+        )
+        self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a slot.", registry=r)
+        self.server_restarts = Counter(
+            "gateway_server_restarts", "Launched vLLM servers restarted after they died.", ["server"], registry=r
+        )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served.", registry=r)
         self.ready = Gauge("gateway_ready", "1 when the gateway is ready to serve.", registry=r)

@@ -31,6 +31,7 @@ from service.protocol import (
     Usage,
 )
 from service.ranking import Ranker
+from service.resilience import Guards, backoff_s, retryable
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Staged:
     start: float
     t_members: float
     t_rank: float
+    deadline_at: float  # time.monotonic() by which the request must be answered
+    degraded: list[str] = field(default_factory=list)  # why the answer is less than a full one
     id: str = field(default_factory=lambda: f"gen-{uuid.uuid4().hex}")
 
     @property
@@ -90,7 +93,7 @@ class _Outcome:
     member: str
     completion: Completion | None = None
     error: str | None = None
-    timed_out: bool = False
+    kind: str | None = None  # the failure's kind, for a failed call
 
 
 class Pipeline:
@@ -105,8 +108,10 @@ class Pipeline:
         metrics: Metrics,
         unavailable: dict[str, str] | None = None,
         server_urls: dict[str, str] | None = None,
+        guards: Guards | None = None,
     ):
         self.config = config
+        self.guards = guards or Guards(metrics, config.resilience.breaker, config.resilience.health_checks)
         self.unavailable = dict(unavailable or {})
         self.server_urls = dict(server_urls or {})
         self.active = 0
@@ -179,27 +184,59 @@ class Pipeline:
                 code="max_tokens_too_large",
             )
 
-    async def _call(self, member: Member, request: MemberRequest) -> _Outcome:
+    async def _call(self, member: Member, request: MemberRequest, deadline_at: float) -> _Outcome:
+        """One member's answer, retried after connection errors and 5xx while the deadline allows."""
+        breaker = self.guards.breaker(member.name)
+        retry = self.config.resilience.retries
+        attempt = 1
         try:
-            completion = await member.generate(request)
-        except MemberFailure as e:
-            self.metrics.member_errors.labels(member.name, e.kind).inc()
-            return _Outcome(member.name, error=str(e), timed_out=e.kind == "timeout")
-        self.metrics.member_latency.labels(member.name).observe(completion.latency_ms / 1000)
-        return _Outcome(member.name, completion=completion)
+            while True:
+                try:
+                    completion = await member.generate(request)
+                except MemberFailure as e:
+                    pause = backoff_s(attempt, retry)
+                    if retryable(e) and attempt < retry.attempts and time.monotonic() + pause < deadline_at:
+                        self.metrics.retries.labels(member.name).inc()
+                        attempt += 1
+                        await asyncio.sleep(pause)
+                        continue
+                    self.metrics.member_errors.labels(member.name, e.kind).inc()
+                    breaker.failure(str(e))
+                    return _Outcome(member.name, error=str(e), kind=e.kind)
+                breaker.success()
+                self.metrics.member_latency.labels(member.name).observe(completion.latency_ms / 1000)
+                return _Outcome(member.name, completion=completion)
+        except asyncio.CancelledError:
+            breaker.release_probe()
+            raise
+
+    def _skip_reason(self, name: str) -> _Outcome | None:
+        if name in self.unavailable:
+            self.metrics.member_errors.labels(name, "unavailable").inc()
+            return _Outcome(name, error=f"unavailable: {self.unavailable[name]}", kind="unavailable")
+        breaker = self.guards.breaker(name)
+        if not breaker.allow():
+            self.metrics.member_errors.labels(name, "circuit_open").inc()
+            return _Outcome(
+                name,
+                error=f"circuit_open: skipped for {breaker.retry_in_s:.1f}s more after {breaker.reason}",
+                kind="circuit_open",
+            )
+        return None
 
     async def fan_out(
-        self, names: list[str], request: GenerateRequest, instruction: str, deadline_s: float
+        self, ens: EnsembleConfig, request: GenerateRequest, instruction: str, deadline_at: float
     ) -> list[_Outcome]:
+        """Ask every member; stop waiting at the deadline, or once the quorum has answered and
+        the stragglers have had ``straggler_ratio`` times as long again."""
         messages = member_messages(request, instruction)
         tasks: dict[asyncio.Task[_Outcome], str] = {}
-        skipped = []
-        for name in names:
-            if name in self.unavailable:
-                self.metrics.member_errors.labels(name, "unavailable").inc()
-                skipped.append(_Outcome(name, error=f"unavailable: {self.unavailable[name]}"))
+        outcomes: list[_Outcome] = []
+        for name in ens.members:
+            skip = self._skip_reason(name)
+            if skip is not None:
+                outcomes.append(skip)
                 continue
-            member = self.members[name]
             sampling = self.config.member(name).sampling
             member_request = MemberRequest(
                 messages=[dict(m) for m in messages],
@@ -208,26 +245,62 @@ class Pipeline:
                 top_p=request.top_p if request.top_p is not None else sampling.top_p,
                 seed=request.seed if request.seed is not None else sampling.seed,
             )
-            tasks[asyncio.create_task(self._call(member, member_request))] = name
-        done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+            tasks[asyncio.create_task(self._call(self.members[name], member_request, deadline_at))] = name
+        start = time.monotonic()
+        cutoff = deadline_at
+        answered = 0
+        pending: set[asyncio.Task[_Outcome]] = set(tasks)
+        while pending:
+            wait = cutoff - time.monotonic()
+            if wait <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            answered += sum(1 for t in done if t.result().completion is not None)
+            if cutoff == deadline_at and answered >= ens.effective_quorum:
+                now = time.monotonic()
+                cutoff = min(deadline_at, now + (now - start) * ens.straggler_ratio)
         for task in pending:
             task.cancel()
-        outcomes = skipped
-        for task, name in tasks.items():
-            if task in done:
-                outcomes.append(task.result())
-            else:
-                self.metrics.member_errors.labels(name, "deadline").inc()
-                outcomes.append(_Outcome(name, error=f"deadline: no answer within {deadline_s:g}s", timed_out=True))
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        return outcomes
+        straggler = cutoff < deadline_at
+        for task, name in tasks.items():
+            if task not in pending:
+                outcomes.append(task.result())
+            elif straggler:
+                self.metrics.member_errors.labels(name, "straggler").inc()
+                waited = time.monotonic() - start
+                outcomes.append(_Outcome(name, error=f"straggler: the quorum had answered; waited {waited:.2f}s"))
+            else:
+                self.metrics.member_errors.labels(name, "deadline").inc()
+                self.guards.breaker(name).failure("no answer before the deadline")
+                outcomes.append(_Outcome(name, error="deadline: no answer before the deadline", kind="deadline"))
+        order = {name: i for i, name in enumerate(ens.members)}
+        return sorted(outcomes, key=lambda o: order[o.member])
+
+    def _deadline_at(self, ens: EnsembleConfig, request: GenerateRequest) -> float:
+        seconds = ens.deadline_s if request.deadline_s is None else min(ens.deadline_s, request.deadline_s)
+        return time.monotonic() + seconds
+
+    def _degrade(self, staged: Staged, stage: str, model: str, error: BaseException) -> None:
+        detail = error.message if isinstance(error, GatewayError) else f"{type(error).__name__}: {error}"
+        if isinstance(error, TimeoutError):
+            detail = "no result before the deadline"
+            self.metrics.model_errors.labels("rank" if stage == "ranker" else "fuse", model).inc()
+        logger.warning("%s %s failed; answering without it: %s", stage, model, detail)
+        staged.degraded.append(f"{stage}_failed: {detail}")
+        self.metrics.degraded.labels(staged.name, f"{stage}_failed").inc()
 
     async def stage(self, request: GenerateRequest) -> Staged:
-        """Fan out and rank: everything before fusion. Raises the request's errors."""
+        """Fan out and rank: everything before fusion. Raises the request's errors.
+
+        A ranker that fails (or overruns the deadline) degrades the answer to the first
+        candidate that arrived; ``Staged.degraded`` says why.
+        """
         start = time.perf_counter()
         name, ens = self.ensemble(request.ensemble)
         self.check_limits(request)
+        deadline_at = self._deadline_at(ens, request)
         top_k = request.top_k or ens.top_k
         if request.top_k is not None and request.top_k > len(ens.members):
             raise RequestError(
@@ -237,33 +310,23 @@ class Pipeline:
         instruction = request.instruction if request.instruction is not None else ens.instruction
         text = input_text(request)
 
-        outcomes = await self.fan_out(ens.members, request, instruction, ens.deadline_s)
+        fan_out_until = time.monotonic() + (deadline_at - time.monotonic()) * ens.members_share
+        outcomes = await self.fan_out(ens, request, instruction, fan_out_until)
         t_members = time.perf_counter()
         ok = [o for o in outcomes if o.completion is not None]
-        failed = [FailedMember(member=o.member, error=o.error or "") for o in outcomes if o.completion is None]
+        failed = [
+            FailedMember(member=o.member, error=o.error or "", kind=o.kind) for o in outcomes if o.completion is None
+        ]
         if len(ok) < ens.min_candidates:
             detail = "; ".join(f"{f.member}: {f.error}" for f in failed)
             msg = f"{len(ok)} of {len(ens.members)} members answered, {ens.min_candidates} needed ({detail})"
-            if any(o.timed_out for o in outcomes if o.completion is None):
+            if any(o.kind in ("timeout", "deadline") for o in outcomes if o.completion is None):
                 raise DeadlineExceeded(msg, code="no_quorum")
             raise NoQuorumError(msg, code="no_quorum")
 
         completions = [o.completion for o in ok if o.completion is not None]
-        texts = [c.text for c in completions]
-        scores: list[float | None] = [None] * len(ok)
-        ranks = list(range(1, len(ok) + 1))
-        if ens.ranker is not None:
-            ranker = self.rankers[ens.ranker]
-            t0 = time.perf_counter()
-            with self._model_errors("rank", f"ranker {ranker.name}", ranker.name):
-                ranking = await ranker.rank(instruction + text, texts)
-            self.metrics.ranker_latency.labels(ranker.name).observe(time.perf_counter() - t0)
-            scores = list(ranking.scores)
-            ranks = ranking.ranks
-        order = sorted(range(len(ok)), key=lambda i: (ranks[i], i))
         fuser = self.fusers[ens.fuser] if ens.fuser is not None else None
-        selected = order[: min(top_k, len(order))] if fuser is not None else order[:1]
-        return Staged(
+        staged = Staged(
             name=name,
             request=request,
             instruction=instruction,
@@ -271,37 +334,89 @@ class Pipeline:
             members=[o.member for o in ok],
             completions=completions,
             failed=failed,
-            scores=scores,
-            ranks=ranks,
-            order=order,
-            selected=selected,
+            scores=[None] * len(ok),
+            ranks=list(range(1, len(ok) + 1)),
+            order=list(range(len(ok))),
+            selected=[],
             fuser=fuser,
             start=start,
             t_members=t_members,
-            t_rank=time.perf_counter(),
+            t_rank=t_members,
+            deadline_at=deadline_at,
         )
+        if ens.ranker is not None:
+            ranker = self.rankers[ens.ranker]
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(deadline_at - time.monotonic()):
+                    with self._model_errors("rank", f"ranker {ranker.name}", ranker.name):
+                        ranking = await ranker.rank(instruction + text, [c.text for c in completions])
+            except (GatewayError, TimeoutError) as e:
+                self._degrade(staged, "ranker", ranker.name, e)
+                staged.fuser = None
+            else:
+                self.metrics.ranker_latency.labels(ranker.name).observe(time.perf_counter() - t0)
+                staged.scores = list(ranking.scores)
+                staged.ranks = ranking.ranks
+                staged.order = sorted(range(len(ok)), key=lambda i: (staged.ranks[i], i))
+        staged.selected = staged.order[: min(top_k, len(ok))] if staged.fuser is not None else staged.order[:1]
+        staged.t_rank = time.perf_counter()
+        return staged
+
+    def _fusion_failed(self, staged: Staged, error: BaseException) -> str:
+        assert staged.fuser is not None
+        self._degrade(staged, "fuser", staged.fuser.name, error)
+        staged.fuser = None
+        staged.selected = staged.order[:1]
+        return staged.completions[staged.order[0]].text
 
     async def fuse(self, staged: Staged) -> str:
-        """The answer: the fuser's output, or the top candidate when the ensemble does not fuse."""
+        """The answer: the fuser's output, or the top candidate when the ensemble does not fuse
+        or the fuser fails (then ``staged.degraded`` says so)."""
         if staged.fuser is None:
             return staged.completions[staged.order[0]].text
         fuser = staged.fuser
         t0 = time.perf_counter()
-        with self._model_errors("fuse", f"fuser {fuser.name}", fuser.name):
-            output = await fuser.fuse(staged.instruction, staged.input_text, staged.selected_texts)
+        try:
+            async with asyncio.timeout(staged.deadline_at - time.monotonic()):
+                with self._model_errors("fuse", f"fuser {fuser.name}", fuser.name):
+                    output = await fuser.fuse(staged.instruction, staged.input_text, staged.selected_texts)
+        except (GatewayError, TimeoutError) as e:
+            return self._fusion_failed(staged, e)
         self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
         return output
 
     async def fuse_stream(self, staged: Staged) -> AsyncIterator[str]:
-        """The answer as it is generated; the pieces join to what ``fuse`` returns."""
+        """The answer as it is generated; the pieces join to what ``fuse`` returns. A fuser that
+        fails before its first piece degrades to the top candidate; after it, the error is raised."""
         if staged.fuser is None:
             yield staged.completions[staged.order[0]].text
             return
         fuser = staged.fuser
         t0 = time.perf_counter()
-        with self._model_errors("fuse", f"fuser {fuser.name}", fuser.name):
-            async for piece in fuser.fuse_stream(staged.instruction, staged.input_text, staged.selected_texts):
+        pieces = fuser.fuse_stream(staged.instruction, staged.input_text, staged.selected_texts)
+        started = False
+        try:
+            while True:
+                try:
+                    piece = await asyncio.wait_for(anext(pieces), staged.deadline_at - time.monotonic())
+                except StopAsyncIteration:
+                    break
+                except Exception as e:
+                    if not isinstance(e, TimeoutError):
+                        self.metrics.model_errors.labels("fuse", fuser.name).inc()
+                    if started:
+                        if isinstance(e, GatewayError):
+                            raise
+                        raise ModelError(f"fuser {fuser.name} failed: {type(e).__name__}: {e}") from e
+                    yield self._fusion_failed(staged, e)
+                    return
+                started = True
                 yield piece
+        finally:
+            close = getattr(pieces, "aclose", None)
+            if close is not None:
+                await close()
         self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
 
     def finish(self, staged: Staged, output: str) -> GenerateResponse:
@@ -347,6 +462,8 @@ class Pipeline:
             selected=[staged.members[i] for i in staged.selected],
             candidates=candidates,
             failed_members=staged.failed,
+            degraded=bool(staged.degraded or staged.failed),
+            degraded_reasons=[*staged.degraded, *(f"member {f.member}: {f.error}" for f in staged.failed)],
             timings_ms=Timings(
                 members=round((staged.t_members - staged.start) * ms, 3),
                 rank=round((staged.t_rank - staged.t_members) * ms, 3),

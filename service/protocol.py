@@ -44,6 +44,9 @@ class GenerateRequest(_Wire):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
     return_candidates: bool = Field(False, description="Include every candidate in the response.")
+    deadline_s: float | None = Field(
+        None, gt=0, le=3600, description="Answer within this many seconds; the ensemble's deadline still bounds it."
+    )
     stream: bool = Field(
         False,
         description="Server-sent events: the answer in OpenAI chat chunks as it is generated, then one "
@@ -69,6 +72,11 @@ class Candidate(_Wire):
 class FailedMember(_Wire):
     member: str
     error: str
+    kind: str | None = Field(
+        None,
+        description="timeout, connect, http_5xx, http_4xx, invalid_response, circuit_open, unavailable, "
+        "deadline; none for a straggler the gateway stopped waiting for once the quorum had answered.",
+    )
 
 
 class Timings(_Wire):
@@ -92,6 +100,10 @@ class GenerateResponse(_Wire):
     selected: list[str] = Field(description="Members fed to the fuser, in rank order.")
     candidates: list[Candidate] | None = None
     failed_members: list[FailedMember]
+    degraded: bool = Field(
+        False, description="True when a member failed, or the ranker or fuser failed and the answer came without it."
+    )
+    degraded_reasons: list[str] = Field(default_factory=list, description="Why, one entry per cause.")
     timings_ms: Timings
     usage: Usage
 
@@ -169,6 +181,7 @@ class _OpenAIRequest(_Wire):
     # Extensions of this gateway.
     top_k: int | None = Field(None, ge=1, description="Extension: candidates fused.")
     instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Extension: task instruction.")
+    deadline_s: float | None = Field(None, gt=0, le=3600, description="Extension: answer within this many seconds.")
 
     def unsupported(self) -> str | None:
         """The first field set that the ensemble cannot honour, if any."""
@@ -223,6 +236,7 @@ class ChatCompletionRequest(_OpenAIRequest):
             top_p=self.top_p,
             seed=self.seed,
             top_k=self.top_k,
+            deadline_s=self.deadline_s,
             stream=self.stream,
         )
 
@@ -256,6 +270,7 @@ class CompletionRequest(_OpenAIRequest):
             top_p=self.top_p,
             seed=self.seed,
             top_k=self.top_k,
+            deadline_s=self.deadline_s,
             stream=self.stream,
         )
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from service.adapters import BaseModelCache, check_members, startup_lora_args
-from service.build import Built, Components, build_pipeline
+from service.build import Built, Components, build_pipeline, prepare_members
 from service.config import GatewayConfig, load_config
 from service.errors import ConfigError
 from service.gate import ClassGate
@@ -25,10 +25,13 @@ from service.launcher import Launcher, RunningServer
 from service.members import LoRAMember, Member, MemberFailure, make_http_client
 from service.metrics import Metrics
 from service.pipeline import Pipeline
+from service.resilience import Admission, Guards
 
 logger = logging.getLogger(__name__)
 
 DRAIN_GRACE_S = 30.0
+RESTART_BACKOFF_MAX_S = 120.0
+RESTART_RESET_S = 300.0  # a server that has run this long starts its restart backoff afresh
 
 
 class Runtime:
@@ -53,8 +56,14 @@ class Runtime:
         self.client: httpx.AsyncClient | None = None
         self.pipeline: Pipeline | None = None
         self.reloads = 0
+        res = config.resilience
+        self.guards = Guards(metrics, res.breaker, res.health_checks)
+        self.admission = Admission(config.limits, metrics)
+        self.health_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._restarts: dict[str, int] = {}
 
     def server_urls(self) -> dict[str, str]:
         return self.launcher.base_urls() if self.launcher is not None else {}
@@ -63,17 +72,109 @@ class Runtime:
         self.client = make_http_client(self.config.max_connections)
         try:
             built = await build_pipeline(
-                self.config, self.metrics, self.client, self.server_urls(), self.parts, self.bases, gates=self.gates
+                self.config,
+                self.metrics,
+                self.client,
+                self.server_urls(),
+                self.parts,
+                self.bases,
+                gates=self.gates,
+                guards=self.guards,
             )
         except BaseException:
             await self.close()
             raise
         self.pipeline = built.pipeline
+        self._configure_guards(self.config, built.pipeline)
+        self._background = [asyncio.create_task(self._health_checks())]
+        if self.launcher is not None:
+            self._background.append(asyncio.create_task(self._supervise()))
         return built.pipeline
 
+    def _configure_guards(self, config: GatewayConfig, pipeline: Pipeline) -> None:
+        res = config.resilience
+        self.guards.configure(list(pipeline.members), res.breaker, res.health_checks)
+        self.admission.configure(config.limits)
+
+    async def _health_checks(self) -> None:
+        """Active health checks, every ``interval_s``; they open the circuit of a member that fails them."""
+        while True:
+            interval = self.config.resilience.health_checks.interval_s
+            pipeline = self.pipeline
+            if interval > 0 and pipeline is not None:
+                try:
+                    async with self.health_lock:
+                        await self.guards.check(pipeline.members, pipeline.unavailable)
+                except Exception:
+                    logger.exception("health check round failed")
+            await asyncio.sleep(interval or 1.0)
+
+    async def _supervise(self, poll_s: float = 1.0) -> None:
+        """Single-node mode: restart a launched server that died, with a backoff that doubles."""
+        assert self.launcher is not None
+        while True:
+            await asyncio.sleep(poll_s)
+            if not self.config.resilience.restart_servers:
+                continue
+            for name, srv in list(self.launcher.running.items()):
+                code = srv.process.poll()
+                if code is None:
+                    if time.monotonic() - srv.started > RESTART_RESET_S:
+                        self._restarts.pop(name, None)
+                    continue
+                try:
+                    await self._restart(srv, code)
+                except Exception:
+                    logger.exception("restart of server %s failed; trying again", name)
+
+    async def _restart(self, srv: RunningServer, code: int) -> None:
+        assert self.launcher is not None
+        n = self._restarts.get(srv.name, 0)
+        wait = min(RESTART_BACKOFF_MAX_S, self.config.resilience.restart_backoff_s * 2**n)
+        self._restarts[srv.name] = n + 1
+        logger.error(
+            "server %s (pid %d) exited with code %s; restart %d in %.0fs; last log lines:\n%s",
+            srv.name,
+            srv.process.pid,
+            code,
+            n + 1,
+            wait,
+            srv.log_tail(10),
+        )
+        await asyncio.sleep(wait)
+        async with self._lock:
+            if self.launcher.running.get(srv.name) is not srv:
+                return  # a reload replaced it meanwhile
+            self.metrics.server_restarts.labels(srv.name).inc()
+            new = await asyncio.to_thread(self.launcher.relaunch, srv)
+            try:
+                await asyncio.to_thread(self.launcher.wait_healthy, [new])
+            except BaseException:
+                await asyncio.to_thread(self.launcher.stop_instances, [new])
+                raise
+            self.launcher.running[srv.name] = new
+            pipeline = self.pipeline
+            if pipeline is None:
+                return
+            # Adapters loaded at run time are gone with the old process: load them again.
+            again = {
+                name: m
+                for name, m in pipeline.members.items()
+                if isinstance(m, LoRAMember) and m.base_url == new.base_url.rstrip("/")
+            }
+            failed = await prepare_members(again)
+            for name in again:
+                if name in failed:
+                    pipeline.unavailable[name] = failed[name]
+                else:
+                    pipeline.unavailable.pop(name, None)
+                self.metrics.member_available.labels(name).set(0 if name in failed else 1)
+            logger.info("server %s restarted on port %d", srv.name, new.port)
+
     async def close(self) -> None:
-        for task in list(self._cleanups):
+        for task in [*self._cleanups, *self._background]:
             task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self.client is not None:
             await self.client.aclose()
         if self.pipeline is not None:
@@ -103,7 +204,15 @@ class Runtime:
             await self._unload_replaced_adapters(old, new, urls)
             try:
                 built = await build_pipeline(
-                    new, self.metrics, self.client, urls, self.parts, self.bases, previous=old, gates=self.gates
+                    new,
+                    self.metrics,
+                    self.client,
+                    urls,
+                    self.parts,
+                    self.bases,
+                    previous=old,
+                    gates=self.gates,
+                    guards=self.guards,
                 )
             except BaseException:
                 if started and self.launcher is not None:
@@ -112,6 +221,7 @@ class Runtime:
             # The swap: requests from now on run on the new pipeline.
             self.pipeline = built.pipeline
             self.config = new
+            self._configure_guards(new, built.pipeline)
             if self.launcher is not None:
                 self.launcher.running = dict(use)
             self.reloads += 1

@@ -13,17 +13,18 @@ from service.ranking import Ranking, ranks_from_scores
 
 
 class FakeMember:
-    def __init__(self, name: str, text: str, *, delay: float = 0.0, fail: str | None = None):
+    def __init__(self, name: str, text: str, *, delay: float = 0.0, fail: str | None = None, fail_first: int = 0):
         self.name = name
         self.text = text
         self.delay = delay
         self.fail = fail
+        self.fail_first = fail_first  # with ``fail``: only the first calls fail
         self.requests: list[MemberRequest] = []
 
     async def generate(self, request: MemberRequest) -> Completion:
         self.requests.append(request)
         await asyncio.sleep(self.delay)
-        if self.fail:
+        if self.fail and (not self.fail_first or len(self.requests) <= self.fail_first):
             raise MemberFailure(self.fail, f"fake {self.fail}")
         return Completion(self.text, "stop", 5, len(self.text.split()), self.delay * 1000)
 
@@ -44,12 +45,14 @@ class LengthRanker:
 
     name = "length"
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, delay: float = 0.0):
         self.fail = fail
+        self.delay = delay
         self.calls: list[tuple[str, list[str]]] = []
 
     async def rank(self, source: str, candidates: list[str]) -> Ranking:
         self.calls.append((source, candidates))
+        await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError("ranker exploded")
         scores = np.array([float(len(c)) for c in candidates], dtype=np.float32)
@@ -62,19 +65,24 @@ class LengthRanker:
 class JoinFuser:
     name = "join"
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, fail_after: int | None = None, delay: float = 0.0):
         self.fail = fail
+        self.fail_after = fail_after  # streaming: raise after this many pieces
+        self.delay = delay
         self.calls: list[tuple[str, str, list[str]]] = []
 
     async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
         self.calls.append((instruction, input_text, candidates))
+        await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError("fuser exploded")
         return " | ".join(candidates)
 
     async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
         text = await self.fuse(instruction, input_text, candidates)
-        for i in range(0, len(text), 3):
+        for n, i in enumerate(range(0, len(text), 3)):
+            if self.fail_after is not None and n == self.fail_after:
+                raise RuntimeError("fuser exploded mid-stream")
             yield text[i : i + 3]
 
     def close(self) -> None:
@@ -91,7 +99,7 @@ rankers:
 fusers:
   join: {checkpoint: unused}
 ensembles:
-  main: {members: [a, b, c], ranker: length, fuser: join, top_k: 2, min_candidates: 2, deadline_s: 1}
+  main: {members: [a, b, c], ranker: length, fuser: join, top_k: 2, min_candidates: 2, quorum: 3, deadline_s: 1}
   plain: {members: [a, b], top_k: 1}
 """
 

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from service.errors import NotReadyError
 from service.metrics import Metrics
 from service.pipeline import Pipeline
+from service.resilience import Admission
 
 
 def get_pipeline(request: Request) -> Pipeline:
@@ -23,5 +24,11 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+def get_admission(request: Request) -> Admission:
+    admission: Admission = request.app.state.admission
+    return admission
+
+
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.api.deps import MetricsDep, PipelineDep
+from service.api.deps import AdmissionDep, MetricsDep, PipelineDep
 from service.api.requests import run_tracked
 from service.api.streaming import answer_events, chat_chunk, now, stream_response
 from service.protocol import ErrorResponse, GenerateRequest, GenerateResponse
@@ -21,9 +21,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "Missing or wrong API key."),
         (404, "Unknown ensemble (model)."),
         (413, "Request body too large."),
-        (500, "Ranker or fuser failure."),
+        (429, "Overloaded: too many requests in flight and queued; retry after `Retry-After` seconds."),
+        (500, "Internal error."),
         (502, "Too few members answered."),
-        (503, "Not ready."),
+        (503, "Not ready, or shutting down."),
         (504, "Too few members answered before the deadline."),
     ]
 }
@@ -39,10 +40,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
 )
 async def generate(
-    body: GenerateRequest, pipeline: PipelineDep, metrics: MetricsDep
+    body: GenerateRequest, pipeline: PipelineDep, metrics: MetricsDep, admission: AdmissionDep
 ) -> GenerateResponse | StreamingResponse | JSONResponse:
     """Fan the prompt out to the ensemble's members, rank the candidates, fuse the best."""
-    tracker, staged, response = await run_tracked(pipeline, metrics, body.ensemble, lambda: body)
+    tracker, staged, response = await run_tracked(pipeline, metrics, admission, body.ensemble, lambda: body)
     if response is not None:
         return JSONResponse(response.model_dump(exclude_none=True))
     created = now()

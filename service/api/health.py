@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -12,50 +10,33 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import MetricsDep
-from service.members import MemberFailure
 from service.pipeline import Pipeline
+from service.resilience import OPEN, Guards
 
 router = APIRouter()
 
 READY_CACHE_S = 2.0
 
 
-@dataclass
-class Readiness:
-    """Cached member probes behind /ready."""
-
-    checked_at: float = 0.0
-    members: dict[str, str | None] = field(default_factory=dict)
-    pipeline: object = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
 async def probe_members(app: FastAPI) -> dict[str, str | None]:
-    """Each member's health (None = up), cached for a couple of seconds."""
-    state: Readiness = app.state.readiness
-    pipeline: Pipeline | None = app.state.runtime.pipeline
+    """Each member's health (None = up): the last active check, or a fresh one when that is
+    older than a couple of seconds. A member whose circuit is open counts as down."""
+    runtime = app.state.runtime
+    pipeline: Pipeline | None = runtime.pipeline
     if pipeline is None:
         return {}
-    async with state.lock:
-        fresh = time.monotonic() - state.checked_at < READY_CACHE_S
-        if fresh and state.pipeline is pipeline:
-            return state.members
-        names = list(pipeline.members)
-
-        async def check(name: str) -> str | None:
-            if name in pipeline.unavailable:
-                return f"unavailable: {pipeline.unavailable[name]}"
-            try:
-                await pipeline.members[name].health()
-            except MemberFailure as e:
-                return str(e)
-            return None
-
-        results = await asyncio.gather(*(check(n) for n in names))
-        state.members = dict(zip(names, results, strict=True))
-        state.checked_at = time.monotonic()
-        state.pipeline = pipeline
-        return state.members
+    guards: Guards = runtime.guards
+    async with runtime.health_lock:
+        if time.monotonic() - guards.last_round > READY_CACHE_S or set(guards.health) != set(pipeline.members):
+            await guards.check(pipeline.members, pipeline.unavailable)
+    out: dict[str, str | None] = {}
+    for name in pipeline.members:
+        h = guards.health.get(name)
+        b = guards.breaker(name)
+        out[name] = h.error if h is not None and h.error else None
+        if out[name] is None and b.state == OPEN:
+            out[name] = f"circuit_open: {b.reason}"
+    return out
 
 
 @router.get("/health")
@@ -69,6 +50,8 @@ async def ready(request: Request, metrics: MetricsDep) -> JSONResponse:
     """Ready when the models are loaded and every ensemble can reach its quorum of members."""
     config = request.app.state.runtime.config
     loaded = request.app.state.runtime.pipeline is not None
+    runtime = request.app.state.runtime
+    draining = runtime.admission.draining
     members = await probe_members(request.app) if loaded else {}
     ensembles: dict[str, Any] = {}
     for name, ens in config.ensembles.items():
@@ -76,15 +59,17 @@ async def ready(request: Request, metrics: MetricsDep) -> JSONResponse:
         ensembles[name] = {
             "up": up,
             "needed": ens.min_candidates,
+            "quorum": ens.effective_quorum,
             "ready": loaded and up >= ens.min_candidates,
         }
-    is_ready = loaded and all(e["ready"] for e in ensembles.values())
+    is_ready = loaded and not draining and all(e["ready"] for e in ensembles.values())
     metrics.ready.set(1 if is_ready else 0)
     body = {
         "ready": is_ready,
         "models_loaded": loaded,
+        "draining": draining,
         "ensembles": ensembles,
-        "members": {n: {"up": err is None, "error": err} for n, err in members.items()},
+        "members": {n: {"up": err is None, "error": err, **runtime.guards.state(n)} for n, err in members.items()},
     }
     return JSONResponse(body, status_code=200 if is_ready else 503)
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from service.api.deps import MetricsDep, PipelineDep
+from service.api.deps import AdmissionDep, MetricsDep, PipelineDep
 from service.api.generate import ERROR_RESPONSES
 from service.api.requests import run_tracked
 from service.api.streaming import answer_events, chat_chunk, now, stream_response, text_chunk
@@ -29,6 +29,7 @@ from service.protocol import (
     ModelCard,
     ModelList,
 )
+from service.resilience import Admission
 
 router = APIRouter(prefix="/v1")
 
@@ -65,6 +66,7 @@ async def _serve(
     body: ChatCompletionRequest | CompletionRequest,
     pipeline: Pipeline,
     metrics: Metrics,
+    admission: Admission,
     *,
     id_prefix: str,
     chunk_object: str,
@@ -73,7 +75,9 @@ async def _serve(
     first: Callable[[str, int, str], dict[str, Any]] | None = None,
 ) -> JSONResponse | StreamingResponse:
     """Run the ensemble named by ``model``; answer in one body or as OpenAI stream chunks."""
-    tracker, staged, response = await run_tracked(pipeline, metrics, body.model, lambda: _prepare(body, pipeline))
+    tracker, staged, response = await run_tracked(
+        pipeline, metrics, admission, body.model, lambda: _prepare(body, pipeline)
+    )
     created = now()
     cid = staged.id.replace("gen-", id_prefix)
     finish = _finish_reason(staged)
@@ -106,13 +110,14 @@ async def _serve(
     responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(
-    body: ChatCompletionRequest, pipeline: PipelineDep, metrics: MetricsDep
+    body: ChatCompletionRequest, pipeline: PipelineDep, metrics: MetricsDep, admission: AdmissionDep
 ) -> JSONResponse | StreamingResponse:
     """Run the ensemble named by `model` on the conversation."""
     return await _serve(
         body,
         pipeline,
         metrics,
+        admission,
         id_prefix="chatcmpl-",
         chunk_object="chat.completion.chunk",
         plain=lambda cid, created, model, finish, r: ChatCompletionResponse(
@@ -135,13 +140,14 @@ async def chat_completions(
     responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def completions(
-    body: CompletionRequest, pipeline: PipelineDep, metrics: MetricsDep
+    body: CompletionRequest, pipeline: PipelineDep, metrics: MetricsDep, admission: AdmissionDep
 ) -> JSONResponse | StreamingResponse:
     """Run the ensemble named by `model` on the prompt."""
     return await _serve(
         body,
         pipeline,
         metrics,
+        admission,
         id_prefix="cmpl-",
         chunk_object="text_completion",
         plain=lambda cid, created, model, finish, r: CompletionResponse(

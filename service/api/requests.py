@@ -9,10 +9,12 @@ from service.errors import GatewayError
 from service.metrics import Metrics
 from service.pipeline import Pipeline, Staged
 from service.protocol import GenerateRequest, GenerateResponse
+from service.resilience import Admission
 
 
 class Tracker:
-    """Counts one request: in flight, then its status and latency by ensemble."""
+    """Counts one request: in flight, then its status and latency by ensemble; holds its
+    admission slot, if it got one, until it ends."""
 
     def __init__(self, metrics: Metrics, pipeline: Pipeline, ensemble: str | None):
         name = ensemble or pipeline.config.default
@@ -21,6 +23,7 @@ class Tracker:
         self.pipeline = pipeline
         self.start = time.perf_counter()
         self.done = False
+        self.admission: Admission | None = None
         metrics.in_flight.inc()
         pipeline.enter()
 
@@ -28,6 +31,8 @@ class Tracker:
         if self.done:
             return
         self.done = True
+        if self.admission is not None:
+            self.admission.release()
         self.pipeline.leave()
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(self.label, str(status)).inc()
@@ -35,15 +40,23 @@ class Tracker:
 
 
 async def run_tracked(
-    pipeline: Pipeline, metrics: Metrics, ensemble: str | None, prepare: Callable[[], GenerateRequest]
+    pipeline: Pipeline,
+    metrics: Metrics,
+    admission: Admission,
+    ensemble: str | None,
+    prepare: Callable[[], GenerateRequest],
 ) -> tuple[Tracker, Staged, GenerateResponse | None]:
-    """Check and stage a request, and fuse it unless it streams; every outcome is counted.
+    """Check, admit and stage a request, and fuse it unless it streams; every outcome is counted.
 
     A streaming request is returned staged, with its tracker still open: the stream ends it.
     """
     tracker = Tracker(metrics, pipeline, ensemble)
     try:
         request = prepare()
+        _, ens = pipeline.ensemble(request.ensemble)
+        wait = ens.deadline_s if request.deadline_s is None else min(ens.deadline_s, request.deadline_s)
+        await admission.acquire(wait)
+        tracker.admission = admission
         staged = await pipeline.stage(request)
         if request.stream:
             return tracker, staged, None

@@ -47,10 +47,12 @@ def test_generate_contract(client: TestClient) -> None:
         "selected",
         "candidates",
         "failed_members",
+        "degraded",
+        "degraded_reasons",
         "timings_ms",
         "usage",
     }
-    assert body["output"] == "bbbb | ccc" and body["fused"] is True
+    assert body["output"] == "bbbb | ccc" and body["fused"] is True and body["degraded"] is False
     assert set(body["timings_ms"]) == {"members", "rank", "fuse", "total"}
     cand = body["candidates"][0]
     assert set(cand) == {"member", "text", "score", "rank", "latency_ms", "finish_reason"}
@@ -142,7 +144,7 @@ def test_ready_is_503_when_quorum_unreachable() -> None:
         resp = c.get("/ready")
         assert resp.status_code == 503
         body = resp.json()
-        assert body["ensembles"]["main"] == {"up": 1, "needed": 2, "ready": False}
+        assert body["ensembles"]["main"] == {"up": 1, "needed": 2, "quorum": 3, "ready": False}
         assert body["members"]["a"]["up"] is False
 
 
@@ -159,3 +161,31 @@ def test_openapi_documents_generate(client: TestClient) -> None:
     assert "GenerateRequest" in str(op["requestBody"])
     assert "GenerateResponse" in str(op["responses"]["200"])
     assert "ErrorResponse" in str(op["responses"]["502"])
+
+
+def test_overload_is_429_with_retry_after_in_openai_shape() -> None:
+    import concurrent.futures
+
+    slow = [FakeMember("a", "aa", delay=0.5), FakeMember("b", "bbbb", delay=0.5), FakeMember("c", "ccc", delay=0.5)]
+    with make_client(slow) as c:
+        c.app.state.admission.configure(  # type: ignore[attr-defined]
+            c.app.state.admission.limits.model_copy(update={"max_in_flight": 1, "max_queue": 0})  # type: ignore[attr-defined]
+        )
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            resps = list(pool.map(lambda _: c.post("/generate", json={"prompt": "q"}), range(4)))
+        codes = sorted(r.status_code for r in resps)
+        assert codes[0] == 200 and 429 in codes
+        shed = next(r for r in resps if r.status_code == 429)
+        err = assert_openai_error(shed, 429, "rate_limit_error")
+        assert err["code"] == "overloaded" and shed.headers["retry-after"] == "1"
+        assert "gateway_shed_total" in c.get("/metrics").text
+
+
+def test_ready_shows_circuit_and_draining(client: TestClient) -> None:
+    body = client.get("/ready").json()
+    assert body["members"]["a"]["circuit"] == "closed" and body["members"]["a"]["healthy"] is True
+    assert body["draining"] is False
+    client.app.state.admission.draining = True  # type: ignore[attr-defined]
+    resp = client.get("/ready")
+    assert resp.status_code == 503 and resp.json()["draining"] is True
+    assert_openai_error(client.post("/generate", json={"prompt": "q"}), 503, "shutting_down")

@@ -159,7 +159,7 @@ def test_errors_before_the_stream_keep_their_status(client: TestClient) -> None:
 
 
 def test_fuser_failure_mid_stream_is_an_error_event() -> None:
-    with make_client(JoinFuser(fail=True)) as c:
+    with make_client(JoinFuser(fail_after=1)) as c:
         resp = c.post(
             "/v1/chat/completions",
             json={"model": "main", "messages": [{"role": "user", "content": "q"}], "stream": True},

@@ -1,3 +1,5 @@
+import asyncio
+
 import pytest
 
 from service.errors import DeadlineExceeded, ModelError, NoQuorumError, NotFoundError, RequestError
@@ -83,14 +85,54 @@ async def test_slow_member_past_deadline_is_failed_but_quorum_answers() -> None:
     members = [FakeMember("a", "x", delay=30), FakeMember("b", "yy"), FakeMember("c", "z")]
     resp = await pipeline(members).run(GenerateRequest(prompt="q"))
     assert [f.member for f in resp.failed_members] == ["a"]
-    assert "deadline" in resp.failed_members[0].error
+    assert "deadline" in resp.failed_members[0].error and resp.failed_members[0].kind == "deadline"
+    assert resp.degraded and resp.degraded_reasons == ["member a: deadline: no answer before the deadline"]
 
 
-async def test_ranker_and_fuser_failures_are_model_errors() -> None:
-    with pytest.raises(ModelError, match="ranker length failed"):
-        await pipeline(three(), ranker=LengthRanker(fail=True)).run(GenerateRequest(prompt="q"))
-    with pytest.raises(ModelError, match="fuser join failed"):
-        await pipeline(three(), fuser=JoinFuser(fail=True)).run(GenerateRequest(prompt="q"))
+async def test_ranker_failure_degrades_to_the_first_candidate() -> None:
+    p = pipeline(three(), ranker=LengthRanker(fail=True))
+    resp = await p.run(GenerateRequest(prompt="q", return_candidates=True))
+    assert resp.degraded and not resp.fused
+    assert resp.output == "aa" and resp.selected == ["a"]  # arrival order: a answered first
+    assert resp.degraded_reasons[0].startswith("ranker_failed: ranker length failed: RuntimeError")
+    assert all(c.score is None for c in resp.candidates or [])
+    assert p.metrics.degraded.labels("main", "ranker_failed")._value.get() == 1
+    assert p.metrics.model_errors.labels("rank", "length")._value.get() == 1
+
+
+async def test_fuser_failure_degrades_to_the_top_candidate() -> None:
+    p = pipeline(three(), fuser=JoinFuser(fail=True))
+    resp = await p.run(GenerateRequest(prompt="q"))
+    assert resp.degraded and not resp.fused
+    assert resp.output == "bbbb" and resp.selected == ["b"]  # the ranker's best
+    assert resp.degraded_reasons == ["fuser_failed: fuser join failed: RuntimeError: fuser exploded"]
+    assert p.metrics.degraded.labels("main", "fuser_failed")._value.get() == 1
+
+
+async def test_hung_ranker_and_fuser_are_cut_at_the_deadline() -> None:
+    p = pipeline(three(), ranker=LengthRanker(delay=30))
+    resp = await asyncio.wait_for(p.run(GenerateRequest(prompt="q", deadline_s=0.3)), 2)
+    assert resp.degraded_reasons == ["ranker_failed: no result before the deadline"] and resp.output == "aa"
+    p = pipeline(three(), fuser=JoinFuser(delay=30))
+    resp = await asyncio.wait_for(p.run(GenerateRequest(prompt="q", deadline_s=0.3)), 2)
+    assert resp.degraded_reasons == ["fuser_failed: no result before the deadline"] and resp.output == "bbbb"
+
+
+async def test_streamed_fusion_failing_before_its_first_piece_degrades() -> None:
+    p = pipeline(three(), fuser=JoinFuser(fail=True))
+    staged = await p.stage(GenerateRequest(prompt="q"))
+    pieces = [x async for x in p.fuse_stream(staged)]
+    assert pieces == ["bbbb"] and staged.degraded and staged.fuser is None
+
+
+async def test_streamed_fusion_failing_midway_raises() -> None:
+    p = pipeline(three(), fuser=JoinFuser(fail_after=1))
+    staged = await p.stage(GenerateRequest(prompt="q"))
+    got: list[str] = []
+    with pytest.raises(ModelError, match="mid-stream"):
+        async for x in p.fuse_stream(staged):
+            got.append(x)
+    assert got == ["bbb"]
 
 
 async def test_unfused_ensemble_returns_first_candidate() -> None:

@@ -1,0 +1,276 @@
+"""What keeps members' failures from becoming the gateway's: circuit breakers, retry backoff,
+active health checks and bounded admission.
+
+A ``CircuitBreaker`` per member ejects it after consecutive failures (calls or health checks) for
+a cool-down that doubles while probes fail; after the cool-down one request, or one passing health
+check, probes it. ``Guards`` keeps the breakers across reloads (by member name) and runs the health
+checks. ``Admission`` caps requests in flight and the queue in front of them, and sheds the rest at
+once with 429 and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.config import BreakerConfig, HealthCheckConfig, LimitsConfig, RetryConfig
+from service.errors import Overloaded, ShuttingDown
+from service.members import Member, MemberFailure
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+def backoff_s(attempt: int, config: RetryConfig, rng: Callable[[], float] = random.random) -> float:
+    """Full-jitter exponential backoff before retry number ``attempt`` (1 = the first retry)."""
+    return float(rng() * min(config.backoff_max_s, config.backoff_s * 2 ** (attempt - 1)))
+
+
+def retryable(failure: MemberFailure) -> bool:
+    """Connection errors and 5xx may pass on a second try; timeouts and bad answers are not retried."""
+    return failure.kind in ("connect", "http_5xx")
+
+
+class CircuitBreaker:
+    """One member's circuit: closed (calls pass), open (skipped), half-open (one probe at a time)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig,
+        on_change: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.name = name
+        self.config = config
+        self._on_change = on_change
+        self._clock = clock
+        self.state = CLOSED
+        self.failures = 0
+        self.cooldown_s = config.cooldown_s
+        self.opened_at = 0.0
+        self.reason = ""
+        self._probing = False
+
+    def _set(self, state: str) -> None:
+        if state != self.state:
+            logger.info("member %s circuit %s -> %s %s", self.name, self.state, state, self.reason)
+            self.state = state
+            if self._on_change is not None:
+                self._on_change(self.name, state)
+
+    @property
+    def retry_in_s(self) -> float:
+        return max(0.0, self.opened_at + self.cooldown_s - self._clock())
+
+    def allow(self) -> bool:
+        """May a call go to the member now? In half-open, only the one probe may."""
+        if self.state == OPEN and self.retry_in_s <= 0:
+            self._set(HALF_OPEN)
+        if self.state == CLOSED:
+            return True
+        if self.state == HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self._probing = False
+        self.cooldown_s = self.config.cooldown_s
+        self.reason = ""
+        self._set(CLOSED)
+
+    def failure(self, reason: str) -> None:
+        self.failures += 1
+        self.reason = reason
+        if self.state == HALF_OPEN:
+            self.cooldown_s = min(self.config.max_cooldown_s, self.cooldown_s * 2)
+            self._open()
+        elif self.state == CLOSED and self.failures >= self.config.failures:
+            self._open()
+
+    def release_probe(self) -> None:
+        """A probe that ended without a verdict (cancelled): let another one through."""
+        self._probing = False
+
+    def trip(self, reason: str) -> None:
+        """Open at once (a failed health check); an open circuit restarts its cool-down."""
+        self.reason = reason
+        self._open()
+
+    def _open(self) -> None:
+        self._probing = False
+        self.opened_at = self._clock()
+        self._set(OPEN)
+
+
+@dataclass
+class MemberHealth:
+    """The last active check of a member: ``error`` is None when it passed."""
+
+    error: str | None = "not checked yet"
+    checked_at: float = 0.0
+    failures: int = 0
+
+
+class Guards:
+    """Breakers and health of members by name; they outlive reloads for members that stay."""
+
+    def __init__(self, metrics: Metrics, breaker: BreakerConfig, health: HealthCheckConfig):
+        self.metrics = metrics
+        self.breaker_config = breaker
+        self.health_config = health
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.health: dict[str, MemberHealth] = {}
+        self.last_round = 0.0
+
+    def configure(self, names: list[str], breaker: BreakerConfig, health: HealthCheckConfig) -> None:
+        """Match the members of the configuration now serving (after start or a reload)."""
+        self.breaker_config, self.health_config = breaker, health
+        for name in list(self.breakers):
+            if name not in names:
+                del self.breakers[name]
+                self.health.pop(name, None)
+                self.metrics.circuit_state.remove(name)
+                with contextlib.suppress(KeyError):
+                    self.metrics.member_healthy.remove(name)
+        for name in names:
+            if name in self.breakers:
+                self.breakers[name].config = breaker
+            else:
+                self.breakers[name] = CircuitBreaker(name, breaker, self._changed)
+                self.metrics.circuit_state.labels(name).set(0)
+
+    def _changed(self, name: str, state: str) -> None:
+        self.metrics.circuit_state.labels(name).set(STATE_VALUE[state])
+        if state == OPEN:
+            self.metrics.circuit_opened.labels(name).inc()
+
+    def breaker(self, name: str) -> CircuitBreaker:
+        if name not in self.breakers:
+            self.breakers[name] = CircuitBreaker(name, self.breaker_config, self._changed)
+        return self.breakers[name]
+
+    async def check(self, members: dict[str, Member], unavailable: dict[str, str]) -> None:
+        """One round of health checks, all members at once."""
+        timeout = self.health_config.timeout_s
+
+        async def one(name: str, member: Member) -> None:
+            if name in unavailable:
+                error: str | None = f"unavailable: {unavailable[name]}"
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await member.health()
+                    error = None
+                except MemberFailure as e:
+                    error = str(e)
+                except TimeoutError:
+                    error = f"timeout: health check took over {timeout:g}s"
+            self._record(name, error)
+
+        await asyncio.gather(*(one(n, m) for n, m in members.items()))
+        self.last_round = time.monotonic()
+
+    def _record(self, name: str, error: str | None) -> None:
+        h = self.health.setdefault(name, MemberHealth())
+        h.error, h.checked_at = error, time.monotonic()
+        self.metrics.member_healthy.labels(name).set(0 if error else 1)
+        breaker = self.breaker(name)
+        if error is None:
+            h.failures = 0
+            if breaker.state != CLOSED and breaker.retry_in_s <= 0:
+                breaker.success()  # the probe: a passing check after the cool-down closes it
+            return
+        h.failures += 1
+        if h.failures >= self.health_config.failures and (breaker.state != OPEN or breaker.retry_in_s <= 0):
+            breaker.trip(f"health check: {error}")
+
+    def usable(self, name: str) -> bool:
+        """Healthy as far as the gateway knows: circuit not open, last health check (if any) passed."""
+        b = self.breakers.get(name)
+        if b is not None and b.state == OPEN:
+            return False
+        h = self.health.get(name)
+        return h is None or h.error is None or h.checked_at == 0.0
+
+    def state(self, name: str) -> dict[str, object]:
+        b = self.breaker(name)
+        h = self.health.get(name)
+        out: dict[str, object] = {"circuit": b.state, "healthy": None if h is None else h.error is None}
+        if h is not None and h.error:
+            out["error"] = h.error
+        if b.state != CLOSED:
+            out["reason"] = b.reason
+            out["retry_in_s"] = round(b.retry_in_s, 1)
+        return out
+
+
+class Admission:
+    """At most ``max_in_flight`` requests run; ``max_queue`` more wait; the rest are shed at once."""
+
+    def __init__(self, limits: LimitsConfig, metrics: Metrics):
+        self.limits = limits
+        self.metrics = metrics
+        self.running = 0
+        self.draining = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def configure(self, limits: LimitsConfig) -> None:
+        self.limits = limits
+        self._wake()
+
+    def _shed(self, reason: str, message: str) -> Overloaded:
+        self.metrics.shed.labels(reason).inc()
+        return Overloaded(message, code="overloaded", headers={"Retry-After": str(self.limits.retry_after_s)})
+
+    async def acquire(self, timeout_s: float) -> None:
+        """Take a slot, waiting in the queue for at most ``timeout_s``; raise ``Overloaded`` if shed."""
+        if self.draining:
+            raise ShuttingDown("the gateway is shutting down", code="shutting_down")
+        if self.running < self.limits.max_in_flight and not self._waiters:
+            self.running += 1
+            return
+        if len(self._waiters) >= self.limits.max_queue:
+            raise self._shed(
+                "queue_full",
+                f"overloaded: {self.running} requests in flight and {len(self._waiters)} queued",
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.metrics.queue_depth.set(len(self._waiters))
+        try:
+            async with asyncio.timeout(min(timeout_s, self.limits.queue_timeout_s)):
+                await waiter
+        except TimeoutError:
+            raise self._shed("queue_timeout", "overloaded: no slot came free in time") from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed over as we were cancelled: pass it on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            self.metrics.queue_depth.set(len(self._waiters))
+
+    def release(self) -> None:
+        self.running -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.running < self.limits.max_in_flight:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.running += 1
+                waiter.set_result(None)
+        self.metrics.queue_depth.set(len(self._waiters))
