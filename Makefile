@@ -9,7 +9,7 @@ PORT   ?= 8000
 export TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models demo test test-fast test-integration check lint typecheck clean
+.PHONY: install models demo test test-fast test-integration deploy-check check lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test-fast: $(STAMP)
 
 test-integration: models
 	$(BIN)/pytest -q -p no:cacheprovider tests/integration
+
+# Static checks of docker-compose.yml and deploy/ (part of `make test` too). Needs promtool
+# (`apt-get install prometheus`) and kubectl (for `kubectl kustomize`).
+deploy-check: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/deploy
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests
