@@ -9,7 +9,7 @@ PORT   ?= 8000
 export TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models demo test test-fast test-integration deploy-check check lint typecheck clean
+.PHONY: install models demo test test-fast test-integration deploy-check reliability check lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ test-fast: $(STAMP)
 
 test-integration: models
 	$(BIN)/pytest -q -p no:cacheprovider tests/integration
+
+# The fault and load scenarios at full size; their figures go to docs/RELIABILITY.md.
+RELIABILITY_ROWS := .cache/reliability.jsonl
+reliability: models
+	rm -f $(RELIABILITY_ROWS)
+	RELIABILITY_FULL=1 RELIABILITY_OUT=$(CURDIR)/$(RELIABILITY_ROWS) $(BIN)/pytest -q -p no:cacheprovider \
+		tests/integration/test_faults.py tests/integration/test_member_faults.py \
+		tests/integration/test_load.py tests/integration/test_schema_fuzz.py
+	$(BIN)/python -m tests.reliability_report $(RELIABILITY_ROWS) docs/RELIABILITY.md
 
 # Static checks of docker-compose.yml and deploy/ (part of `make test` too). Needs promtool
 # (`apt-get install prometheus`) and kubectl (for `kubectl kustomize`).

@@ -145,6 +145,12 @@ class RankerConfig(_Strict):
     max_batch_tokens: int = Field(
         16384, ge=64, description="Padded tokens (pairs x longest pair) per forward pass at most."
     )
+    packed: bool = Field(
+        True,
+        description="Run pairs through the gateway's packed DeBERTa forward (same weights and arithmetic, no "
+        "padding computed, only the relative positions that occur); false, or a checkpoint it does not "
+        "support: transformers' forward on padded batches.",
+    )
     max_wait_ms: float = Field(
         2.0,
         ge=0,
@@ -247,6 +253,9 @@ class EnsembleConfig(_Strict):
         ge=0,
         description="Once the quorum has answered after t seconds, wait at most t * ratio more for the rest "
         "(0: rank as soon as the quorum is in).",
+    )
+    straggler_min_s: float = Field(
+        0.05, ge=0, description="The stragglers' wait is at least this long (scheduling jitter is not lateness)."
     )
     instruction: str = Field("", description="Default instruction for ranking and fusion.")
 

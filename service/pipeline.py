@@ -258,7 +258,7 @@ class Pipeline:
             answered += sum(1 for t in done if t.result().completion is not None)
             if cutoff == deadline_at and answered >= ens.effective_quorum:
                 now = time.monotonic()
-                cutoff = min(deadline_at, now + (now - start) * ens.straggler_ratio)
+                cutoff = min(deadline_at, now + max(ens.straggler_min_s, (now - start) * ens.straggler_ratio))
         for task in pending:
             task.cancel()
         if pending:
@@ -270,7 +270,9 @@ class Pipeline:
             elif straggler:
                 self.metrics.member_errors.labels(name, "straggler").inc()
                 waited = time.monotonic() - start
-                outcomes.append(_Outcome(name, error=f"straggler: the quorum had answered; waited {waited:.2f}s"))
+                outcomes.append(
+                    _Outcome(name, error=f"straggler: the quorum had answered; waited {waited:.2f}s", kind="straggler")
+                )
             else:
                 self.metrics.member_errors.labels(name, "deadline").inc()
                 self.guards.breaker(name).failure("no answer before the deadline")

@@ -45,7 +45,10 @@ class GenerateRequest(_Wire):
     top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
     return_candidates: bool = Field(False, description="Include every candidate in the response.")
     deadline_s: float | None = Field(
-        None, gt=0, le=3600, description="Answer within this many seconds; the ensemble's deadline still bounds it."
+        None,
+        ge=0.1,
+        le=3600,
+        description="Answer within this many seconds (at least 0.1); the ensemble's deadline still bounds it.",
     )
     stream: bool = Field(
         False,
@@ -75,7 +78,7 @@ class FailedMember(_Wire):
     kind: str | None = Field(
         None,
         description="timeout, connect, http_5xx, http_4xx, invalid_response, circuit_open, unavailable, "
-        "deadline; none for a straggler the gateway stopped waiting for once the quorum had answered.",
+        "deadline, or straggler (the quorum had answered and the gateway stopped waiting).",
     )
 
 
@@ -181,7 +184,9 @@ class _OpenAIRequest(_Wire):
     # Extensions of this gateway.
     top_k: int | None = Field(None, ge=1, description="Extension: candidates fused.")
     instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Extension: task instruction.")
-    deadline_s: float | None = Field(None, gt=0, le=3600, description="Extension: answer within this many seconds.")
+    deadline_s: float | None = Field(
+        None, ge=0.1, le=3600, description="Extension: answer within this many seconds (at least 0.1)."
+    )
 
     def unsupported(self) -> str | None:
         """The first field set that the ensemble cannot honour, if any."""

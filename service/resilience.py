@@ -59,6 +59,7 @@ class CircuitBreaker:
         self.cooldown_s = config.cooldown_s
         self.opened_at = 0.0
         self.reason = ""
+        self.by_health = False  # opened by failed health checks (a passing one may close it)
         self._probing = False
 
     def _set(self, state: str) -> None:
@@ -93,6 +94,7 @@ class CircuitBreaker:
     def failure(self, reason: str) -> None:
         self.failures += 1
         self.reason = reason
+        self.by_health = False
         if self.state == HALF_OPEN:
             self.cooldown_s = min(self.config.max_cooldown_s, self.cooldown_s * 2)
             self._open()
@@ -106,6 +108,7 @@ class CircuitBreaker:
     def trip(self, reason: str) -> None:
         """Open at once (a failed health check); an open circuit restarts its cool-down."""
         self.reason = reason
+        self.by_health = True
         self._open()
 
     def _open(self) -> None:
@@ -189,8 +192,8 @@ class Guards:
         breaker = self.breaker(name)
         if error is None:
             h.failures = 0
-            if breaker.state != CLOSED and breaker.retry_in_s <= 0:
-                breaker.success()  # the probe: a passing check after the cool-down closes it
+            if breaker.state != CLOSED and breaker.by_health and breaker.retry_in_s <= 0:
+                breaker.success()  # opened by checks, closed by one after the cool-down
             return
         h.failures += 1
         if h.failures >= self.health_config.failures and (breaker.state != OPEN or breaker.retry_in_s <= 0):
