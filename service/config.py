@@ -10,7 +10,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -232,6 +232,14 @@ class EnsembleConfig(_Strict):
     ranker: Name | None = Field(None, description="Ranker name; none: candidates keep their order.")
     fuser: Name | None = Field(None, description="Fuser name; none: the top candidate is returned.")
     top_k: int = Field(3, ge=1, description="Candidates given to the fuser.")
+    fusion: Literal["always", "adaptive", "never"] = Field(
+        "always",
+        description="adaptive: skip the fuser and return the top candidate when its score leads the "
+        "runner-up's by at least `fusion_margin` (or when only one candidate arrived).",
+    )
+    fusion_margin: float = Field(
+        1.0, ge=0, description="adaptive fusion: the lead in ranker score that makes fusion unnecessary."
+    )
     min_candidates: int = Field(1, ge=1, description="Candidates needed to answer at all.")
     deadline_s: float = Field(
         120.0, gt=0, le=3600, description="Whole-request deadline; a request's `deadline_s` may only shorten it."
@@ -438,10 +446,22 @@ def expand_env(text: str, env: dict[str, str] | None = None) -> str:
     return _VAR.sub(sub, text)
 
 
+def _expand_values(data: Any) -> Any:
+    """``expand_env`` on every string value after parsing: comments are left alone, and a variable's
+    value cannot change the YAML's structure."""
+    if isinstance(data, str):
+        return expand_env(data)
+    if isinstance(data, list):
+        return [_expand_values(v) for v in data]
+    if isinstance(data, dict):
+        return {k: _expand_values(v) for k, v in data.items()}
+    return data
+
+
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     """Parse and validate; raise ``ConfigError`` naming the offending field."""
     try:
-        data = yaml.safe_load(expand_env(text))
+        data = _expand_values(yaml.safe_load(text))
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

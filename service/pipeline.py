@@ -361,9 +361,28 @@ class Pipeline:
                 staged.scores = list(ranking.scores)
                 staged.ranks = ranking.ranks
                 staged.order = sorted(range(len(ok)), key=lambda i: (staged.ranks[i], i))
+        if staged.fuser is not None:
+            skip = self._skip_fusion(ens, staged)
+            if skip is not None:
+                self.metrics.fusion_skipped.labels(name, skip).inc()
+                staged.fuser = None
         staged.selected = staged.order[: min(top_k, len(ok))] if staged.fuser is not None else staged.order[:1]
         staged.t_rank = time.perf_counter()
         return staged
+
+    @staticmethod
+    def _skip_fusion(ens: EnsembleConfig, staged: Staged) -> str | None:
+        """Why fusion is not worth it for this request (adaptive fusion), or None to fuse."""
+        if ens.fusion == "never":
+            return "never"
+        if ens.fusion == "always" or staged.degraded:
+            return None
+        if len(staged.order) < 2:
+            return "single_candidate"
+        best, second = (staged.scores[i] for i in staged.order[:2])
+        if best is not None and second is not None and best - second >= ens.fusion_margin:
+            return "margin"
+        return None
 
     def _fusion_failed(self, staged: Staged, error: BaseException) -> str:
         assert staged.fuser is not None

@@ -73,3 +73,20 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
         parse_config("- 1")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_env_is_expanded_in_values_not_in_comments_or_structure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GW_URL", "http://h:1/v1")
+    monkeypatch.setenv("GW_EVIL", "x\nensembles: {}")
+    cfg = parse_config(
+        """
+# ${UNSET_IN_A_COMMENT} must not be expanded
+members:
+  - {name: a, endpoint: "${GW_URL}", model: "${GW_EVIL}", timeout_s: "${GW_TIMEOUT:-7}"}
+ensembles:
+  e: {members: [a]}
+"""
+    )
+    assert cfg.members[0].endpoint == "http://h:1/v1"
+    assert cfg.members[0].model == "x\nensembles: {}" and cfg.members[0].timeout_s == 7.0
+    assert list(cfg.ensembles) == ["e"]

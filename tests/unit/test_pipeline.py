@@ -165,3 +165,36 @@ def test_message_rendering_rule() -> None:
     assert input_text(conv) == "system: s\nuser: u"
     assert member_messages(conv, "Do X.")[1] == {"role": "user", "content": "Do X.\n\nu"}
     assert member_messages(GenerateRequest(prompt="p"), "") == [{"role": "user", "content": "p"}]
+
+
+ADAPTIVE = """
+members:
+  - {name: a, endpoint: "http://127.0.0.1:9/v1", model: m}
+  - {name: b, endpoint: "http://127.0.0.1:9/v1", model: m}
+  - {name: c, endpoint: "http://127.0.0.1:9/v1", model: m}
+rankers: {length: {checkpoint: unused}}
+fusers: {join: {checkpoint: unused}}
+ensembles:
+  main: {members: [a, b, c], ranker: length, fuser: join, top_k: 2, quorum: 3, fusion: adaptive, fusion_margin: MARGIN}
+  never: {members: [a, b, c], ranker: length, fuser: join, fusion: never}
+"""
+
+
+@pytest.mark.parametrize(("margin", "fused"), [(1.0, False), (1.5, True)])
+async def test_adaptive_fusion_skips_when_the_top_candidate_leads(margin: float, fused: bool) -> None:
+    from service.metrics import Metrics as M
+
+    fuser = JoinFuser()
+    p = Pipeline(
+        fake_config(ADAPTIVE.replace("MARGIN", str(margin))),
+        {m.name: m for m in three()},
+        {"length": LengthRanker()},
+        {"join": fuser},
+        M(),
+    )
+    resp = await p.run(GenerateRequest(prompt="q"))  # scores: a 2, b 4, c 3 -> lead 1.0
+    assert resp.fused is fused and bool(fuser.calls) is fused and not resp.degraded
+    assert resp.output == ("bbbb | ccc" if fused else "bbbb")
+    assert p.metrics.fusion_skipped.labels("main", "margin")._value.get() == (0 if fused else 1)
+    resp = await p.run(GenerateRequest(prompt="q", ensemble="never"))
+    assert not resp.fused and p.metrics.fusion_skipped.labels("never", "never")._value.get() == 1
