@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import admin, generate, health, openai
+from service.api import admin, generate, health, openai, status
 from service.build import Components
 from service.config import GatewayConfig
 from service.errors import GatewayError, error_body
@@ -100,6 +100,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(status.router)
     return app
 
 

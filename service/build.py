@@ -19,6 +19,7 @@ from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.ranking import PairRMRanker, Ranker
 from service.resilience import Guards
+from service.status import StatusBook
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ async def build_pipeline(
     previous: Pipeline | None = None,
     gates: dict[str, ClassGate] | None = None,
     guards: Guards | None = None,
+    status: StatusBook | None = None,
 ) -> Built:
     """Everything a configuration needs, taking over unchanged parts of ``previous``.
 
@@ -205,5 +207,5 @@ async def build_pipeline(
         unavailable.update({n: r for n, r in previous.unavailable.items() if n in members and n not in to_prepare})
     for name in members:
         metrics.member_available.labels(name).set(0 if name in unavailable else 1)
-    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls, guards)
+    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls, guards, status)
     return Built(pipeline, new_members, new_rankers, new_fusers)

@@ -97,7 +97,7 @@ class EdgeMiddleware:
             return
         if path in ("/health", "/ready") and not auth.protect_health:
             return
-        if path == "/metrics" and not auth.protect_metrics:
+        if path in ("/metrics", "/status.json") and not auth.protect_metrics:
             return
         keys = auth.client_keys()
         if keys and (not given or not _key_matches(given, keys)):

@@ -32,6 +32,7 @@ from service.protocol import (
 )
 from service.ranking import Ranker
 from service.resilience import Guards, backoff_s, retryable
+from service.status import StatusBook
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,11 @@ class Pipeline:
         unavailable: dict[str, str] | None = None,
         server_urls: dict[str, str] | None = None,
         guards: Guards | None = None,
+        status: StatusBook | None = None,
     ):
         self.config = config
         self.guards = guards or Guards(metrics, config.resilience.breaker, config.resilience.health_checks)
+        self.status = status or StatusBook()
         self.unavailable = dict(unavailable or {})
         self.server_urls = dict(server_urls or {})
         self.active = 0
@@ -201,9 +204,11 @@ class Pipeline:
                         await asyncio.sleep(pause)
                         continue
                     self.metrics.member_errors.labels(member.name, e.kind).inc()
+                    self.status.call(member.name, None, str(e))
                     breaker.failure(str(e))
                     return _Outcome(member.name, error=str(e), kind=e.kind)
                 breaker.success()
+                self.status.call(member.name, completion.latency_ms)
                 self.metrics.member_latency.labels(member.name).observe(completion.latency_ms / 1000)
                 return _Outcome(member.name, completion=completion)
         except asyncio.CancelledError:
@@ -265,6 +270,8 @@ class Pipeline:
             await asyncio.gather(*pending, return_exceptions=True)
         straggler = cutoff < deadline_at
         for task, name in tasks.items():
+            if task in pending:
+                self.status.call(name, None, "straggler" if straggler else "deadline")
             if task not in pending:
                 outcomes.append(task.result())
             elif straggler:
@@ -474,6 +481,18 @@ class Pipeline:
         }
         if self.config.logging.log_prompts:
             extra.update(input=staged.input_text, output=output)
+        self.status.answer(
+            id=staged.id,
+            ensemble=staged.name,
+            ranking=[
+                {"member": staged.members[i], "score": staged.scores[i], "rank": staged.ranks[i]} for i in staged.order
+            ],
+            selected=[staged.members[i] for i in staged.selected],
+            failed=[f.member for f in staged.failed],
+            fused=staged.fuser is not None,
+            degraded=bool(staged.degraded or staged.failed),
+            total_ms=(t_end - staged.start) * ms,
+        )
         logger.info("answered", extra=extra)
         return GenerateResponse(
             id=staged.id,

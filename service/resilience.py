@@ -233,6 +233,10 @@ class Admission:
         self.limits = limits
         self._wake()
 
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
     def _shed(self, reason: str, message: str) -> Overloaded:
         self.metrics.shed.labels(reason).inc()
         return Overloaded(message, code="overloaded", headers={"Retry-After": str(self.limits.retry_after_s)})

@@ -26,6 +26,7 @@ from service.members import LoRAMember, Member, MemberFailure, make_http_client
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.resilience import Admission, Guards
+from service.status import StatusBook
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Runtime:
         res = config.resilience
         self.guards = Guards(metrics, res.breaker, res.health_checks)
         self.admission = Admission(config.limits, metrics)
+        self.status = StatusBook()
         self.health_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -80,6 +82,7 @@ class Runtime:
                 self.bases,
                 gates=self.gates,
                 guards=self.guards,
+                status=self.status,
             )
         except BaseException:
             await self.close()
@@ -213,6 +216,7 @@ class Runtime:
                     previous=old,
                     gates=self.gates,
                     guards=self.guards,
+                    status=self.status,
                 )
             except BaseException:
                 if started and self.launcher is not None:

@@ -189,3 +189,20 @@ def test_ready_shows_circuit_and_draining(client: TestClient) -> None:
     resp = client.get("/ready")
     assert resp.status_code == 503 and resp.json()["draining"] is True
     assert_openai_error(client.post("/generate", json={"prompt": "q"}), 503, "shutting_down")
+
+
+def test_status_json_and_page(client: TestClient) -> None:
+    for _ in range(3):
+        assert client.post("/generate", json={"prompt": "q"}).status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "status.json" in page.text and "<table" in page.text
+    s = client.get("/status.json").json()
+    members = {m["name"]: m for m in s["ensembles"]["main"]["members"]}
+    assert set(members) == {"a", "b", "c"}
+    assert members["b"]["win_rate"] == 1.0 and members["a"]["win_rate"] == 0.0  # LengthRanker: longest wins
+    assert members["c"]["selection_share"] == 1.0 and members["a"]["selection_share"] == 0.0  # top_k 2
+    assert members["a"]["calls"] == 3 and members["a"]["p50_ms"] is not None and members["a"]["up"] is True
+    assert members["a"]["circuit"] == "closed"
+    assert s["answered"] == 3 and len(s["recent"]) == 3
+    last = s["recent"][0]
+    assert [c["member"] for c in last["ranking"]] == ["b", "c", "a"] and last["selected"] == ["b", "c"]

@@ -1,0 +1,67 @@
+"""The status page at ``/`` and its data at ``/status.json`` (served by the gateway itself: no CDN)."""
+
+from __future__ import annotations
+
+import time
+from importlib.resources import files
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from service.api.health import probe_members
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    html = files("service").joinpath("static/status.html").read_text(encoding="utf-8")
+    return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/status.json")
+async def status(request: Request) -> dict[str, Any]:
+    """Each ensemble's members with health, circuit, p50 latency, win rate and selection share;
+    the last requests with their ranking; the gateway's own counters."""
+    runtime = request.app.state.runtime
+    config = runtime.config
+    health = await probe_members(request.app)
+    book = runtime.status
+    ensembles: dict[str, Any] = {}
+    for name, ens in config.ensembles.items():
+        members = []
+        for m in ens.members:
+            state = runtime.guards.state(m)
+            members.append(
+                {
+                    "name": m,
+                    "kind": config.member(m).kind,
+                    "up": health.get(m, "unknown") is None,
+                    "error": health.get(m),
+                    "circuit": state["circuit"],
+                    **book.member(name, m),
+                }
+            )
+        ensembles[name] = {
+            "members": members,
+            "ranker": ens.ranker,
+            "fuser": ens.fuser,
+            "fusion": ens.fusion,
+            "top_k": ens.top_k,
+            "quorum": ens.effective_quorum,
+        }
+    admission = runtime.admission
+    return {
+        "time": time.time(),
+        "uptime_s": round(time.time() - book.started, 1),
+        "version": request.app.version,
+        "default_ensemble": config.default,
+        "answered": book.answered,
+        "in_flight": admission.running,
+        "queued": admission.queued,
+        "draining": admission.draining,
+        "reloads": runtime.reloads,
+        "ensembles": ensembles,
+        "recent": list(book.recent),
+    }
