@@ -57,5 +57,6 @@ async def generate(
             ),
             on_done=lambda r: [{"object": "ensemble.result", **r.model_dump(exclude_none=True)}],
             on_end=tracker.end,
-        )
+        ),
+        tracker.end,
     )

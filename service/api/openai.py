@@ -100,7 +100,8 @@ async def _serve(
             chunk=lambda piece, last: chunk(cid, created, staged.name, piece, finish if last else None),
             on_done=usage_chunk,
             on_end=tracker.end,
-        )
+        ),
+        tracker.end,
     )
 
 

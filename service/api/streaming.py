@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from service.errors import GatewayError, error_body
 from service.pipeline import Pipeline, Staged
@@ -49,8 +50,23 @@ def text_chunk(id_: str, created: int, model: str, text: str, finish: str | None
     }
 
 
-def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+class _TrackedStream(StreamingResponse):
+    """A stream that ends its request's accounting however it ends, even when the client left
+    before the first byte (then the event generator never runs, and its ``finally`` neither)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[int], None]):
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close(499)  # a no-op when the stream already reported its status
+
+
+def stream_response(events: AsyncIterator[str], on_close: Callable[[int], None]) -> StreamingResponse:
+    return _TrackedStream(events, on_close)
 
 
 async def answer_events(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
@@ -185,3 +185,24 @@ def test_official_client_plain_and_streaming(client: TestClient) -> None:
     assert e.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         oa.chat.completions.create(model="nope", messages=[{"role": "user", "content": "q"}])
+
+
+async def test_stream_abandoned_before_its_first_byte_still_ends_its_accounting() -> None:
+    from service.api.streaming import stream_response
+
+    ended: list[object] = []
+
+    async def events() -> AsyncIterator[str]:
+        ended.append("started")
+        yield "data: x\n\n"
+
+    async def receive() -> dict[str, str]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: object) -> None:
+        raise OSError("the client is gone")
+
+    resp = stream_response(events(), ended.append)
+    with pytest.raises(OSError):
+        await resp({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+    assert ended == [499]  # the generator never ran; the request was still ended
