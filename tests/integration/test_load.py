@@ -58,7 +58,7 @@ def test_overload_at_four_times_capacity_is_shed_fast(tmp_path: Path) -> None:
 
 
 def test_soak_memory_stays_flat(tmp_path: Path) -> None:
-    n, warm = (10_000, 1_000) if full_scale() else (2_000, 500)
+    n, warm = (10_000, 1_000) if full_scale() else (1_200, 300)
     with stub_server(delay_ms=0) as stub:
         cfg = stub_config(stub, ["ok", "ok", "ok", "ok"], deadline_s=10)
         with gateway_process(cfg, tmp_path) as gw:

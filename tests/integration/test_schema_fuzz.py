@@ -30,7 +30,7 @@ def _check(resp: Any, seen: Counter[int]) -> None:
 
 
 def test_generated_requests_get_no_5xx_and_openai_errors(tmp_path: Path) -> None:
-    per_case = 1500 if full_scale() else 550  # per operation and mode: 4 x 550 = 2,200 cases
+    per_case = 1500 if full_scale() else 520  # per operation and mode: 4 x 520 = 2,080 cases
     seen: Counter[int] = Counter()
     with stub_server(delay_ms=0) as stub:
         cfg = stub_config(stub, ["ok", "ok", "flaky"], deadline_s=5)
