@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.config import RankerConfig
+from service.deberta import PackedDeberta, supports
 from service.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -303,9 +304,11 @@ class PairRMRanker:
         model_cls = import_pairrm()
         self.model = model_cls.from_pretrained(config.checkpoint, dtype=torch_dtype(config.dtype)).to(config.device)
         self.model.eval()
+        self.model.requires_grad_(False)
         mc = self.model.config
         self._marker_ids = (mc.source_prefix_id, mc.cand1_prefix_id, mc.cand2_prefix_id)
         self._pad = self.tokenizer.pad_token_id or 0
+        self._packed = PackedDeberta(self.model.pretrained_model) if config.packed and supports(mc) else None
         self.forwards = 0  # forward passes run, for the benchmark and tests
         self.pairs_scored = 0
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -476,29 +479,29 @@ class PairRMRanker:
 
     def _forward(self, items: list[tuple[_Job, Pair]]) -> None:
         torch = self._torch
-        width = max(self._pair_len(job, pair) for job, pair in items)
-        ids = np.full((len(items), width), self._pad, dtype=np.int64)
-        mask = np.zeros((len(items), width), dtype=np.int64)
+        seqs: list[list[int]] = []
         where = np.zeros((3, len(items)), dtype=np.int64)
         src_id, c1_id, c2_id = self._marker_ids
         for row, (job, (u, v)) in enumerate(items):
             t = job.texts
             assert t is not None
-            seq = t.source + t.cand1[u] + t.cand2[v]
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
+            seqs.append(t.source + t.cand1[u] + t.cand2[v])
             # Each marker occurs once (texts are stripped of them): its position is known.
             where[0, row] = t.source.index(src_id)
             where[1, row] = len(t.source) + t.cand1[u].index(c1_id)
             where[2, row] = len(t.source) + len(t.cand1[u]) + t.cand2[v].index(c2_id)
         device = self.config.device
         with torch.inference_mode():
-            hidden = self.model.pretrained_model(
-                input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device)
-            ).last_hidden_state
-            rows = torch.arange(len(items), device=device)
-            pos = torch.from_numpy(where).to(device)
-            src, c1, c2 = hidden[rows, pos[0]], hidden[rows, pos[1]], hidden[rows, pos[2]]
+            if self._packed is not None:
+                hidden = self._packed.encode(seqs)  # [tokens, hidden]
+                starts = np.cumsum([0] + [len(s) for s in seqs[:-1]])
+                pos = torch.from_numpy(where + starts[None, :]).to(device)
+                src, c1, c2 = hidden[pos[0]], hidden[pos[1]], hidden[pos[2]]
+            else:
+                hidden = self.model.pretrained_model(**self._padded(seqs)).last_hidden_state
+                rows = torch.arange(len(items), device=device)
+                pos = torch.from_numpy(where).to(device)
+                src, c1, c2 = hidden[rows, pos[0]], hidden[rows, pos[1]], hidden[rows, pos[2]]
             head = self.model.head_layer
             logits = (head(torch.cat([src, c1], dim=-1)) - head(torch.cat([src, c2], dim=-1))).mean(dim=-1)
             values = logits.float().cpu().numpy()
@@ -506,3 +509,15 @@ class PairRMRanker:
         self.pairs_scored += len(items)
         for (job, pair), value in zip(items, values, strict=True):
             job.logits[pair] = float(value)
+
+    def _padded(self, seqs: list[list[int]]) -> dict[str, Any]:
+        """transformers' inputs: the pairs padded to the longest, with the attention mask."""
+        torch = self._torch
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self._pad, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        device = self.config.device
+        return {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}

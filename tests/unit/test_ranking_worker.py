@@ -59,9 +59,14 @@ def one_by_one(ranker: PairRMRanker, source: str, candidates: list[str]) -> np.n
     return m
 
 
-def test_batched_matrix_equals_pair_by_pair(make_ranker: Any) -> None:
-    ranker = make_ranker(max_batch_pairs=7)
-    for source, candidates in PROMPTS[:3]:
+LONG = " ".join(["the river runs through the old city and the music plays"] * 30)  # past 128 tokens: log buckets
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_batched_matrix_equals_pair_by_pair(make_ranker: Any, packed: bool) -> None:
+    ranker = make_ranker(max_batch_pairs=7, packed=packed)
+    assert (ranker._packed is not None) == packed
+    for source, candidates in [*PROMPTS[:3], (LONG, [LONG[:400], "short", LONG[:900] + " twist"])]:
         np.testing.assert_allclose(
             ranker.compare_matrix(source, candidates), one_by_one(ranker, source, candidates), rtol=0, atol=1e-5
         )
@@ -80,15 +85,26 @@ async def test_concurrent_requests_share_forwards_and_get_their_own_scores(make_
         assert g.ranks == e.ranks
 
 
+def spy_forwards(ranker: PairRMRanker) -> list[tuple[int, int, str]]:
+    """Record (pairs, longest pair, thread) of every forward the ranker runs."""
+    seen: list[tuple[int, int, str]] = []
+    original = ranker._forward
+
+    def spy(items: Any) -> None:
+        width = max(ranker._pair_len(job, pair) for job, pair in items)
+        seen.append((len(items), width, threading.current_thread().name))
+        original(items)
+
+    ranker._forward = spy  # type: ignore[method-assign]
+    return seen
+
+
 def test_forwards_stay_within_the_token_and_pair_bounds(make_ranker: Any) -> None:
     ranker = make_ranker(max_batch_tokens=300, max_batch_pairs=6)
-    shapes: list[tuple[int, int]] = []
-    ranker.model.pretrained_model.register_forward_hook(
-        lambda m, args, kw, out: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
-    )
+    seen = spy_forwards(ranker)
     ranker.rank_sync(*PROMPTS[2])
-    assert shapes and all(b * w <= 300 and b <= 6 for b, w in shapes)
-    assert sum(b for b, _ in shapes) == 20
+    assert seen and all(b * w <= 300 and b <= 6 for b, w, _ in seen)
+    assert sum(b for b, _, _ in seen) == 20
 
 
 def test_copies_are_scored_once_and_tie(make_ranker: Any) -> None:
@@ -108,10 +124,9 @@ def test_cheaper_schemes_score_fewer_pairs(make_ranker: Any, scheme: str, pairs:
 
 async def test_model_work_runs_on_the_ranker_thread(make_ranker: Any) -> None:
     ranker = make_ranker()
-    seen: list[str] = []
-    ranker.model.pretrained_model.register_forward_pre_hook(lambda *a: seen.append(threading.current_thread().name))
+    seen = spy_forwards(ranker)
     await ranker.rank(SOURCE, CANDIDATES)
-    assert seen == ["ranker-pairrm"]
+    assert [thread for _, _, thread in seen] == ["ranker-pairrm"]
 
 
 async def test_a_failed_forward_fails_its_requests_and_the_worker_goes_on(make_ranker: Any) -> None:
@@ -126,7 +141,7 @@ async def test_a_failed_forward_fails_its_requests_and_the_worker_goes_on(make_r
             raise RuntimeError("out of memory")
         original(items)
 
-    ranker._forward = flaky
+    ranker._forward = flaky  # type: ignore[method-assign]
     with pytest.raises(ModelError, match="out of memory"):
         await ranker.rank(SOURCE, CANDIDATES)
     assert (await ranker.rank(SOURCE, CANDIDATES)).ranks
@@ -142,7 +157,7 @@ def test_close_fails_waiting_requests_and_ends_the_thread(make_ranker: Any) -> N
         release.wait(10)
         original(items)
 
-    ranker._forward = blocked
+    ranker._forward = blocked  # type: ignore[method-assign]
     running = ranker.submit(SOURCE, CANDIDATES)
     assert entered.wait(10)
     waiting = ranker.submit(SOURCE, CANDIDATES[:3])
