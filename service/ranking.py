@@ -493,9 +493,8 @@ class PairRMRanker:
         device = self.config.device
         with torch.inference_mode():
             if self._packed is not None:
-                hidden = self._packed.encode(seqs)  # [tokens, hidden]
-                starts = np.cumsum([0] + [len(s) for s in seqs[:-1]])
-                pos = torch.from_numpy(where + starts[None, :]).to(device)
+                hidden, starts = self._packed.encode(seqs)  # [tokens, hidden], each pair's first row
+                pos = torch.from_numpy(where + np.array(starts)[None, :]).to(device)
                 src, c1, c2 = hidden[pos[0]], hidden[pos[1]], hidden[pos[2]]
             else:
                 hidden = self.model.pretrained_model(**self._padded(seqs)).last_hidden_state
