@@ -9,7 +9,7 @@ PORT   ?= 8000
 export TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models demo test test-fast test-integration deploy-check reliability check lint typecheck clean
+.PHONY: install models demo test test-fast test-integration deploy-check reliability bench check lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ test-fast: $(STAMP)
 test-integration: models
 	$(BIN)/pytest -q -p no:cacheprovider tests/integration
 
+# Side by side with llm-blender: writes bench/results/latest.json and the table in docs/PERFORMANCE.md
+# (about 10-15 minutes on 2 cores; `python -m bench --quick` is the smoke run `make test` keeps).
+$(VENV)/.bench-installed: $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench: models $(VENV)/.bench-installed
+	$(BIN)/python -m bench
+
 # The fault and load scenarios at full size; their figures go to docs/RELIABILITY.md.
 RELIABILITY_ROWS := .cache/reliability.jsonl
 reliability: models
@@ -55,8 +64,8 @@ deploy-check: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/deploy
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

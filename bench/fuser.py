@@ -1,0 +1,98 @@
+"""Part 2: fusion of the top 3, this project's GenFuser against llm-blender's ``Blender.fuse``.
+
+Both get the same instruction, input and candidates; the texts must be identical, and the figure
+is the ratio of the median times per prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import alternate, median, text
+from bench.reference import blender_fuse, blender_fuser
+from service.config import FuserConfig
+from service.fusion import GenFuser
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FusePrompt:
+    instruction: str
+    input_text: str
+    candidates: list[str]
+
+
+def fuse_prompts(count: int, seed: int, cand_words: tuple[int, int]) -> list[FusePrompt]:
+    rng = random.Random(seed)
+    return [
+        FusePrompt(
+            rng.choice(["", "Answer briefly. ", "Explain: "]),
+            text(rng, rng.randint(8, 20)),
+            [text(rng, rng.randint(*cand_words)) for _ in range(3)],
+        )
+        for _ in range(count)
+    ]
+
+
+@dataclass(frozen=True)
+class Workload:
+    label: str
+    checkpoint: Path
+    prompts: int
+    repeats: int
+    cand_words: tuple[int, int] = (40, 120)
+    fuser: dict[str, Any] | None = None  # FuserConfig overrides for this project's side
+
+
+def run(w: Workload) -> dict[str, Any]:
+    prompts = fuse_prompts(w.prompts, seed=5, cand_words=w.cand_words)
+    logger.info("fuser %s: loading", w.label)
+    blender = blender_fuser(w.checkpoint)
+    ours = GenFuser("bench", FuserConfig.model_validate({"checkpoint": str(w.checkpoint), **(w.fuser or {})}))
+    try:
+        ours_text = [ours.fuse_sync(p.instruction, p.input_text, p.candidates) for p in prompts]
+        ref_text = [blender_fuse(blender, p.instruction, p.input_text, p.candidates) for p in prompts]
+        identical = ours_text == ref_text
+
+        def timed_all(fuse: Any) -> list[float]:
+            out = []
+            for p in prompts:
+                t = time.perf_counter()
+                fuse(p)
+                out.append(time.perf_counter() - t)
+            return out
+
+        logger.info("fuser %s: %d prompts x %d", w.label, len(prompts), w.repeats)
+        runs = alternate(
+            {
+                "ours": lambda: timed_all(lambda p: ours.fuse_sync(p.instruction, p.input_text, p.candidates)),
+                "llm_blender": lambda: timed_all(
+                    lambda p: blender_fuse(blender, p.instruction, p.input_text, p.candidates)
+                ),
+            },
+            w.repeats,
+        )
+        # Per prompt, the median over repeats; then the median over prompts.
+        per_prompt = {
+            name: [median([run[i] for run in results]) for i in range(len(prompts))] for name, results in runs.items()
+        }
+        ours_s, ref_s = median(per_prompt["ours"]), median(per_prompt["llm_blender"])
+        words = [len(t.split()) for t in ours_text]
+        mc = ours.model.config
+        return {
+            "model": f"T5 d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} layers, "
+            f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.0f} M parameters",
+            "identical_text": identical,
+            "mismatches": [i for i, (a, b) in enumerate(zip(ours_text, ref_text, strict=True)) if a != b],
+            "output_words_mean": sum(words) / len(words),
+            "p50_ms": {"ours": ours_s * 1000, "llm_blender": ref_s * 1000},
+            "speedup": ref_s / ours_s,
+        }
+    finally:
+        ours.close()

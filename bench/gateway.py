@@ -1,0 +1,220 @@
+"""Part 4: the gateway's own overhead.
+
+Four stub members answer after a fixed 20 ms (``tests/stub_server.py``, raw asyncio). The gateway
+(``ensemble-gateway serve``, one worker) serves an ensemble of the four with no ranker and no
+fuser: the top candidate is the member order's first. The floor is a bare asyncio script doing
+the same fan-out with the gateway's own HTTP client (``service.members.make_http_client``); the
+same fan-out with other clients is measured beside it. Both sides run on uvloop, as uvicorn does.
+
+- latency at concurrency 1: the gateway (one client hop + its fan-out) against the floor's fan-out;
+- requests/s with ``WORKERS`` closed-loop callers, the load generator being as lean as it can be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, median, percentile
+from bench.loadgen import Connection, LoadResult, closed_loop, post_request, sequential
+
+logger = logging.getLogger(__name__)
+
+MEMBERS = 4
+LATENCY_MS = 20.0
+WORKERS = 32
+BODY = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+
+
+@dataclass(frozen=True)
+class Workload:
+    c1_requests: int  # per block
+    blocks: int
+    load_seconds: float
+    clients: tuple[str, ...] = ("httpx", "httpx_aiohttp", "aiohttp")
+    gateways: tuple[str, ...] = ("shipped", "aiohttp")
+
+
+def gateway_config(stub_urls: list[str]) -> dict[str, Any]:
+    members = [
+        {"name": f"m{i}", "endpoint": url, "model": "ok", "timeout_s": 5.0, "sampling": {"max_tokens": 16}}
+        for i, url in enumerate(stub_urls)
+    ]
+    return {"members": members, "ensembles": {"bench": {"members": [m["name"] for m in members]}}}
+
+
+@contextlib.asynccontextmanager
+async def fan_out(client: str, urls: list[str]) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+    """The floor: one request = the four member calls at once, their JSON parsed, as the gateway
+    does, with the named client."""
+    from service.members import make_http_client
+
+    bodies = [{**BODY, "model": "ok", "temperature": 0.7, "top_p": 1.0} for _ in urls]
+    targets = [f"{u}/chat/completions" for u in urls]
+    if client in ("httpx", "httpx_aiohttp"):
+        if client == "httpx":
+            http = make_http_client(256)
+        else:
+            from bench.serve_variant import aiohttp_client
+
+            http = aiohttp_client(256)
+
+        async def one_httpx() -> bool:
+            resps = await asyncio.gather(*(http.post(t, json=b) for t, b in zip(targets, bodies, strict=True)))
+            return all(r.status_code == 200 and r.json()["choices"][0]["message"]["content"] for r in resps)
+
+        try:
+            yield one_httpx
+        finally:
+            await http.aclose()
+    elif client == "aiohttp":
+        import aiohttp
+
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+
+        async def call(target: str, body: dict[str, Any]) -> bool:
+            async with session.post(target, json=body) as r:
+                data = await r.json()
+                return r.status == 200 and bool(data["choices"][0]["message"]["content"])
+
+        async def one_aiohttp() -> bool:
+            return all(await asyncio.gather(*(call(t, b) for t, b in zip(targets, bodies, strict=True))))
+
+        try:
+            yield one_aiohttp
+        finally:
+            await session.close()
+    else:
+        raise ValueError(client)
+
+
+async def _gateway_caller(url: str, workers: int) -> tuple[Callable[[int], Awaitable[bool]], list[Connection]]:
+    host, port = url.removeprefix("http://").split(":")
+    conns = [await Connection.open(host, int(port)) for _ in range(workers)]
+    raw = post_request(host, int(port), "/generate", json.dumps({"prompt": "What is the capital of France?"}).encode())
+
+    async def call(w: int) -> bool:
+        status, body = await conns[w].send(raw)
+        return status == 200 and b'"output"' in body
+
+    return call, conns
+
+
+def _summary(r: LoadResult) -> dict[str, float]:
+    return {
+        "p50_ms": percentile(r.latencies, 50) * 1000,
+        "p90_ms": percentile(r.latencies, 90) * 1000,
+        "rps": r.rps,
+        "errors": r.errors,
+        "requests": len(r.latencies),
+    }
+
+
+async def _measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -> dict[str, Any]:
+    async with contextlib.AsyncExitStack() as stack:
+        floors = {c: await stack.enter_async_context(fan_out(c, stub_urls)) for c in w.clients}
+        callers: dict[str, Callable[[int], Awaitable[bool]]] = {}
+        conns: list[Connection] = []
+        for variant, url in gateways.items():
+            call, opened = await _gateway_caller(url, WORKERS)
+            callers["gateway" if variant == "shipped" else f"gateway_{variant}"] = call
+            conns += opened
+        try:
+            for name, one in floors.items():
+                callers[f"floor_{name}"] = lambda _w, one=one: one()  # type: ignore[misc]
+            for call in callers.values():  # warm-up: connections open, code paths hot
+                await sequential(call, 20)
+            c1: dict[str, list[float]] = {n: [] for n in callers}
+            errors = dict.fromkeys(callers, 0)
+            names = list(callers)
+            for b in range(w.blocks):
+                for name in names if b % 2 == 0 else reversed(names):
+                    r = await sequential(callers[name], w.c1_requests)
+                    c1[name] += r.latencies
+                    errors[name] += r.errors
+            load: dict[str, LoadResult] = {}
+            for name in names:
+                load[name] = await closed_loop(callers[name], WORKERS, w.load_seconds)
+        finally:
+            for c in conns:
+                c.close()
+    p50 = {n: median(v) * 1000 for n, v in c1.items()}
+    floor = p50["floor_httpx"]
+    return {
+        "members": MEMBERS,
+        "member_latency_ms": LATENCY_MS,
+        "c1_p50_ms": p50,
+        "c1_p90_ms": {n: percentile(v, 90) * 1000 for n, v in c1.items()},
+        "c1_errors": errors,
+        "load_workers": WORKERS,
+        "load": {n: _summary(r) for n, r in load.items()},
+        "overhead_p50_ms": p50["gateway"] - floor,
+        "floor_ratio": p50["gateway"] / floor,
+        "rps": load["gateway"].rps,
+    }
+
+
+@contextlib.contextmanager
+def serve(config: dict[str, Any], tmp: Path, variant: str) -> Iterator[str]:
+    """The gateway in its own process: ``shipped`` is ``ensemble-gateway serve``; ``aiohttp`` is
+    the same with the member client on httpx's aiohttp transport (``bench.serve_variant``)."""
+    import yaml
+
+    from service.launcher import free_port
+    from tests.load import stop_process
+
+    cfg = tmp / f"{variant}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = free_port()
+    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
+    head = [exe] if variant == "shipped" else [sys.executable, "-m", "bench.serve_variant"]
+    log = tmp / f"{variant}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*head, "serve", "--config", str(cfg), "--port", str(port), "--log-dir", str(tmp / "logs")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway {variant} did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{url}/ready", timeout=2).status == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop_process(proc)
+
+
+def run(w: Workload) -> dict[str, Any]:
+    from tests.load import stub_server
+
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(stub_server(delay_ms=LATENCY_MS)) for _ in range(MEMBERS)]
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gateway-")))
+        gateways = {v: stack.enter_context(serve(gateway_config(urls), tmp, v)) for v in w.gateways}
+        logger.info("gateway: %s over %d stubs", gateways, len(urls))
+        try:
+            import uvloop
+
+            return uvloop.run(_measure(gateways, urls, w))
+        except ImportError:
+            return asyncio.run(_measure(gateways, urls, w))

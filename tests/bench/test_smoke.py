@@ -1,0 +1,44 @@
+"""The benchmark's smoke run (`python -m bench --quick`): it runs every part end to end on small
+shapes and stub members, so the benchmark cannot rot. Speed is not checked here; what is: every
+key is written, our scores equal llm-blender's, our fused text equals Blender.fuse's, the
+gateway answered every request, and the doc table was generated."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.report import BEGIN, END, GOALS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_bench_writes_every_figure_and_keeps_parity(tmp_path: Path) -> None:
+    out, doc = tmp_path / "quick.json", tmp_path / "PERFORMANCE.md"
+    doc.write_text("# Performance\n\nHand-written analysis stays.\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--doc", str(doc)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    for key in GOALS:
+        assert isinstance(data[key], float) and math.isfinite(data[key]), key
+        assert key in data["goals_met"]
+    parts = data["parts"]
+    for ranker in ("ranker_tiny", "ranker_real"):
+        assert parts[ranker]["max_abs_score_diff_vs_llm_blender"] <= 1e-4
+    for fuser in ("fuser_tiny", "fuser_real"):
+        assert parts[fuser]["identical_text"], parts[fuser]["mismatches"]
+    assert parts["e2e"]["same_output_share"] == 1.0
+    assert parts["gateway"]["c1_errors"] == dict.fromkeys(parts["gateway"]["c1_errors"], 0)
+    assert parts["ranker_tiny"]["schemes"]["tournament"]["pairs_per_request"] == 8
+    text = doc.read_text()
+    assert "Hand-written analysis stays." in text and BEGIN in text and END in text
+    assert all(f"`{key}`" in text for key in GOALS)
