@@ -94,7 +94,7 @@ def create_app(
     app.state.started_at = time.time()
     app.state.metrics = metrics
     app.state.admission = runtime.admission
-    app.add_middleware(EdgeMiddleware, config=lambda: runtime.config)
+    app.add_middleware(EdgeMiddleware, config=lambda: runtime.config, draining=lambda: runtime.admission.draining)
     _install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)

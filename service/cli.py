@@ -6,12 +6,16 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
+
+import uvicorn
 
 from service.config import load_config
 from service.errors import ConfigError, GatewayError
 from service.logs import setup_logging
+from service.resilience import Admission
 
 logger = logging.getLogger("service.cli")
 
@@ -24,27 +28,34 @@ def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
     raise _Interrupted(signal.Signals(signum).name)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: for ``drain_grace_s`` keep listening but answer new requests with 503
+    and ``Connection: close`` (and fail /ready), so that clients leave their keep-alive
+    connections cleanly; then close the listener while uvicorn lets the requests in flight
+    finish, for up to ``drain_timeout_s``. A second signal stops at once."""
 
-    class _DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: refuse new requests (503, and /ready fails) while uvicorn lets the
-        ones in flight finish, for up to ``resilience.drain_timeout_s``."""
+    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float):
+        super().__init__(config)
+        self.admission = admission
+        self.grace_s = grace_s
+        self.timer: threading.Timer | None = None
 
-        def __init__(self, config: uvicorn.Config, admission: Admission):
-            super().__init__(config)
-            self.admission = admission
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if not self.admission.draining:
-                logger.info("draining: %d requests in flight", self.admission.running)
-            self.admission.draining = True
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.timer is not None or self.grace_s <= 0:
             super().handle_exit(sig, frame)
+            return
+        logger.info("draining: %d requests in flight", self.admission.running)
+        self.admission.draining = True
+        timer = threading.Timer(self.grace_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
+        self.timer = timer
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from service.adapters import check_members, startup_lora_args
     from service.app import create_app
     from service.launcher import Launcher
-    from service.resilience import Admission
 
     try:
         config = load_config(args.config)
@@ -72,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=False,
             timeout_graceful_shutdown=max(1, round(config.resilience.drain_timeout_s)),
         )
-        _DrainingServer(server_config, app.state.admission).run()
+        _DrainingServer(server_config, app.state.admission, config.resilience.drain_grace_s).run()
         return 0
     except _Interrupted as e:
         logger.info("stopping on %s", e)

@@ -351,8 +351,14 @@ class ResilienceConfig(_Strict):
     retries: RetryConfig = Field(default_factory=RetryConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     health_checks: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+    drain_grace_s: float = Field(
+        2.0,
+        ge=0,
+        description="On SIGTERM: how long the gateway keeps listening while it answers new requests with 503 "
+        "and `Connection: close` (and /ready fails), so that clients and load balancers move away first.",
+    )
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="On SIGTERM: how long requests in flight may still finish before the gateway stops."
+        30.0, ge=0, description="Then: how long requests in flight may still finish before the gateway stops."
     )
     restart_servers: bool = Field(True, description="Single-node mode: restart a launched server that died.")
     restart_backoff_s: float = Field(2.0, gt=0, description="First wait before a restart; doubles up to 120 s.")

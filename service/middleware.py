@@ -39,9 +39,10 @@ def _key_matches(given: str, keys: list[str]) -> bool:
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, config: Callable[[], GatewayConfig]):
+    def __init__(self, app: ASGIApp, config: Callable[[], GatewayConfig], draining: Callable[[], bool] = lambda: False):
         self.app = app
         self.config = config
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,7 +58,10 @@ class EdgeMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                extra = [(b"x-request-id", rid.encode())]
+                if self.draining():  # shutting down: no client should reuse this connection
+                    extra.append((b"connection", b"close"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:

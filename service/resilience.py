@@ -101,6 +101,12 @@ class CircuitBreaker:
         elif self.state == CLOSED and self.failures >= self.config.failures:
             self._open()
 
+    def half_open(self) -> None:
+        """Let the next request probe the member (a health check passed after the cool-down)."""
+        if self.state == OPEN:
+            self._probing = False
+            self._set(HALF_OPEN)
+
     def release_probe(self) -> None:
         """A probe that ended without a verdict (cancelled): let another one through."""
         self._probing = False
@@ -192,8 +198,13 @@ class Guards:
         breaker = self.breaker(name)
         if error is None:
             h.failures = 0
-            if breaker.state != CLOSED and breaker.by_health and breaker.retry_in_s <= 0:
-                breaker.success()  # opened by checks, closed by one after the cool-down
+            if breaker.state == OPEN and breaker.retry_in_s <= 0:
+                # Opened by checks: closed by one. Opened by failed calls: the next call probes it
+                # (a member can pass its health check and still fail its requests).
+                if breaker.by_health:
+                    breaker.success()
+                else:
+                    breaker.half_open()
             return
         h.failures += 1
         if h.failures >= self.health_config.failures and (breaker.state != OPEN or breaker.retry_in_s <= 0):
@@ -244,7 +255,8 @@ class Admission:
     async def acquire(self, timeout_s: float) -> None:
         """Take a slot, waiting in the queue for at most ``timeout_s``; raise ``Overloaded`` if shed."""
         if self.draining:
-            raise ShuttingDown("the gateway is shutting down", code="shutting_down")
+            retry = {"Retry-After": str(self.limits.retry_after_s)}
+            raise ShuttingDown("the gateway is shutting down", code="shutting_down", headers=retry)
         if self.running < self.limits.max_in_flight and not self._waiters:
             self.running += 1
             return

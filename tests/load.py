@@ -121,10 +121,10 @@ def gateway_process(config: dict[str, Any], tmp: Path, wait_ready: bool = True) 
         stop_process(proc)
 
 
-def stub_config(stub_url: str, models: list[str], **ensemble: Any) -> dict[str, Any]:
+def stub_config(stub_url: str, models: list[str], timeout_s: float = 2.0, **ensemble: Any) -> dict[str, Any]:
     """A gateway config whose members are the stub server's ``models`` (names may repeat a model)."""
     members = [
-        {"name": f"m{i}-{m}", "endpoint": stub_url, "model": m, "timeout_s": 2.0, "sampling": {"max_tokens": 16}}
+        {"name": f"m{i}-{m}", "endpoint": stub_url, "model": m, "timeout_s": timeout_s, "sampling": {"max_tokens": 16}}
         for i, m in enumerate(models)
     ]
     return {
@@ -180,9 +180,14 @@ async def drive(
     path: str = "/generate",
     keep: bool = False,
     rate: float | None = None,
+    stop_on_shutdown: bool = False,
 ) -> Result:
     """Send ``n`` requests, ``concurrency`` at a time (or at ``rate`` per second, open loop, over
-    at most ``concurrency`` connections); each may take its deadline plus one second."""
+    at most ``concurrency`` connections); each may take its deadline plus one second.
+
+    With ``stop_on_shutdown``, no request is sent after one was answered 503 ``shutting_down``,
+    as a load balancer stops routing to a draining replica."""
+    stopping = False
     result = Result()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -216,6 +221,8 @@ async def drive(
             if keep:
                 result.responses.append(data)
         elif resp.status_code != 200 and _is_openai_error(data):
+            nonlocal stopping
+            stopping = stopping or (stop_on_shutdown and data["error"]["code"] == "shutting_down")
             result.errors[resp.status_code] += 1
             result.error_latencies_ms.append(ms)
             if keep:
@@ -225,7 +232,7 @@ async def drive(
             result.problems.append(f"HTTP {resp.status_code}: {resp.text[:200]}")
 
     async def worker(client: httpx.AsyncClient) -> None:
-        while not queue.empty():
+        while not queue.empty() and not stopping:
             await one(client, queue.get_nowait())
 
     t0 = time.perf_counter()

@@ -200,3 +200,18 @@ async def test_admission_queue_timeout_and_cancelled_waiter() -> None:
     adm.draining = True
     with pytest.raises(ShuttingDown):
         await adm.acquire(10)
+
+
+async def test_passing_check_after_call_failures_half_opens_for_a_probe() -> None:
+    guards = Guards(Metrics(), BreakerConfig(failures=1, cooldown_s=0.05), HealthCheckConfig())
+    b = guards.breaker("m")
+    b.failure("http_5xx: boom")
+    assert b.state == OPEN
+    await guards.check({"m": FakeMember("m", "x")}, {})
+    assert b.state == OPEN  # still cooling down
+    await asyncio.sleep(0.06)
+    await guards.check({"m": FakeMember("m", "x")}, {})
+    assert b.state == HALF_OPEN and guards.usable("m")  # no traffic needed to become probe-able
+    assert b.allow() and not b.allow()
+    b.failure("http_5xx: still")
+    assert b.state == OPEN and b.cooldown_s == 0.1
