@@ -170,6 +170,12 @@ class FuserConfig(_Strict):
     candidate_max_length: int = Field(128, ge=1)
     num_beams: int = Field(4, ge=1, le=16)
     max_new_tokens: int | None = Field(None, ge=1, description="Default: candidate_max_length.")
+    shared_cross_cache: bool = Field(
+        True,
+        description="Beam search leaves the cross-attention cache in place between steps: its rows are the "
+        "encoder's, the same for every beam, so transformers' reordering of them each step only copies "
+        "(same output, checked against Blender.fuse); false: transformers' plain generate.",
+    )
 
 
 DEFAULT_AGGREGATION_TEMPLATE = """\

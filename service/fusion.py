@@ -2,12 +2,15 @@
 
 ``GenFuser`` reproduces llm-blender's ``Blender.fuse`` token for token: the same input text
 (``GenFuserDataset``'s format), the same truncation of each candidate, the same generation
-settings (``num_beams=4``, ``max_new_tokens`` = the candidate limit) and the same decoding.
+settings (``num_beams=4``, ``max_new_tokens`` = the candidate limit) and the same decoding. Its
+beam search skips one thing ``Blender.fuse`` spends time on: reordering the cross-attention cache,
+whose rows are the same for every beam (``FuserConfig.shared_cross_cache``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -75,6 +78,29 @@ class _FinalPrefix:
                 self.on_text(text[len(self.sent) :])
                 self.sent = text
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _shared_cross_cache() -> Any:
+    """An encoder-decoder cache whose beam reordering skips the cross-attention part.
+
+    Its keys and values are projections of the encoder output, which generate copies once per
+    beam: every beam's rows are the same, so reordering them (two copies per layer and step, the
+    size of the encoder output times the beams) changes nothing but the time it takes.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    return _shared_cross_cache_class()(DynamicCache(), DynamicCache())
+
+
+@functools.cache
+def _shared_cross_cache_class() -> Any:
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class SharedCrossCache(EncoderDecoderCache):
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    return SharedCrossCache
 
 
 def _common_prefix(seqs: list[list[int]]) -> list[int]:
@@ -170,7 +196,9 @@ class GenFuser:
             return_tensors="pt",
         )
         watcher = None
-        extra = {}
+        extra: dict[str, Any] = {}
+        if cfg.shared_cross_cache and self.model.config.is_encoder_decoder:
+            extra["past_key_values"] = _shared_cross_cache()
         if on_text is not None or cancel is not None:
             from transformers import StoppingCriteriaList
 
