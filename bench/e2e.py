@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -91,7 +92,17 @@ def servers(kind: str, tiny: Path, tmp: Path) -> Any:
     from service.config import ServerConfig
     from service.launcher import Launcher
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    # Each server's OpenMP threads on a core of its own: two servers decoding at once with
+    # threads spread over the same cores wait on each other's spinning threads many times over.
+    cores = os.cpu_count() or 1
+    binds = (
+        ("0", "1")
+        if cores == 2
+        else (f"0-{cores // 2 - 1}", f"{cores // 2}-{cores - 1}")
+        if cores > 2
+        else ("nobind",) * 2
+    )
+    envs = [{"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": b} for b in binds]
     args = ["--dtype", "float32", "--enforce-eager"]
     launcher = Launcher(tmp / "vllm-logs")
     try:
@@ -102,14 +113,14 @@ def servers(kind: str, tiny: Path, tmp: Path) -> Any:
                     model=str(tiny / "llama-a"),
                     served_model_names=["tiny-llama-a"],
                     args=["--max-model-len", "256", *args],
-                    env=env,
+                    env=envs[0],
                 ),
                 ServerConfig(
                     name="base-b",
                     model=str(tiny / "llama-b"),
                     served_model_names=["tiny-llama-b"],
                     args=["--max-model-len", "512", *args],
-                    env=env,
+                    env=envs[1],
                 ),
             ]
         )
@@ -157,16 +168,22 @@ class Sequential:
         self.ranker = blender_ranker(write_blender_ranker(tiny / "pairrm", CACHE / "pairrm-llm-blender-format"))
         self.fuser = blender_fuser(tiny / "genfuser")
         self.utils = import_llm_blender("llm_blender.blender.blender_utils")
+        self.stages: list[dict[str, float]] = []  # seconds per stage, per request
 
     def __call__(self, prompt: str) -> str:
+        t0 = time.perf_counter()
         candidates = []
         for m in self.members:
             r = self.http.post(f"{self.urls[m.server]}/chat/completions", json=m.body(prompt))
             r.raise_for_status()
             candidates.append(r.json()["choices"][0]["message"]["content"])
+        t1 = time.perf_counter()
         ranks = self.ranker.rank([prompt], [candidates], batch_size=8, disable_tqdm=True)
         top = self.utils.get_topk_candidates_from_ranks(ranks, [candidates], top_k=TOP_K)[0]
-        return blender_fuse(self.fuser, "", prompt, [str(c) for c in top], **self.generate)
+        t2 = time.perf_counter()
+        out = blender_fuse(self.fuser, "", prompt, [str(c) for c in top], **self.generate)
+        self.stages.append({"members": t1 - t0, "rank": t2 - t1, "fuse": time.perf_counter() - t2})
+        return out
 
     def close(self) -> None:
         self.http.close()
@@ -182,6 +199,7 @@ class GatewayClient:
         self.host, port = url.removeprefix("http://").split(":")
         self.port = int(port)
         self.conns: list[Connection] = []
+        self.stages: list[dict[str, float]] = []  # the gateway's own timings_ms, in seconds
 
     async def open(self, n: int) -> None:
         self.conns = [await Connection.open(self.host, self.port) for _ in range(n)]
@@ -191,7 +209,9 @@ class GatewayClient:
         status, body = await self.conns[conn].send(raw)
         if status != 200:
             raise RuntimeError(f"gateway answered {status}: {body[:300]!r}")
-        return str(json.loads(body)["output"])
+        data = json.loads(body)
+        self.stages.append({k: data["timings_ms"][k] / 1000 for k in ("members", "rank", "fuse")})
+        return str(data["output"])
 
     def close(self) -> None:
         for c in self.conns:
@@ -213,6 +233,8 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
     await loop.run_in_executor(None, seq, warm)
 
     c1: dict[str, list[float]] = {"gateway": [], "sequential": []}
+    gw.stages.clear()
+    seq.stages.clear()
     same = 0
     for i, p in enumerate(prompts(w.requests_c1, seed=1)):
         outputs: dict[str, str] = {}
@@ -222,6 +244,10 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
             c1[name].append(time.perf_counter() - t)
         same += outputs["gateway"] == outputs["sequential"]
 
+    stages_c1 = {
+        name: {k: median([st[k] for st in who.stages]) * 1000 for k in ("members", "rank", "fuse")}
+        for name, who in (("gateway", gw), ("sequential", seq))
+    }
     clients = [prompts(w.rounds_c8, seed=100 + c) for c in range(CLIENTS)]
     total = CLIENTS * w.rounds_c8
 
@@ -252,6 +278,7 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
         "requests_c1": w.requests_c1,
         "requests_c8": total,
         "c1_p50_ms": p50,
+        "c1_stage_p50_ms": stages_c1,
         "c8_requests_per_s": {"gateway": rps_gw, "sequential": rps_seq},
         "p50_speedup_c1": p50["sequential"] / p50["gateway"],
         "throughput_ratio_c8": rps_gw / rps_seq,

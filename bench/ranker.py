@@ -100,9 +100,10 @@ def _blender_c8(blender: Any, clients: list[list[RankRequest]], how: str) -> flo
     return sum(len(c) for c in clients) / (time.perf_counter() - t)
 
 
-def matmul_peak(tokens: int, hidden: int, intermediate: int, repeats: int = 3) -> dict[str, float]:
+def matmul_peak(tokens: int, hidden: int, intermediate: int, repeats: int = 5) -> dict[str, float]:
     """Dense float32 matrix-multiply FLOP/s on this machine, with the threads the ranker uses: a
-    large square product and the ranker's own feed-forward shape; the peak is the better one."""
+    large square product and the ranker's own feed-forward shape, the best of ``repeats`` each (a
+    peak: what the machine can do, not what it did while busy); the peak is the better shape."""
     import torch
 
     shapes = {"square_2048": (2048, 2048, 2048), "ffn": (tokens, hidden, intermediate)}
@@ -116,7 +117,7 @@ def matmul_peak(tokens: int, hidden: int, intermediate: int, repeats: int = 3) -
                 t = time.perf_counter()
                 a @ b
                 times.append(time.perf_counter() - t)
-            out[name] = 2 * m * k * n / median(times)
+            out[name] = 2 * m * k * n / min(times)
     out["peak"] = max(out.values())
     return out
 

@@ -130,7 +130,12 @@ def _details(results: dict[str, Any]) -> list[str]:
             f"concurrency 1, {e['requests_c8']} at 8): p50 {e['c1_p50_ms']['gateway']:.0f} ms vs "
             f"{e['c1_p50_ms']['sequential']:.0f} ms; at 8 clients {e['c8_requests_per_s']['gateway']:.2f} vs "
             f"{e['c8_requests_per_s']['sequential']:.2f} req/s; same output as the sequential pipeline on "
-            f"{e['same_output_share']:.0%} of the requests.",
+            f"{e['same_output_share']:.0%} of the requests. Stage medians at concurrency 1 (ms): "
+            + "; ".join(
+                f"{who}: " + ", ".join(f"{k} {v:.0f}" for k, v in st.items())
+                for who, st in e["c1_stage_p50_ms"].items()
+            )
+            + ".",
             "",
         ]
     g = parts.get("gateway")

@@ -176,6 +176,13 @@ class FuserConfig(_Strict):
         "encoder's, the same for every beam, so transformers' reordering of them each step only copies "
         "(same output, checked against Blender.fuse); false: transformers' plain generate.",
     )
+    skinny_products: bool = Field(
+        True,
+        description="On a CPU, the decoder's matrix products with a few rows (one per beam) run as "
+        "weight x input^T, which streams each weight from memory once: about 3x the bandwidth of the "
+        "plain product. Their results differ from it in the last bits; the text was identical to "
+        "Blender.fuse's on the parity prompts. False: the plain products.",
+    )
 
 
 DEFAULT_AGGREGATION_TEMPLATE = """\

@@ -275,7 +275,7 @@ class _Job:
             self.future.set_result(Outcome(done.value, self.logits, self.where))
             return True
         except Exception as e:  # a bug in a plan fails its own request, not the others
-            self.future.set_exception(ModelError(f"ranking failed: {e}"))
+            self.future.set_exception(_model_error(f"ranking failed: {e}", e))
             return True
         return False
 
@@ -285,6 +285,13 @@ class _Job:
 
 
 _STOP = object()
+
+
+def _model_error(message: str, cause: BaseException) -> ModelError:
+    """A ``ModelError`` for a future, with its cause attached (``raise ... from`` cannot be used)."""
+    error = ModelError(message)
+    error.__cause__ = cause
+    return error
 
 
 class PairRMRanker:
@@ -396,7 +403,7 @@ class PairRMRanker:
             except Exception as e:
                 logger.exception("ranker %s: forward failed", self.name)
                 for job in active:
-                    job.fail(ModelError(f"ranker {self.name}: {type(e).__name__}: {e}"))
+                    job.fail(_model_error(f"ranker {self.name}: {type(e).__name__}: {e}", e))
                 active = []
                 continue
             active = [job for job in active if not job.advance()]
@@ -448,7 +455,7 @@ class PairRMRanker:
             job.texts = self._encode(job.source, unique)
             job.plan = make_plan(job.scheme, job.where, job.logits, self.config)
         except Exception as e:
-            job.fail(ModelError(f"ranker {self.name}: {type(e).__name__}: {e}"))
+            job.fail(_model_error(f"ranker {self.name}: {type(e).__name__}: {e}", e))
             return
         if not job.advance():
             active.append(job)

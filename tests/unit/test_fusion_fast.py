@@ -55,3 +55,60 @@ def test_reordering_skips_only_the_cross_attention_cache(fusers: dict[bool, GenF
     cache.reorder_cache(torch.tensor([1, 1]))
     assert torch.equal(cache.self_attention_cache.layers[0].keys, k[[1, 1]])
     assert torch.equal(cache.cross_attention_cache.layers[0].keys, k)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 17, 40])
+def test_skinny_products_agree_with_the_plain_product(rows: int) -> None:
+    import torch
+
+    from service.fusion import _skinny_linear
+
+    torch.manual_seed(rows)
+    for bias in (True, False):
+        linear = torch.nn.Linear(96, 160, bias=bias)
+        x = torch.randn(rows, 1, 96)
+        with torch.inference_mode():
+            got, want = _skinny_linear(linear, x), linear(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        if rows > 16:
+            assert torch.equal(got, want)  # longer inputs take the plain product itself
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A T5 whose decoder weights are large enough (512 x 512) to take the skinny products."""
+    import torch
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("wide-genfuser")
+    make_genfuser(out)
+    config = AutoConfig.from_pretrained(out)
+    config.d_model, config.d_kv, config.d_ff, config.num_heads = 512, 64, 1024, 8
+    config.num_layers = config.num_decoder_layers = 1
+    torch.manual_seed(3)
+    model = T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.1)
+        model.lm_head.weight[config.eos_token_id] *= 0.1
+    model.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+def test_skinny_products_leave_the_text_unchanged(wide_checkpoint: str) -> None:
+    fast = GenFuser("fast", FuserConfig(checkpoint=wide_checkpoint, max_new_tokens=32))
+    plain = GenFuser(
+        "plain",
+        FuserConfig(checkpoint=wide_checkpoint, max_new_tokens=32, skinny_products=False, shared_cross_cache=False),
+    )
+    try:
+        patched = [n for n, m in fast.model.named_modules() if "forward" in vars(m)]
+        assert patched and all(n.startswith("decoder.") or n == "lm_head" for n in patched)
+        assert not any("forward" in vars(m) for m in plain.model.modules())
+        for instruction, input_text, candidates in CASES[:2]:
+            assert fast.fuse_sync(instruction, input_text, candidates) == plain.fuse_sync(
+                instruction, input_text, candidates
+            )
+    finally:
+        fast.close()
+        plain.close()
