@@ -46,9 +46,9 @@ class GenerateRequest(_Wire):
     return_candidates: bool = Field(False, description="Include every candidate in the response.")
     deadline_s: float | None = Field(
         None,
-        ge=0.1,
+        ge=1.0,
         le=3600,
-        description="Answer within this many seconds (at least 0.1); the ensemble's deadline still bounds it.",
+        description="Answer within this many seconds (at least 1); the ensemble's deadline still bounds it.",
     )
     stream: bool = Field(
         False,
@@ -185,7 +185,7 @@ class _OpenAIRequest(_Wire):
     top_k: int | None = Field(None, ge=1, description="Extension: candidates fused.")
     instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Extension: task instruction.")
     deadline_s: float | None = Field(
-        None, ge=0.1, le=3600, description="Extension: answer within this many seconds (at least 0.1)."
+        None, ge=1.0, le=3600, description="Extension: answer within this many seconds (at least 1)."
     )
 
     def unsupported(self) -> str | None:

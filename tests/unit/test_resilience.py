@@ -140,8 +140,8 @@ async def test_request_deadline_shortens_the_ensembles() -> None:
     p = pipe([FakeMember("a", "x", delay=5), FakeMember("b", "yy", delay=5), FakeMember("c", "z", delay=5)], QUORUM)
     t0 = time.monotonic()
     with pytest.raises(Exception) as e:
-        await p.run(GenerateRequest(prompt="q", deadline_s=0.4))
-    assert time.monotonic() - t0 < 0.6
+        await p.run(GenerateRequest(prompt="q", deadline_s=1.0))
+    assert time.monotonic() - t0 < 1.3  # the ensemble allows 20 s
     assert getattr(e.value, "status", None) == 504
 
 
