@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.load import drive, full_scale, gateway_process, record, stub_config, stub_server
 
@@ -21,6 +22,16 @@ pytestmark = pytest.mark.integration
 MEMBER_MS = 200
 MAX_IN_FLIGHT = 4
 QUEUE = 4
+
+
+def shed_by_reason(metrics: str) -> dict[str, float]:
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "gateway_shed"
+        for sample in family.samples
+        if sample.name == "gateway_shed_total"
+    }
 
 
 def test_overload_at_four_times_capacity_is_shed_fast(tmp_path: Path) -> None:
@@ -39,11 +50,15 @@ def test_overload_at_four_times_capacity_is_shed_fast(tmp_path: Path) -> None:
     assert set(res.errors) <= {429}, res.errors
     assert shed > n / 2  # most of the 4x load is turned away...
     assert res.answered >= 0.6 * capacity * seconds  # ...while the capacity keeps serving
+    # "At once": a shed must not wait out the queue. Client-side latency on 2 busy cores is no measure
+    # of that (the driver's own loop lags; CI once saw a 605 ms p99), so the gateway's own count of
+    # why it shed is: all but a few are refused on arrival (queue full), not after queue_timeout_s.
+    by_reason = shed_by_reason(metrics)
+    assert sum(by_reason.values()) == shed, (by_reason, shed)
+    assert by_reason.get("queue_full", 0) >= 0.9 * shed, by_reason
     shed_p99 = res.pct(99, res.error_latencies_ms)
-    assert shed_p99 < 250, shed_p99  # client-side, on 2 busy cores; the gateway's own cost is ~1 ms
-    # admitted: at most a queue wait of (QUEUE / MAX_IN_FLIGHT) turns, plus the request itself
-    assert res.pct(99) < 1000 + 2.5 * MEMBER_MS, res.pct(99)
-    assert "gateway_shed_total" in metrics
+    # admitted: at most queue_timeout_s in the queue, plus the request itself (slack for the busy cores)
+    assert res.pct(99) < 1000 + 5 * MEMBER_MS, res.pct(99)
     record(
         "overload 4x",
         f"stub members at {MEMBER_MS} ms; max_in_flight {MAX_IN_FLIGHT}, queue {QUEUE} "
