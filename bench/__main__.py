@@ -108,7 +108,7 @@ def run(parts: list[str], quick: bool, real_shape: str) -> dict[str, Any]:
         part(
             "gateway",
             gateway.run,
-            gateway.Workload(c1_requests=20, blocks=1, load_seconds=1.0, clients=("httpx",), gateways=("shipped",))
+            gateway.Workload(c1_requests=20, blocks=1, load_seconds=1.0, clients=("httpx_aiohttp",), gateways=("shipped",))
             if quick
             else gateway.Workload(c1_requests=100, blocks=3, load_seconds=5.0),
         )
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(parts, args.quick, args.real_shape)
     flat = keys(results)
     out: dict[str, Any] = {
-        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         "mode": "quick" if args.quick else "full",
         "started": dt.datetime.fromtimestamp(started, dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "duration_s": time.time() - started,

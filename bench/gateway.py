@@ -3,8 +3,9 @@
 Four stub members answer after a fixed 20 ms (``tests/stub_server.py``, raw asyncio). The gateway
 (``ensemble-gateway serve``, one worker) serves an ensemble of the four with no ranker and no
 fuser: the top candidate is the member order's first. The floor is a bare asyncio script doing
-the same fan-out with the gateway's own HTTP client (``service.members.make_http_client``); the
-same fan-out with other clients is measured beside it. Both sides run on uvloop, as uvicorn does.
+the same fan-out with the gateway's own HTTP client (``service.http.make_http_client``: httpx on
+aiohttp's transport); the same fan-out on httpx's own pool and on bare aiohttp is measured beside
+it, and so is the gateway with ``member_http: httpx``. Both sides run on uvloop, as uvicorn does.
 
 - latency at concurrency 1: the gateway (one client hop + its fan-out) against the floor's fan-out;
 - requests/s with ``WORKERS`` closed-loop callers, the load generator being as lean as it can be.
@@ -43,33 +44,32 @@ class Workload:
     c1_requests: int  # per block
     blocks: int
     load_seconds: float
-    clients: tuple[str, ...] = ("httpx", "httpx_aiohttp", "aiohttp")
-    gateways: tuple[str, ...] = ("shipped", "aiohttp")
+    clients: tuple[str, ...] = ("httpx_aiohttp", "httpx", "aiohttp")
+    gateways: tuple[str, ...] = ("shipped", "httpx")
 
 
-def gateway_config(stub_urls: list[str]) -> dict[str, Any]:
+def gateway_config(stub_urls: list[str], variant: str = "shipped") -> dict[str, Any]:
+    """``shipped``: the default config; ``httpx``: the same on httpx's own connection pool."""
     members = [
         {"name": f"m{i}", "endpoint": url, "model": "ok", "timeout_s": 5.0, "sampling": {"max_tokens": 16}}
         for i, url in enumerate(stub_urls)
     ]
-    return {"members": members, "ensembles": {"bench": {"members": [m["name"] for m in members]}}}
+    cfg: dict[str, Any] = {"members": members, "ensembles": {"bench": {"members": [m["name"] for m in members]}}}
+    if variant == "httpx":
+        cfg["member_http"] = "httpx"
+    return cfg
 
 
 @contextlib.asynccontextmanager
 async def fan_out(client: str, urls: list[str]) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
     """The floor: one request = the four member calls at once, their JSON parsed, as the gateway
     does, with the named client."""
-    from service.members import make_http_client
+    from service.http import make_http_client
 
     bodies = [{**BODY, "model": "ok", "temperature": 0.7, "top_p": 1.0} for _ in urls]
     targets = [f"{u}/chat/completions" for u in urls]
     if client in ("httpx", "httpx_aiohttp"):
-        if client == "httpx":
-            http = make_http_client(256)
-        else:
-            from bench.serve_variant import aiohttp_client
-
-            http = aiohttp_client(256)
+        http = make_http_client(256, "httpx" if client == "httpx" else "aiohttp")
 
         async def one_httpx() -> bool:
             resps = await asyncio.gather(*(http.post(t, json=b) for t, b in zip(targets, bodies, strict=True)))
@@ -151,7 +151,7 @@ async def _measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) 
             for c in conns:
                 c.close()
     p50 = {n: median(v) * 1000 for n, v in c1.items()}
-    floor = p50["floor_httpx"]
+    floor = p50["floor_httpx_aiohttp"]  # the gateway's own client
     return {
         "members": MEMBERS,
         "member_latency_ms": LATENCY_MS,
@@ -168,8 +168,7 @@ async def _measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) 
 
 @contextlib.contextmanager
 def serve(config: dict[str, Any], tmp: Path, variant: str) -> Iterator[str]:
-    """The gateway in its own process: ``shipped`` is ``ensemble-gateway serve``; ``aiohttp`` is
-    the same with the member client on httpx's aiohttp transport (``bench.serve_variant``)."""
+    """``ensemble-gateway serve`` in its own process, on ``config``."""
     import yaml
 
     from service.launcher import free_port
@@ -179,11 +178,10 @@ def serve(config: dict[str, Any], tmp: Path, variant: str) -> Iterator[str]:
     cfg.write_text(yaml.safe_dump(config))
     port = free_port()
     exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
-    head = [exe] if variant == "shipped" else [sys.executable, "-m", "bench.serve_variant"]
     log = tmp / f"{variant}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*head, "serve", "--config", str(cfg), "--port", str(port), "--log-dir", str(tmp / "logs")],
+            [exe, "serve", "--config", str(cfg), "--port", str(port), "--log-dir", str(tmp / "logs")],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -210,7 +208,7 @@ def run(w: Workload) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(stub_server(delay_ms=LATENCY_MS)) for _ in range(MEMBERS)]
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gateway-")))
-        gateways = {v: stack.enter_context(serve(gateway_config(urls), tmp, v)) for v in w.gateways}
+        gateways = {v: stack.enter_context(serve(gateway_config(urls, v), tmp, v)) for v in w.gateways}
         logger.info("gateway: %s over %d stubs", gateways, len(urls))
         try:
             import uvloop

@@ -106,7 +106,7 @@ def gateway(variant: str, seconds: float = 8.0) -> str:
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(stub_server(delay_ms=gw.LATENCY_MS)) for _ in range(gw.MEMBERS)]
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-profile-")))
-        url = stack.enter_context(gw.serve(gw.gateway_config(urls), tmp, variant))
+        url = stack.enter_context(gw.serve(gw.gateway_config(urls, variant), tmp, variant))
         port = int(url.rsplit(":", 1)[1])
         pid = next(
             p.pid
@@ -133,7 +133,7 @@ def gateway(variant: str, seconds: float = 8.0) -> str:
                     c.close()
 
         rps = asyncio.run(load())
-        return f"gateway ({variant} client), {rps:.0f} req/s while sampled\n\n" + collapse(out.read_text())
+        return f"gateway ({variant} member client), {rps:.0f} req/s while sampled\n\n" + collapse(out.read_text())
 
 
 def main() -> None:
@@ -155,7 +155,7 @@ def main() -> None:
     if "fuser" in parts:
         (OUT / "fuser_tiny.txt").write_text(fuser(tiny / "genfuser"))
     if "gateway" in parts:
-        (OUT / "gateway.txt").write_text(gateway("shipped") + "\n\n" + gateway("aiohttp"))
+        (OUT / "gateway.txt").write_text(gateway("shipped") + "\n\n" + gateway("httpx"))
     logger.info("profiles in %s", OUT)
 
 

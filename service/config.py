@@ -393,6 +393,11 @@ class GatewayConfig(_Strict):
     ensembles: dict[Name, EnsembleConfig] = Field(min_length=1)
     default_ensemble: Name | None = Field(None, description="Default: the first ensemble.")
     max_connections: int = Field(256, ge=1, description="HTTP connections to members at most.")
+    member_http: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp",
+        description="Transport under the members' httpx client: aiohttp's pool (fast under concurrency) "
+        "or httpx's own.",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

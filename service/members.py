@@ -314,15 +314,3 @@ class SoftPromptMember(OpenAIMember):
 
     def _choice_text(self, choice: dict[str, Any]) -> Any:
         return choice["text"]
-
-
-def make_http_client(max_connections: int) -> httpx.AsyncClient:
-    """The one client all members share; per-call timeouts come from each member."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(60.0, connect=5.0),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-        ),
-    )

@@ -21,8 +21,9 @@ from service.build import Built, Components, build_pipeline, prepare_members
 from service.config import GatewayConfig, load_config
 from service.errors import ConfigError
 from service.gate import ClassGate
+from service.http import make_http_client
 from service.launcher import Launcher, RunningServer
-from service.members import LoRAMember, Member, MemberFailure, make_http_client
+from service.members import LoRAMember, Member, MemberFailure
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.resilience import Admission, Guards
@@ -71,7 +72,7 @@ class Runtime:
         return self.launcher.base_urls() if self.launcher is not None else {}
 
     async def start(self) -> Pipeline:
-        self.client = make_http_client(self.config.max_connections)
+        self.client = make_http_client(self.config.max_connections, self.config.member_http)
         try:
             built = await build_pipeline(
                 self.config,
