@@ -20,6 +20,7 @@ import io
 import logging
 import pstats
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import Future
 from pathlib import Path
@@ -119,7 +120,8 @@ def gateway(variant: str, seconds: float = 8.0) -> str:
             call, conns = await gw._gateway_caller(url, gw.WORKERS)
             try:
                 await closed_loop(call, gw.WORKERS, 2.0)
-                command = ["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw"]
+                spy_exe = str(Path(sys.executable).parent / "py-spy")  # the venv's; PATH may lack it
+                command = [spy_exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw"]
                 spy = subprocess.Popen(
                     [*command, "--nonblocking", "-o", str(out)],
                     stdout=subprocess.DEVNULL,
