@@ -183,6 +183,14 @@ class FuserConfig(_Strict):
         "plain product. Their results differ from it in the last bits; the text was identical to "
         "Blender.fuse's on the parity prompts. False: the plain products.",
     )
+    lean_decode: bool = Field(
+        True,
+        description="For a T5 fuser, beam search runs in service/t5decode.py: transformers' beam search "
+        "(same steps, same output tokens) on the model's weights with plain torch operations, the "
+        "cross-attention keys and values computed once for all beams, without transformers' per-step "
+        "module, cache and bookkeeping overhead. Settings it does not implement fall back to "
+        "transformers' generate. False: transformers' generate always.",
+    )
 
 
 DEFAULT_AGGREGATION_TEMPLATE = """\

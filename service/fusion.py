@@ -4,7 +4,9 @@
 (``GenFuserDataset``'s format), the same truncation of each candidate, the same generation
 settings (``num_beams=4``, ``max_new_tokens`` = the candidate limit) and the same decoding. Its
 beam search skips one thing ``Blender.fuse`` spends time on: reordering the cross-attention cache,
-whose rows are the same for every beam (``FuserConfig.shared_cross_cache``).
+whose rows are the same for every beam (``FuserConfig.shared_cross_cache``). For a T5 it runs its
+own decode loop (``service.t5decode``, ``FuserConfig.lean_decode``): the same search on the model's
+weights without transformers' per-step machinery.
 """
 
 from __future__ import annotations
@@ -69,16 +71,20 @@ class _FinalPrefix:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        stop = self.step(input_ids.tolist())
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    def step(self, seqs: list[list[int]]) -> bool:
+        """One step's continuations (decoder start token first); True: stop (cancelled)."""
         stop = self.cancel is not None and self.cancel.is_set()
         if self.on_text is not None and not stop:
-            seqs = input_ids.tolist()
             self.ended.extend(s for s in seqs if s and s[-1] == self.eos)
             prefix = _common_prefix(seqs + self.ended)[1:]  # drop the decoder start token
             text = self.tokenizer.decode(prefix, skip_special_tokens=True).rstrip("\ufffd")
             if len(text) > len(self.sent) and text.startswith(self.sent):
                 self.on_text(text[len(self.sent) :])
                 self.sent = text
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return stop
 
 
 SKINNY_ROWS = 16
@@ -170,6 +176,16 @@ class GenFuser:
             for module in [*self.model.get_decoder().modules(), self.model.get_output_embeddings()]:
                 if isinstance(module, torch.nn.Linear) and module.weight.numel() >= SKINNY_MIN_WEIGHTS:
                     module.forward = types.MethodType(_skinny_linear, module)  # type: ignore[method-assign]
+        self._lean: Any = None
+        if config.lean_decode:
+            from service.t5decode import LeanT5
+
+            reason = LeanT5.unsupported_model(self.model)
+            if reason is None:
+                skinny = config.skinny_products and config.device == "cpu"
+                self._lean = LeanT5(self.model, SKINNY_MIN_WEIGHTS if skinny else None, SKINNY_ROWS)
+            else:
+                logger.info("fuser %s: transformers' generate, no lean decode (%s)", name, reason)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fuser-{name}")
         logger.info("fuser %s loaded in %.1fs", name, time.perf_counter() - start)
 
@@ -220,23 +236,28 @@ class GenFuser:
             return_tensors="pt",
         )
         watcher = None
-        extra: dict[str, Any] = {}
-        if cfg.shared_cross_cache and self.model.config.is_encoder_decoder:
-            extra["past_key_values"] = _shared_cross_cache()
         if on_text is not None or cancel is not None:
-            from transformers import StoppingCriteriaList
-
             watcher = _FinalPrefix(self.tokenizer, on_text, cancel)
-            extra["stopping_criteria"] = StoppingCriteriaList([watcher])
-        with self._torch.inference_mode():
-            out = self.model.generate(
-                input_ids=enc["input_ids"].to(cfg.device),
-                attention_mask=enc["attention_mask"].to(cfg.device),
-                num_beams=cfg.num_beams,
-                max_new_tokens=cfg.max_new_tokens or cfg.candidate_max_length,
-                num_return_sequences=1,
-                **extra,
-            )
+        input_ids, attention_mask = enc["input_ids"].to(cfg.device), enc["attention_mask"].to(cfg.device)
+        max_new_tokens = cfg.max_new_tokens or cfg.candidate_max_length
+        out = self._lean_generate(input_ids, attention_mask, max_new_tokens, watcher)
+        if out is None:
+            extra: dict[str, Any] = {}
+            if cfg.shared_cross_cache and self.model.config.is_encoder_decoder:
+                extra["past_key_values"] = _shared_cross_cache()
+            if watcher is not None:
+                from transformers import StoppingCriteriaList
+
+                extra["stopping_criteria"] = StoppingCriteriaList([watcher])
+            with self._torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    num_beams=cfg.num_beams,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=1,
+                    **extra,
+                )
         text = str(self.tokenizer.batch_decode(out, skip_special_tokens=True)[0])
         if watcher is not None and on_text is not None:
             if not text.startswith(watcher.sent):
@@ -246,6 +267,20 @@ class GenFuser:
             else:
                 on_text(text[len(watcher.sent) :])
         return text
+
+    def _lean_generate(
+        self, input_ids: Any, attention_mask: Any, max_new_tokens: int, watcher: _FinalPrefix | None
+    ) -> list[list[int]] | None:
+        """``generate``'s output by the lean decode path (``service.t5decode``), or None where it
+        does not apply (then transformers' ``generate`` runs)."""
+        if self._lean is None:
+            return None
+        plan = self._lean.prepare(self.config.num_beams, max_new_tokens, num_return_sequences=1)
+        if isinstance(plan, str):
+            logger.debug("fuser %s: transformers' generate (%s)", self.name, plan)
+            return None
+        ids = self._lean.generate(input_ids, attention_mask, plan, on_step=watcher.step if watcher else None)
+        return None if ids is None else [ids]
 
 
 def format_candidates(candidates: list[str]) -> str:
