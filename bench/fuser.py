@@ -87,7 +87,7 @@ def run(w: Workload) -> dict[str, Any]:
         mc = ours.model.config
         return {
             "model": f"T5 d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} layers, "
-            f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.0f} M parameters",
+            f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.3g} M parameters",
             "identical_text": identical,
             "mismatches": [i for i, (a, b) in enumerate(zip(ours_text, ref_text, strict=True)) if a != b],
             "output_words_mean": sum(words) / len(words),
