@@ -37,6 +37,7 @@ from service.config import EnsembleConfig
 logger = logging.getLogger(__name__)
 
 CLIENTS = 8
+STAGES = ("members", "rank", "fuse")  # the gateway's timings_ms keys; the sequential side times the same
 TOP_K = 3
 
 
@@ -217,7 +218,7 @@ class GatewayClient:
         if status != 200:
             raise RuntimeError(f"gateway answered {status}: {body[:300]!r}")
         data = json.loads(body)
-        self.stages.append({k: data["timings_ms"][k] / 1000 for k in ("members", "rank", "fuse")})
+        self.stages.append({k: data["timings_ms"][k] / 1000 for k in STAGES})
         return str(data["output"])
 
     def close(self) -> None:
@@ -252,7 +253,7 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
         same += outputs["gateway"] == outputs["sequential"]
 
     stages_c1 = {
-        name: {k: median([st[k] for st in who.stages]) * 1000 for k in ("members", "rank", "fuse")}
+        name: {k: median([st[k] for st in who.stages]) * 1000 for k in STAGES}
         for name, who in (("gateway", gw), ("sequential", seq))
     }
     clients = [prompts(w.rounds_c8, seed=100 + c) for c in range(CLIENTS)]

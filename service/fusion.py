@@ -172,7 +172,8 @@ class GenFuser:
             config.device
         )
         self.model.eval()
-        if config.skinny_products and config.device == "cpu" and self.model.config.is_encoder_decoder:
+        skinny = config.skinny_products and config.device == "cpu"
+        if skinny and self.model.config.is_encoder_decoder:
             for module in [*self.model.get_decoder().modules(), self.model.get_output_embeddings()]:
                 if isinstance(module, torch.nn.Linear) and module.weight.numel() >= SKINNY_MIN_WEIGHTS:
                     module.forward = types.MethodType(_skinny_linear, module)  # type: ignore[method-assign]
@@ -182,7 +183,6 @@ class GenFuser:
 
             reason = LeanT5.unsupported_model(self.model)
             if reason is None:
-                skinny = config.skinny_products and config.device == "cpu"
                 self._lean = LeanT5(self.model, SKINNY_MIN_WEIGHTS if skinny else None, SKINNY_ROWS)
             else:
                 logger.info("fuser %s: transformers' generate, no lean decode (%s)", name, reason)

@@ -14,7 +14,8 @@ connection would not be retried). ``_Transport`` restores the distinction from t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 
 import aiohttp
@@ -40,19 +41,26 @@ def _remap(exc: httpx.TransportError) -> httpx.TransportError:
     return exc
 
 
+@contextlib.contextmanager
+def _remapped() -> Iterator[None]:
+    """Re-raise httpx-aiohttp's transport errors as the httpx error their aiohttp cause stands for."""
+    try:
+        yield
+    except httpx.TransportError as e:
+        better = _remap(e)
+        if better is e:
+            raise
+        raise better from e.__cause__
+
+
 class _Stream(httpx.AsyncByteStream):
     def __init__(self, inner: httpx.AsyncByteStream):
         self._inner = inner
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
+        with _remapped():
             async for chunk in self._inner:
                 yield chunk
-        except httpx.TransportError as e:
-            better = _remap(e)
-            if better is e:
-                raise
-            raise better from e.__cause__
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -60,13 +68,8 @@ class _Stream(httpx.AsyncByteStream):
 
 class _Transport(AiohttpTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
+        with _remapped():
             response = await super().handle_async_request(request)
-        except httpx.TransportError as e:
-            better = _remap(e)
-            if better is e:
-                raise
-            raise better from e.__cause__
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _Stream(response.stream)
         return response

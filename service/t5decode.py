@@ -109,6 +109,17 @@ class _Layer:
     wo: torch.Tensor
 
 
+@dataclass
+class _Buffers:
+    """One call's per-layer tensors: self-attention keys and values [beams, heads, max_len, d_kv]
+    (written step by step), cross-attention keys and values (fixed), the zero cross bias."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_bias: torch.Tensor
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one ``generate`` call would do, once ``LeanT5.prepare`` accepted it."""
@@ -267,10 +278,7 @@ class LeanT5:
         self,
         tokens: torch.Tensor,
         pos: int,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        cross: list[tuple[torch.Tensor, torch.Tensor]],
-        cross_bias: torch.Tensor,
+        buf: _Buffers,
         hf_rows: int,
     ) -> torch.Tensor:
         """Logits [beams, vocab] for the next token of each beam; writes position ``pos`` of the
@@ -278,17 +286,17 @@ class LeanT5:
         beams, h, dk = tokens.shape[0], self.heads, self.d_kv
         x = F.embedding(tokens, self.embed)
         bias = self._position_bias(pos + 1)
-        for layer, kbuf, vbuf, (ck, cv) in zip(self.layers, keys, values, cross, strict=True):
+        for layer, kbuf, vbuf, (ck, cv) in zip(self.layers, buf.keys, buf.values, buf.cross, strict=True):
             y = self._norm(x, layer.ln_self)
             q = self._lin(y, layer.q, hf_rows).reshape(beams, h, 1, dk)
             kbuf[:, :, pos] = self._lin(y, layer.k, hf_rows).reshape(beams, h, dk)
             vbuf[:, :, pos] = self._lin(y, layer.v, hf_rows).reshape(beams, h, dk)
             a = self._attend(q, kbuf[:, :, : pos + 1], vbuf[:, :, : pos + 1], bias)
             x = x + self._lin(a.reshape(beams, h * dk), layer.o, hf_rows)
-            # Cross-attention over the shared keys and values (views [beams, heads, src_len, d_kv]).
+            # Cross-attention over the keys and values projected once ([beams, heads, src_len, d_kv]).
             y = self._norm(x, layer.ln_cross)
             q = self._lin(y, layer.cq, hf_rows).reshape(beams, h, 1, dk)
-            a = self._attend(q, ck, cv, cross_bias)
+            a = self._attend(q, ck, cv, buf.cross_bias)
             x = x + self._lin(a.reshape(beams, h * dk), layer.co, hf_rows)
             y = self._norm(x, layer.ln_ff)
             if self.gated:
@@ -334,40 +342,24 @@ class LeanT5:
             size = (nb, h, plan.max_new_tokens, dk)
             keys = [torch.empty(size, dtype=hidden.dtype, device=hidden.device) for _ in self.layers]
             values = [torch.empty(size, dtype=hidden.dtype, device=hidden.device) for _ in self.layers]
-            args = (keys, values, cross, cross_bias)
+            buf = _Buffers(keys, values, cross, cross_bias)
             if nb == 1:
-                return self._greedy(plan, on_step, *args)
-            return self._beams(plan, on_step, *args)
+                return self._greedy(plan, on_step, buf)
+            return self._beams(plan, on_step, buf)
 
-    def _greedy(
-        self,
-        plan: Plan,
-        on_step: StepHook | None,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        cross: list[tuple[torch.Tensor, torch.Tensor]],
-        cross_bias: torch.Tensor,
-    ) -> list[int]:
+    def _greedy(self, plan: Plan, on_step: StepHook | None, buf: _Buffers) -> list[int]:
         seq = [plan.start]
         device = self.embed.device
         for pos in range(plan.max_new_tokens):
             tokens = torch.tensor([seq[-1]], device=device)
-            logits = self._step(tokens, pos, keys, values, cross, cross_bias, 1)
+            logits = self._step(tokens, pos, buf, 1)
             seq.append(int(torch.argmax(logits.float(), dim=-1)[0]))
             stop = on_step([list(seq)]) if on_step is not None else False
             if seq[-1] == plan.eos or stop:
                 break
         return seq
 
-    def _beams(
-        self,
-        plan: Plan,
-        on_step: StepHook | None,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        cross: list[tuple[torch.Tensor, torch.Tensor]],
-        cross_bias: torch.Tensor,
-    ) -> list[int]:
+    def _beams(self, plan: Plan, on_step: StepHook | None, buf: _Buffers) -> list[int]:
         nb, keep, lp, early = plan.num_beams, 2 * plan.num_beams, plan.length_penalty, plan.early_stopping
         device = self.embed.device
         max_length = 1 + plan.max_new_tokens  # the decoder prompt is the start token
@@ -386,7 +378,7 @@ class LeanT5:
             # The first step runs all beams too (they all hold the start token): the attention
             # kernels' floats depend on the batch size.
             tokens = torch.tensor([s[-1] for s in run_seqs], device=device)
-            logits = self._step(tokens, pos, keys, values, cross, cross_bias, nb)
+            logits = self._step(tokens, pos, buf, nb)
             log_probs = F.log_softmax(logits.float(), dim=-1) + run_scores[:, None]
             vocab = log_probs.shape[-1]
             top_scores, top_idx = torch.topk(log_probs.reshape(1, -1), k=keep)  # transformers' shapes
@@ -421,8 +413,8 @@ class LeanT5:
             beam_idx = [idx[j] // vocab for j in order]
             if beam_idx != identity:
                 sel = torch.tensor(beam_idx, device=device)
-                for buf in (*keys, *values):
-                    buf[:, :, : pos + 1] = buf[:, :, : pos + 1].index_select(0, sel)
+                for t in (*buf.keys, *buf.values):
+                    t[:, :, : pos + 1] = t[:, :, : pos + 1].index_select(0, sel)
             cur_len += 1
 
             # Can the best running beam still beat a finished one? (Slots not finished count -1e9.)
