@@ -31,8 +31,8 @@ from bench.common import CACHE, median, text
 from bench.gateway import serve
 from bench.loadgen import Connection, post_request
 from bench.reference import blender_fuse, blender_fuser, blender_ranker, write_blender_ranker
-from service.compat import import_llm_blender
 from service.config import EnsembleConfig
+from service.models.compat import import_llm_blender
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def servers(kind: str, tiny: Path, tmp: Path) -> Any:
             yield {"base-a": a, "base-b": b}
         return
     from service.config import ServerConfig
-    from service.launcher import Launcher
+    from service.ops.launcher import Launcher
 
     # Each server's OpenMP threads on a core of its own: two servers decoding at once with
     # threads spread over the same cores wait on each other's spinning threads many times over.

@@ -16,7 +16,7 @@ from typing import Any
 from bench.common import alternate, median, text
 from bench.reference import blender_fuse, blender_fuser
 from service.config import FuserConfig
-from service.fusion import GenFuser
+from service.models.genfuser import GenFuser
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def gateway_config(stub_urls: list[str], variant: str = "shipped") -> dict[str, 
 async def fan_out(client: str, urls: list[str]) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
     """The floor: one request = the four member calls at once, their JSON parsed, as the gateway
     does, with the named client."""
-    from service.http import make_http_client
+    from service.members.http import make_http_client
 
     bodies = [{**BODY, "model": "ok", "temperature": 0.7, "top_p": 1.0} for _ in urls]
     targets = [f"{u}/chat/completions" for u in urls]
@@ -171,7 +171,7 @@ def serve(config: dict[str, Any], tmp: Path, variant: str) -> Iterator[str]:
     """``ensemble-gateway serve`` in its own process, on ``config``."""
     import yaml
 
-    from service.launcher import free_port
+    from service.ops.launcher import free_port
     from tests.load import stop_process
 
     cfg = tmp / f"{variant}.yaml"

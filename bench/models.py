@@ -38,7 +38,7 @@ def make_pairrm_shaped(out: Path, tiny: Path, shape: str, seed: int = 1234) -> P
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from service.compat import import_pairrm
+    from service.models.compat import import_pairrm
 
     stamp = {"kind": "pairrm", "shape": shape, "seed": seed}
     if _fresh(out, stamp):

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.compat import import_llm_blender, import_pairrm
+from service.models.compat import import_llm_blender, import_pairrm
 
 _DONE = ".complete"
 

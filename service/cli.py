@@ -14,8 +14,8 @@ import uvicorn
 
 from service.config import load_config
 from service.errors import ConfigError, GatewayError
-from service.logs import setup_logging
-from service.resilience import Admission
+from service.pipeline.admission import Admission
+from service.telemetry.logs import setup_logging
 
 logger = logging.getLogger("service.cli")
 
@@ -53,9 +53,9 @@ class _DrainingServer(uvicorn.Server):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.adapters import check_members, startup_lora_args
-    from service.app import create_app
-    from service.launcher import Launcher
+    from service.members.checks import check_members, startup_lora_args
+    from service.ops.launcher import Launcher
+    from service.serving.app import create_app
 
     try:
         config = load_config(args.config)
@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if config.servers:
             launcher.start(config.servers, startup_lora_args(config))
-        app = create_app(config, launcher=launcher, config_path=Path(args.config))
+        app = create_app(config, launcher=launcher, config_path=Path(args.config), members_checked=True)
         logger.info("serving on http://%s:%d", args.host, args.port)
         server_config = uvicorn.Config(
             app,
@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=False,
             timeout_graceful_shutdown=max(1, round(config.resilience.drain_timeout_s)),
         )
-        _DrainingServer(server_config, app.state.admission, config.resilience.drain_grace_s).run()
+        _DrainingServer(server_config, app.state.runtime.admission, config.resilience.drain_grace_s).run()
         return 0
     except _Interrupted as e:
         logger.info("stopping on %s", e)
@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:
-    from service.tiny import make_tiny_models
+    from service.models.tiny import make_tiny_models
 
     paths = make_tiny_models(Path(args.dir), force=args.force)
     for name, path in paths.items():
@@ -108,7 +108,7 @@ def cmd_make_tiny_models(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from service.adapters import check_members
+    from service.members.checks import check_members
 
     try:
         config = load_config(args.config)

@@ -8,7 +8,9 @@
     │   ├── PermissionDenied          403 permission_error
     │   └── PayloadTooLarge           413 request_too_large
     ├── UpstreamError                 502 upstream_error     (a member failed; per member)
-    │   └── UpstreamTimeout           504 upstream_timeout
+    │   ├── UpstreamTimeout           504 upstream_timeout
+    │   └── MemberFailure             502 member_failure     (one member's call; ``kind`` labels it)
+    ├── LaunchError                   502 launch_error       (a local server did not start)
     ├── NoQuorumError                 502 no_quorum          (too few candidates arrived)
     │   └── DeadlineExceeded          504 deadline_exceeded
     ├── ModelError                    500 model_error        (ranker or fuser failed)
@@ -16,17 +18,19 @@
     │   └── ShuttingDown              503 shutting_down      (draining after SIGTERM)
     └── Overloaded                    429 rate_limit_error   (shed: in-flight cap and queue full)
 
-Every error leaves the gateway as ``{"error": {"message", "type", "param", "code"}}``.
+Every error leaves the gateway as ``{"error": {"message", "type", "param", "code"}}``, built by
+``service.protocol.error_payload``. A ``MemberFailure`` is caught by the fan-out and becomes a failed member in the
+response (or part of a ``NoQuorumError``); it reaches a client only as its kind and status, never
+with the upstream's body (that goes to the logs).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 
 class GatewayError(Exception):
     status = 500
     type = "internal_error"
+    counted = False  # set once the request it ended has been counted in the metrics
 
     def __init__(
         self,
@@ -41,9 +45,6 @@ class GatewayError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code or self.type)
 
 
 class ConfigError(GatewayError):
@@ -86,6 +87,29 @@ class UpstreamTimeout(UpstreamError):
     type = "upstream_timeout"
 
 
+class MemberFailure(UpstreamError):
+    """One member's call failed. ``kind`` labels the metric: timeout, connect, http_5xx, http_4xx,
+    invalid_response, adapter_load, ...; ``detail`` says what happened in the gateway's words."""
+
+    type = "member_failure"
+
+    def __init__(self, kind: str, detail: str, cause: BaseException | None = None):
+        super().__init__(f"{kind}: {detail}", code=kind)
+        self.kind = kind
+        self.detail = detail
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+class LaunchError(GatewayError):
+    """A local server (single-node mode) did not start or did not become healthy."""
+
+    status = 502
+    type = "launch_error"
+
+
 class NoQuorumError(GatewayError):
     status = 502
     type = "no_quorum"
@@ -112,8 +136,3 @@ class ShuttingDown(NotReadyError):
 class Overloaded(GatewayError):
     status = 429
     type = "rate_limit_error"
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """The OpenAI error shape."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,10 +1,23 @@
-"""Wire models: what clients send and receive. One base model; extra fields are refused."""
+"""Wire models: what clients send and receive, stream chunks included, and the one function that
+turns a gateway error into the OpenAI error body. One base model for requests; extra fields are
+refused."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    model_serializer,
+    model_validator,
+)
+
+from service.errors import GatewayError, RequestError
 
 MAX_PROMPT_CHARS = 200_000
 MAX_MESSAGES = 256
@@ -56,11 +69,18 @@ class GenerateRequest(_Wire):
         "`ensemble.result` event with the whole response (ranking evidence included), then [DONE].",
     )
 
+    # The field that named the ensemble, for its error: ``model`` when it came from the OpenAI API.
+    _ensemble_param: str = PrivateAttr("ensemble")
+
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
         return self
+
+    @property
+    def ensemble_param(self) -> str:
+        return self._ensemble_param
 
 
 class Candidate(_Wire):
@@ -109,6 +129,16 @@ class GenerateResponse(_Wire):
     degraded_reasons: list[str] = Field(default_factory=list, description="Why, one entry per cause.")
     timings_ms: Timings
     usage: Usage
+    # For the OpenAI surface: ``stop`` for a fused answer, else the top candidate's own reason.
+    _finish_reason: str = PrivateAttr("stop")
+
+    @property
+    def finish_reason(self) -> str:
+        return self._finish_reason
+
+    def finished(self, reason: str) -> GenerateResponse:
+        self._finish_reason = reason
+        return self
 
 
 class ErrorDetail(BaseModel):
@@ -120,6 +150,29 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def error_payload(error: GatewayError) -> dict[str, Any]:
+    """The OpenAI error body of a gateway error: for a response, and for a stream's error event."""
+    detail = ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code or error.type)
+    return ErrorResponse(error=detail).model_dump()
+
+
+# The error responses every ensemble endpoint may give, for the OpenAPI schema.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in [
+        (400, "Invalid request (bad JSON, wrong types, out-of-range or unsupported values)."),
+        (401, "Missing or wrong API key."),
+        (404, "Unknown ensemble (model)."),
+        (413, "Request body too large."),
+        (429, "Overloaded: too many requests in flight and queued; retry after `Retry-After` seconds."),
+        (500, "Internal error."),
+        (502, "Too few members answered."),
+        (503, "Not ready, or shutting down."),
+        (504, "Too few members answered before the deadline."),
+    ]
+}
 
 
 # --- OpenAI-compatible surface ----------------------------------------------------------------
@@ -163,6 +216,17 @@ class OpenAIChatMessage(BaseModel):
 
 class StreamOptions(_Wire):
     include_usage: bool = False
+
+
+def _named_by_model(request: GenerateRequest) -> GenerateRequest:
+    request._ensemble_param = "model"
+    return request
+
+
+def _refuse_unsupported(body: _OpenAIRequest) -> None:
+    field = body.unsupported()
+    if field is not None:
+        raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
 
 
 class _OpenAIRequest(_Wire):
@@ -229,10 +293,12 @@ class ChatCompletionRequest(_OpenAIRequest):
         return super().unsupported()
 
     def to_generate(self) -> GenerateRequest:
+        """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
+        _refuse_unsupported(self)
         messages = [
             ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in self.messages
         ]
-        return GenerateRequest(
+        request = GenerateRequest(
             messages=messages,
             ensemble=self.model,
             instruction=self.instruction,
@@ -244,6 +310,7 @@ class ChatCompletionRequest(_OpenAIRequest):
             deadline_s=self.deadline_s,
             stream=self.stream,
         )
+        return _named_by_model(request)
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -265,8 +332,10 @@ class CompletionRequest(_OpenAIRequest):
         return super().unsupported()
 
     def to_generate(self) -> GenerateRequest:
+        """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
+        _refuse_unsupported(self)
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return GenerateRequest(
+        request = GenerateRequest(
             prompt=prompt,
             ensemble=self.model,
             instruction=self.instruction,
@@ -278,6 +347,7 @@ class CompletionRequest(_OpenAIRequest):
             deadline_s=self.deadline_s,
             stream=self.stream,
         )
+        return _named_by_model(request)
 
 
 class ChatChoiceMessage(BaseModel):
@@ -329,3 +399,59 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- stream chunks (server-sent events) -------------------------------------------------------
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+    @field_serializer("delta")
+    def _delta(self, delta: ChatDelta) -> dict[str, Any]:
+        return delta.model_dump(exclude_none=True)  # OpenAI's deltas carry only what changed
+
+
+class _Chunk(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = Field(None, description="Only in the last chunk, with `stream_options.include_usage`.")
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChunkChoice]
+
+
+class EnsembleResult(GenerateResponse):
+    """/generate's last event before [DONE]: the whole response, ranking evidence included."""
+
+    object: Literal["ensemble.result"] = "ensemble.result"

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from service.config import GatewayConfig, parse_config
-from service.members import Completion, MemberFailure, MemberRequest
-from service.ranking import Ranking, ranks_from_scores
+from service.errors import MemberFailure
+from service.members.base import Completion, MemberRequest
+from service.models.ranking import Ranking, ranks_from_scores
 
 
 class FakeMember:

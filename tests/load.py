@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import yaml
 
-from service.launcher import free_port
+from service.ops.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

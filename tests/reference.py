@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service.compat import import_llm_blender, import_pairrm
+from service.models.compat import import_llm_blender, import_pairrm
 
 
 @lru_cache(maxsize=4)

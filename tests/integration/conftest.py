@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from service.config import GatewayConfig, parse_config
-from service.launcher import free_port
-from service.tiny import make_tiny_models
+from service.models.tiny import make_tiny_models
+from service.ops.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600
@@ -113,7 +113,7 @@ def scratch_lora_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFact
     happen here instead.
     """
     from service.config import ServerConfig
-    from service.launcher import Launcher
+    from service.ops.launcher import Launcher
 
     launcher = Launcher(tmp_path_factory.mktemp("scratch-logs"))
     cfg = ServerConfig(

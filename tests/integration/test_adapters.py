@@ -14,13 +14,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.adapters import BaseModelCache
-from service.app import create_app
-from service.build import build_member
 from service.config import DEFAULT_AGGREGATION_TEMPLATE, parse_config
-from service.fusion import aggregation_messages
-from service.members import MemberRequest
-from service.tiny import make_lora
+from service.members.base import MemberRequest
+from service.members.soft_prompt import BaseModelCache
+from service.models.fusion import aggregation_messages
+from service.models.tiny import make_lora
+from service.serving.app import create_app
+from service.serving.build import build_member
 from tests.integration.conftest import Gateway
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.config import parse_config
+from service.serving.app import create_app
 from tests.load import Result, drive, full_scale, gateway_process, record, stub_config, stub_server
 
 pytestmark = pytest.mark.integration

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.config import parse_config
-from service.launcher import free_port
+from service.ops.launcher import free_port
+from service.serving.app import create_app
 from tests.integration.conftest import Gateway
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from service.config import FuserConfig, RankerConfig
-from service.fusion import GenFuser
-from service.ranking import PairRMRanker
+from service.models.genfuser import GenFuser
+from service.models.pairrm import PairRMRanker
 from tests.reference import reference_fuse, reference_matrix, reference_rank
 
 pytestmark = pytest.mark.integration

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from service.adapters import check_members, startup_lora_args
 from service.cli import main
 from service.config import parse_config
 from service.errors import ConfigError
-from service.fusion import aggregation_messages
+from service.members.checks import check_members, startup_lora_args
+from service.models.fusion import aggregation_messages
 
 
 def lora_dir(root: Path, rank: int) -> Path:

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import Components, create_app
+from service.serving.app import Components, create_app
 from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config
 
 
@@ -168,8 +168,8 @@ def test_overload_is_429_with_retry_after_in_openai_shape() -> None:
 
     slow = [FakeMember("a", "aa", delay=0.5), FakeMember("b", "bbbb", delay=0.5), FakeMember("c", "ccc", delay=0.5)]
     with make_client(slow) as c:
-        c.app.state.admission.configure(  # type: ignore[attr-defined]
-            c.app.state.admission.limits.model_copy(update={"max_in_flight": 1, "max_queue": 0})  # type: ignore[attr-defined]
+        c.app.state.runtime.admission.configure(  # type: ignore[attr-defined]
+            c.app.state.runtime.admission.limits.model_copy(update={"max_in_flight": 1, "max_queue": 0})  # type: ignore[attr-defined]
         )
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             resps = list(pool.map(lambda _: c.post("/generate", json={"prompt": "q"}), range(4)))
@@ -185,7 +185,7 @@ def test_ready_shows_circuit_and_draining(client: TestClient) -> None:
     body = client.get("/ready").json()
     assert body["members"]["a"]["circuit"] == "closed" and body["members"]["a"]["healthy"] is True
     assert body["draining"] is False
-    client.app.state.admission.draining = True  # type: ignore[attr-defined]
+    client.app.state.runtime.admission.draining = True  # type: ignore[attr-defined]
     resp = client.get("/ready")
     assert resp.status_code == 503 and resp.json()["draining"] is True
     assert_openai_error(client.post("/generate", json={"prompt": "q"}), 503, "shutting_down")

@@ -8,8 +8,8 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import Components, create_app
-from service.logs import setup_logging
+from service.serving.app import Components, create_app
+from service.telemetry.logs import setup_logging
 from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config
 
 AUTH = """

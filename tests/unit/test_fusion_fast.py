@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from service.config import FuserConfig
-from service.fusion import GenFuser
-from service.tiny import make_genfuser
+from service.models.genfuser import GenFuser
+from service.models.tiny import make_genfuser
 
 LONG = " ".join(["the river runs through the old city and the music plays"] * 20)
 CASES = [
@@ -46,7 +46,7 @@ def test_shared_cross_cache_gives_the_plain_text(
 def test_reordering_skips_only_the_cross_attention_cache(fusers: dict[bool, GenFuser]) -> None:
     import torch
 
-    from service.fusion import _shared_cross_cache
+    from service.models.genfuser import _shared_cross_cache
 
     cache = _shared_cross_cache()
     k = torch.arange(8.0).view(2, 1, 2, 2)
@@ -61,7 +61,7 @@ def test_reordering_skips_only_the_cross_attention_cache(fusers: dict[bool, GenF
 def test_skinny_products_agree_with_the_plain_product(rows: int) -> None:
     import torch
 
-    from service.fusion import _skinny_linear
+    from service.models.genfuser import _skinny_linear
 
     torch.manual_seed(rows)
     for bias in (True, False):

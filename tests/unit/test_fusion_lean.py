@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from service.config import FuserConfig
-from service.fusion import GenFuser, genfuser_input
-from service.tiny import make_genfuser
+from service.models.genfuser import GenFuser, genfuser_input
+from service.models.tiny import make_genfuser
 
 WORDS = [
     "the",
@@ -124,7 +124,7 @@ def relu_t5(checkpoint: Path) -> tuple[Any, Any]:
 def _check_same_ids(tokenizer: Any, model: Any, settings: list[tuple[int, int]], prompts: int, seed: int) -> set[int]:
     import torch
 
-    from service.t5decode import LeanT5
+    from service.models.t5decode import LeanT5
 
     assert LeanT5.unsupported_model(model) is None
     lean = LeanT5(model)
@@ -186,7 +186,7 @@ def test_plain_relu_t5_same_ids_as_generate(relu_t5: tuple[Any, Any]) -> None:
     ],
 )
 def test_unsupported_settings_are_refused(tiny: tuple[Any, Any], setting: dict[str, Any]) -> None:
-    from service.t5decode import LeanT5
+    from service.models.t5decode import LeanT5
 
     plan = LeanT5(tiny[1]).prepare(4, 16, **setting)
     assert isinstance(plan, str)

@@ -1,6 +1,6 @@
 import asyncio
 
-from service.gate import ClassGate
+from service.members.gate import ClassGate
 
 
 async def test_same_class_runs_together_other_class_waits() -> None:

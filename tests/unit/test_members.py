@@ -5,7 +5,9 @@ import httpx
 import pytest
 
 from service.config import MemberConfig
-from service.members import MemberFailure, MemberRequest, OpenAIMember, render_prompt
+from service.errors import MemberFailure
+from service.members.base import MemberRequest, render_prompt
+from service.members.openai import OpenAIMember
 
 REQ = MemberRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.1, top_p=0.9, seed=3)
 

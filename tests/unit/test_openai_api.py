@@ -10,7 +10,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import Components, create_app
+from service.serving.app import Components, create_app
 from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
 
 
@@ -188,13 +188,20 @@ def test_official_client_plain_and_streaming(client: TestClient) -> None:
 
 
 async def test_stream_abandoned_before_its_first_byte_still_ends_its_accounting() -> None:
-    from service.api.streaming import stream_response
+    from starlette.requests import ClientDisconnect
 
-    ended: list[object] = []
+    from service.pipeline.pipeline import Pipeline
+    from service.protocol import CompletionChunk, CompletionChunkChoice, GenerateRequest
+    from service.serving.sse import answer_events
+    from service.telemetry.metrics import Metrics
 
-    async def events() -> AsyncIterator[str]:
-        ended.append("started")
-        yield "data: x\n\n"
+    metrics = Metrics()
+    members = {m.name: m for m in [FakeMember("a", "aa"), FakeMember("b", "bbbb"), FakeMember("c", "ccc")]}
+    p = Pipeline(fake_config(), members, {"length": LengthRanker()}, {"join": JoinFuser()}, metrics)
+    stream = await p.answer_stream(GenerateRequest(prompt="q", stream=True))
+
+    def chunk(piece: str, finish: str | None) -> CompletionChunk:
+        return CompletionChunk(id="x", created=0, model="main", choices=[CompletionChunkChoice(text=piece)])
 
     async def receive() -> dict[str, str]:
         return {"type": "http.disconnect"}
@@ -202,9 +209,10 @@ async def test_stream_abandoned_before_its_first_byte_still_ends_its_accounting(
     async def send(message: object) -> None:
         raise OSError("the client is gone")
 
-    from starlette.requests import ClientDisconnect
-
-    resp = stream_response(events(), ended.append)
+    resp = answer_events(stream, chunk=chunk)
     with pytest.raises((OSError, ClientDisconnect)):
         await resp({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
-    assert ended == [499]  # the generator never ran; the request was still ended
+    # The event generator never ran; the request was still ended, as a client that left.
+    assert metrics.registry.get_sample_value("gateway_requests_total", {"ensemble": "main", "status": "499"}) == 1
+    assert metrics.registry.get_sample_value("gateway_requests_in_flight") == 0
+    assert p.active == 0

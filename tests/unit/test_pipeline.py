@@ -3,9 +3,10 @@ import asyncio
 import pytest
 
 from service.errors import DeadlineExceeded, ModelError, NoQuorumError, NotFoundError, RequestError
-from service.metrics import Metrics
-from service.pipeline import Pipeline, input_text, member_messages
+from service.pipeline.inputs import input_text, member_messages
+from service.pipeline.pipeline import Pipeline
 from service.protocol import ChatMessage, GenerateRequest
+from service.telemetry.metrics import Metrics
 from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
 
 
@@ -26,7 +27,7 @@ def three(**kw) -> list[FakeMember]:  # type: ignore[no-untyped-def]
 async def test_rank_select_fuse() -> None:
     fuser = JoinFuser()
     p = pipeline(three(), fuser=fuser)
-    resp = await p.run(GenerateRequest(prompt="q", instruction="I: ", return_candidates=True))
+    resp = await p.answer(GenerateRequest(prompt="q", instruction="I: ", return_candidates=True))
     assert resp.ensemble == "main" and resp.fused
     assert resp.selected == ["b", "c"]  # top_k=2, longest first
     assert resp.output == "bbbb | ccc"
@@ -41,22 +42,22 @@ async def test_rank_select_fuse() -> None:
 
 async def test_ranker_sees_instruction_plus_input() -> None:
     ranker = LengthRanker()
-    await pipeline(three(), ranker=ranker).run(GenerateRequest(prompt="q", instruction="I: "))
+    await pipeline(three(), ranker=ranker).answer(GenerateRequest(prompt="q", instruction="I: "))
     assert ranker.calls[0] == ("I: q", ["aa", "bbbb", "ccc"])
 
 
 async def test_request_overrides_sampling() -> None:
     members = three()
     p = pipeline(members)
-    await p.run(GenerateRequest(prompt="q"))
-    await p.run(GenerateRequest(prompt="q", max_tokens=3, temperature=0.0, top_p=0.5, seed=9))
+    await p.answer(GenerateRequest(prompt="q"))
+    await p.answer(GenerateRequest(prompt="q", max_tokens=3, temperature=0.0, top_p=0.5, seed=9))
     first, second = members[0].requests
     assert (first.max_tokens, first.temperature) == (8, 0.5)
     assert (second.max_tokens, second.temperature, second.top_p, second.seed) == (3, 0.0, 0.5, 9)
 
 
 async def test_failed_member_is_listed_and_answer_still_comes() -> None:
-    resp = await pipeline(three(fail="connect")).run(GenerateRequest(prompt="q"))
+    resp = await pipeline(three(fail="connect")).answer(GenerateRequest(prompt="q"))
     assert [f.member for f in resp.failed_members] == ["c"]
     assert "connect" in resp.failed_members[0].error
     assert resp.selected == ["b", "a"]
@@ -69,7 +70,7 @@ async def test_no_quorum_is_502() -> None:
         FakeMember("c", "z"),
     ]
     with pytest.raises(NoQuorumError) as e:
-        await pipeline(members).run(GenerateRequest(prompt="q"))
+        await pipeline(members).answer(GenerateRequest(prompt="q"))
     assert e.value.status == 502 and not isinstance(e.value, DeadlineExceeded)
     assert "1 of 3 members answered, 2 needed" in e.value.message
 
@@ -77,13 +78,13 @@ async def test_no_quorum_is_502() -> None:
 async def test_deadline_is_504_and_does_not_wait_for_slow_members() -> None:
     members = [FakeMember("a", "x", delay=30), FakeMember("b", "y", delay=30), FakeMember("c", "z")]
     with pytest.raises(DeadlineExceeded) as e:
-        await pipeline(members).run(GenerateRequest(prompt="q"))
+        await pipeline(members).answer(GenerateRequest(prompt="q"))
     assert e.value.status == 504
 
 
 async def test_slow_member_past_deadline_is_failed_but_quorum_answers() -> None:
     members = [FakeMember("a", "x", delay=30), FakeMember("b", "yy"), FakeMember("c", "z")]
-    resp = await pipeline(members).run(GenerateRequest(prompt="q"))
+    resp = await pipeline(members).answer(GenerateRequest(prompt="q"))
     assert [f.member for f in resp.failed_members] == ["a"]
     assert "deadline" in resp.failed_members[0].error and resp.failed_members[0].kind == "deadline"
     assert resp.degraded and resp.degraded_reasons == ["member a: deadline: no answer before the deadline"]
@@ -91,7 +92,7 @@ async def test_slow_member_past_deadline_is_failed_but_quorum_answers() -> None:
 
 async def test_ranker_failure_degrades_to_the_first_candidate() -> None:
     p = pipeline(three(), ranker=LengthRanker(fail=True))
-    resp = await p.run(GenerateRequest(prompt="q", return_candidates=True))
+    resp = await p.answer(GenerateRequest(prompt="q", return_candidates=True))
     assert resp.degraded and not resp.fused
     assert resp.output == "aa" and resp.selected == ["a"]  # arrival order: a answered first
     assert resp.degraded_reasons[0].startswith("ranker_failed: ranker length failed: RuntimeError")
@@ -102,7 +103,7 @@ async def test_ranker_failure_degrades_to_the_first_candidate() -> None:
 
 async def test_fuser_failure_degrades_to_the_top_candidate() -> None:
     p = pipeline(three(), fuser=JoinFuser(fail=True))
-    resp = await p.run(GenerateRequest(prompt="q"))
+    resp = await p.answer(GenerateRequest(prompt="q"))
     assert resp.degraded and not resp.fused
     assert resp.output == "bbbb" and resp.selected == ["b"]  # the ranker's best
     assert resp.degraded_reasons == ["fuser_failed: fuser join failed: RuntimeError: fuser exploded"]
@@ -111,47 +112,48 @@ async def test_fuser_failure_degrades_to_the_top_candidate() -> None:
 
 async def test_hung_ranker_and_fuser_are_cut_at_the_deadline() -> None:
     p = pipeline(three(), ranker=LengthRanker(delay=30))  # the ensemble's deadline: 1 s
-    resp = await asyncio.wait_for(p.run(GenerateRequest(prompt="q")), 2)
+    resp = await asyncio.wait_for(p.answer(GenerateRequest(prompt="q")), 2)
     assert resp.degraded_reasons == ["ranker_failed: no result before the deadline"] and resp.output == "aa"
     p = pipeline(three(), fuser=JoinFuser(delay=30))
-    resp = await asyncio.wait_for(p.run(GenerateRequest(prompt="q")), 2)
+    resp = await asyncio.wait_for(p.answer(GenerateRequest(prompt="q")), 2)
     assert resp.degraded_reasons == ["fuser_failed: no result before the deadline"] and resp.output == "bbbb"
 
 
 async def test_streamed_fusion_failing_before_its_first_piece_degrades() -> None:
     p = pipeline(three(), fuser=JoinFuser(fail=True))
-    staged = await p.stage(GenerateRequest(prompt="q"))
-    pieces = [x async for x in p.fuse_stream(staged)]
-    assert pieces == ["bbbb"] and staged.degraded and staged.fuser is None
+    stream = await p.answer_stream(GenerateRequest(prompt="q"))
+    pieces = [x async for x in stream.pieces()]
+    assert pieces == ["bbbb"] and stream.response is not None
+    assert stream.response.degraded and not stream.response.fused
 
 
 async def test_streamed_fusion_failing_midway_raises() -> None:
     p = pipeline(three(), fuser=JoinFuser(fail_after=1))
-    staged = await p.stage(GenerateRequest(prompt="q"))
+    stream = await p.answer_stream(GenerateRequest(prompt="q"))
     got: list[str] = []
     with pytest.raises(ModelError, match="mid-stream"):
-        async for x in p.fuse_stream(staged):
+        async for x in stream.pieces():
             got.append(x)
     assert got == ["bbb"]
 
 
 async def test_unfused_ensemble_returns_first_candidate() -> None:
-    resp = await pipeline(three()).run(GenerateRequest(prompt="q", ensemble="plain"))
+    resp = await pipeline(three()).answer(GenerateRequest(prompt="q", ensemble="plain"))
     assert not resp.fused and resp.output == "aa" and resp.selected == ["a"]
 
 
 async def test_bad_ensemble_and_top_k() -> None:
     p = pipeline(three())
     with pytest.raises(NotFoundError):
-        await p.run(GenerateRequest(prompt="q", ensemble="nope"))
+        await p.answer(GenerateRequest(prompt="q", ensemble="nope"))
     with pytest.raises(RequestError) as e:
-        await p.run(GenerateRequest(prompt="q", top_k=4))
+        await p.answer(GenerateRequest(prompt="q", top_k=4))
     assert e.value.param == "top_k"
 
 
 async def test_metrics_count_wins_and_selection() -> None:
     p = pipeline(three())
-    await p.run(GenerateRequest(prompt="q"))
+    await p.answer(GenerateRequest(prompt="q"))
     reg = p.metrics.registry
     assert reg.get_sample_value("gateway_member_ranked_first_total", {"ensemble": "main", "member": "b"}) == 1
     assert reg.get_sample_value("gateway_member_selected_total", {"ensemble": "main", "member": "c"}) == 1
@@ -182,7 +184,7 @@ ensembles:
 
 @pytest.mark.parametrize(("margin", "fused"), [(1.0, False), (1.5, True)])
 async def test_adaptive_fusion_skips_when_the_top_candidate_leads(margin: float, fused: bool) -> None:
-    from service.metrics import Metrics as M
+    from service.telemetry.metrics import Metrics as M
 
     fuser = JoinFuser()
     p = Pipeline(
@@ -192,9 +194,9 @@ async def test_adaptive_fusion_skips_when_the_top_candidate_leads(margin: float,
         {"join": fuser},
         M(),
     )
-    resp = await p.run(GenerateRequest(prompt="q"))  # scores: a 2, b 4, c 3 -> lead 1.0
+    resp = await p.answer(GenerateRequest(prompt="q"))  # scores: a 2, b 4, c 3 -> lead 1.0
     assert resp.fused is fused and bool(fuser.calls) is fused and not resp.degraded
     assert resp.output == ("bbbb | ccc" if fused else "bbbb")
     assert p.metrics.fusion_skipped.labels("main", "margin")._value.get() == (0 if fused else 1)
-    resp = await p.run(GenerateRequest(prompt="q", ensemble="never"))
+    resp = await p.answer(GenerateRequest(prompt="q", ensemble="never"))
     assert not resp.fused and p.metrics.fusion_skipped.labels("never", "never")._value.get() == 1

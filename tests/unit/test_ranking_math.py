@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from service.compat import import_llm_blender
-from service.ranking import Ranking, ranks_from_scores, scores_from_matrix
+from service.models.compat import import_llm_blender
+from service.models.ranking import Ranking, ranks_from_scores, scores_from_matrix
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.config import RankerConfig
-from service.ranking import Pair, Plan, Ranking, make_plan, ranks_from_scores, scores_from_matrix
+from service.models.ranking import Pair, Plan, Ranking, make_plan, ranks_from_scores, scores_from_matrix
 
 
 def drive(

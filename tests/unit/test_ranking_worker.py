@@ -13,8 +13,8 @@ import pytest
 
 from service.config import RankerConfig
 from service.errors import ModelError
-from service.ranking import PairRMRanker
-from service.tiny import make_pairrm
+from service.models.pairrm import PairRMRanker
+from service.models.tiny import make_pairrm
 
 SOURCE = "What is the capital of France?"
 CANDIDATES = ["Paris is the capital.", "to to to to", "I do not know what", "the river", "capital city of france"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import Components, create_app
 from service.config import parse_config
+from service.serving.app import Components, create_app
 from tests.fakes import FakeMember, JoinFuser, LengthRanker
 
 BASE = """

@@ -2,14 +2,15 @@ import asyncio
 import time
 
 import pytest
+from service.members.fanout import backoff_s, retryable
 
 from service.config import BreakerConfig, HealthCheckConfig, LimitsConfig, RetryConfig
-from service.errors import Overloaded, ShuttingDown
-from service.members import MemberFailure
-from service.metrics import Metrics
-from service.pipeline import Pipeline
+from service.errors import MemberFailure, Overloaded, ShuttingDown
+from service.members.breakers import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Guards
+from service.pipeline.admission import Admission
+from service.pipeline.pipeline import Pipeline
 from service.protocol import GenerateRequest
-from service.resilience import CLOSED, HALF_OPEN, OPEN, Admission, CircuitBreaker, Guards, backoff_s, retryable
+from service.telemetry.metrics import Metrics
 from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
 
 
@@ -80,7 +81,7 @@ def pipe(members: list[FakeMember], text: str | None = None) -> Pipeline:
 async def test_retry_after_connection_error_then_answer() -> None:
     flaky = FakeMember("c", "ccc", fail="connect", fail_first=2)
     p = pipe([FakeMember("a", "aa"), FakeMember("b", "bbbb"), flaky])
-    resp = await p.run(GenerateRequest(prompt="q"))
+    resp = await p.answer(GenerateRequest(prompt="q"))
     assert resp.failed_members == [] and len(flaky.requests) == 3
     assert p.metrics.retries.labels("c")._value.get() == 2
     assert p.guards.breaker("c").state == CLOSED
@@ -90,7 +91,7 @@ async def test_timeouts_and_bad_answers_are_not_retried() -> None:
     for kind in ("timeout", "invalid_response", "http_4xx"):
         bad = FakeMember("c", "ccc", fail=kind)
         p = pipe([FakeMember("a", "aa"), FakeMember("b", "bbbb"), bad])
-        resp = await p.run(GenerateRequest(prompt="q"))
+        resp = await p.answer(GenerateRequest(prompt="q"))
         assert [f.kind for f in resp.failed_members] == [kind] and len(bad.requests) == 1
 
 
@@ -98,9 +99,9 @@ async def test_open_circuit_skips_member_and_shows_in_response() -> None:
     bad = FakeMember("c", "ccc", fail="http_5xx")
     p = pipe([FakeMember("a", "aa"), FakeMember("b", "bbbb"), bad])
     for _ in range(5):  # the default threshold: 5 failed calls (each retried twice)
-        await p.run(GenerateRequest(prompt="q"))
+        await p.answer(GenerateRequest(prompt="q"))
     assert len(bad.requests) == 15 and p.guards.breaker("c").state == OPEN
-    resp = await p.run(GenerateRequest(prompt="q"))
+    resp = await p.answer(GenerateRequest(prompt="q"))
     assert len(bad.requests) == 15  # not called
     assert resp.failed_members[0].kind == "circuit_open" and resp.degraded
     assert p.metrics.circuit_state.labels("c")._value.get() == 2
@@ -121,7 +122,7 @@ async def test_quorum_then_straggler_grace_not_the_slowest_member() -> None:
     slow = FakeMember("c", "zzz", delay=30)
     p = pipe([FakeMember("a", "x", delay=0.1), FakeMember("b", "yy", delay=0.2), slow], QUORUM)
     t0 = time.monotonic()
-    resp = await p.run(GenerateRequest(prompt="q"))
+    resp = await p.answer(GenerateRequest(prompt="q"))
     took = time.monotonic() - t0
     assert 0.35 < took < 1.0  # quorum (2 of 3) at ~0.2 s, then as long again
     assert resp.failed_members[0].member == "c" and resp.failed_members[0].error.startswith("straggler")
@@ -132,7 +133,7 @@ async def test_straggler_answering_within_the_grace_is_kept() -> None:
     p = pipe(
         [FakeMember("a", "x", delay=0.1), FakeMember("b", "yy", delay=0.2), FakeMember("c", "z", delay=0.3)], QUORUM
     )
-    resp = await p.run(GenerateRequest(prompt="q"))
+    resp = await p.answer(GenerateRequest(prompt="q"))
     assert resp.failed_members == []
 
 
@@ -140,7 +141,7 @@ async def test_request_deadline_shortens_the_ensembles() -> None:
     p = pipe([FakeMember("a", "x", delay=5), FakeMember("b", "yy", delay=5), FakeMember("c", "z", delay=5)], QUORUM)
     t0 = time.monotonic()
     with pytest.raises(Exception) as e:
-        await p.run(GenerateRequest(prompt="q", deadline_s=1.0))
+        await p.answer(GenerateRequest(prompt="q", deadline_s=1.0))
     assert time.monotonic() - t0 < 1.3  # the ensemble allows 20 s
     assert getattr(e.value, "status", None) == 504
 

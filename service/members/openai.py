@@ -1,84 +1,29 @@
-"""Member clients: one model behind an OpenAI-compatible API, reached over a shared httpx client."""
+"""Members on an OpenAI-compatible server (vLLM, or any other), reached over the shared httpx
+client: kind ``model``, and kind ``lora`` (a LoRA adapter on a vLLM server with LoRA enabled)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
-from service.adapters import BaseModelInputs
 from service.config import MemberConfig
-from service.gate import ClassGate
+from service.errors import MemberFailure
+from service.members.base import Completion, MemberRequest, render_prompt
+from service.members.gate import ClassGate
+
+logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
 ADAPTER_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class MemberRequest:
-    """What one member is asked: a conversation plus sampling settings."""
-
-    messages: list[dict[str, str]]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    latency_ms: float
-
-
-@dataclass
-class MemberFailure(Exception):
-    """Raised by a member; ``kind`` labels the metric (timeout, connect, http_5xx, ...)."""
-
-    kind: str
-    detail: str
-    cause: BaseException | None = field(default=None, repr=False)
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.detail}"
-
-
-class Member(Protocol):
-    """One ensemble member.
-
-    ``generate`` returns a ``Completion`` or raises ``MemberFailure``; it never raises anything
-    else and never blocks the event loop. It honours its own timeout. ``health`` returns when the
-    member can take requests and raises ``MemberFailure`` when it cannot. ``prepare`` makes it
-    servable (loads an adapter) and ``release`` undoes that; both raise ``MemberFailure``.
-    """
-
-    name: str
-
-    async def generate(self, request: MemberRequest) -> Completion: ...
-
-    async def health(self) -> None: ...
-
-    async def prepare(self) -> None: ...
-
-    async def release(self) -> None: ...
-
-
-def render_prompt(messages: list[dict[str, str]]) -> str:
-    """Text for completion-API members: a lone user message as is, else ``role: content`` lines."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
 
 class OpenAIMember:
@@ -97,7 +42,7 @@ class OpenAIMember:
         self.config = config
         self.base_url = base_url.rstrip("/")
         self._client = client
-        self._gate = gate
+        self.gate = gate
         self._headers: dict[str, str] = {}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env, "")
@@ -151,15 +96,15 @@ class OpenAIMember:
         try:
             async with asyncio.timeout(timeout):
                 url, body = await self._payload(request)
-                if self._gate is None:
+                if self.gate is None:
                     resp = await self._send("POST", url, body, timeout)
                 else:
-                    async with self._gate.hold(self.gate_class):
+                    async with self.gate.hold(self.gate_class):
                         resp = await self._send("POST", url, body, timeout)
         except TimeoutError as e:
             raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
         latency_ms = (time.perf_counter() - start) * 1000
-        _raise_for_status(resp)
+        _raise_for_status(resp, self.name)
         return self._parse(resp, latency_ms)
 
     async def generate_stream(self, request: MemberRequest) -> AsyncIterator[str]:
@@ -167,7 +112,7 @@ class OpenAIMember:
         url, body = await self._payload(request)
         body["stream"] = True
         timeout = self.config.timeout_s
-        gate = self._gate.hold(self.gate_class) if self._gate is not None else contextlib.nullcontext()
+        gate = self.gate.hold(self.gate_class) if self.gate is not None else contextlib.nullcontext()
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -176,7 +121,7 @@ class OpenAIMember:
             ):
                 if resp.status_code >= 400:
                     await resp.aread()
-                    _raise_for_status(resp)
+                    _raise_for_status(resp, self.name)
                 async for line in resp.aiter_lines():
                     piece = self._stream_piece(line)
                     if piece:
@@ -201,7 +146,7 @@ class OpenAIMember:
 
     async def _models(self) -> list[str]:
         resp = await self._send("GET", f"{self.base_url}/models", None, HEALTH_TIMEOUT_S)
-        _raise_for_status(resp)
+        _raise_for_status(resp, self.name)
         try:
             return [str(m["id"]) for m in resp.json()["data"]]
         except (ValueError, KeyError, TypeError) as e:
@@ -232,10 +177,20 @@ class OpenAIMember:
             raise MemberFailure("invalid_response", f"{type(e).__name__}: {e}", e) from e
 
 
-def _raise_for_status(resp: httpx.Response) -> None:
+def _raise_for_status(resp: httpx.Response, member: str, kind: str | None = None) -> None:
+    """A ``MemberFailure`` for an error status. What the server said goes to the log, not into the
+    failure: clients see a member's failures, and an upstream's body is not theirs to read."""
     if resp.status_code >= 400:
-        kind = "http_5xx" if resp.status_code >= 500 else "http_4xx"
-        raise MemberFailure(kind, f"HTTP {resp.status_code}: {resp.text[:300]}")
+        kind = kind or ("http_5xx" if resp.status_code >= 500 else "http_4xx")
+        logger.warning(
+            "member %s: %s %s answered HTTP %d: %s",
+            member,
+            resp.request.method,
+            resp.request.url.path,
+            resp.status_code,
+            resp.text[:500],
+        )
+        raise MemberFailure(kind, f"HTTP {resp.status_code} from {resp.request.url.path}")
 
 
 class LoRAMember(OpenAIMember):
@@ -259,8 +214,7 @@ class LoRAMember(OpenAIMember):
                 "the server has no /v1/load_lora_adapter (start it with --enable-lora and "
                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
             )
-        if resp.status_code >= 400:
-            raise MemberFailure("adapter_load", f"HTTP {resp.status_code}: {resp.text[:300]}")
+        _raise_for_status(resp, self.name, "adapter_load")
 
     async def release(self) -> None:
         # vLLM 0.32 only forgets the name here; the engine keeps the adapter (vllm#54839), and
@@ -269,48 +223,8 @@ class LoRAMember(OpenAIMember):
             return
         body = {"lora_name": self.config.served_name}
         resp = await self._send("POST", f"{self.base_url}/unload_lora_adapter", body, ADAPTER_TIMEOUT_S)
-        if resp.status_code >= 400:
-            raise MemberFailure("adapter_unload", f"HTTP {resp.status_code}: {resp.text[:300]}")
+        _raise_for_status(resp, self.name, "adapter_unload")
 
     async def health(self) -> None:
         if self.config.served_name not in await self._models():
             raise MemberFailure("adapter_missing", f"adapter {self.config.served_name!r} is not loaded")
-
-
-class SoftPromptMember(OpenAIMember):
-    """A prompt-tuning checkpoint over a base model served with ``--enable-prompt-embeds``.
-
-    The prompt is tokenized with the base tokenizer (chat template applied), embedded with the
-    base's input-embedding matrix, prefixed with the soft prompt's virtual tokens, and sent as
-    ``prompt_embeds`` to ``/v1/completions``. Tensor work runs on the base's own thread.
-    """
-
-    gate_class = "embeds"
-
-    def __init__(
-        self,
-        config: MemberConfig,
-        base_url: str,
-        client: httpx.AsyncClient,
-        base: BaseModelInputs,
-        prompt_embeddings: Any,
-        gate: ClassGate | None = None,
-    ):
-        super().__init__(config, base_url, client, gate)
-        self.base = base
-        self.prompt_embeddings = prompt_embeddings
-
-    async def _payload(self, request: MemberRequest) -> tuple[str, dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        try:
-            embeds = await loop.run_in_executor(
-                self.base.executor, self.base.embeds_b64, self.prompt_embeddings, self._messages(request)
-            )
-        except (ValueError, RuntimeError) as e:
-            raise MemberFailure("invalid_request", f"cannot build prompt_embeds: {e}", e) from e
-        body = self._sampling(request)
-        body["prompt_embeds"] = embeds
-        return f"{self.base_url}/completions", body
-
-    def _choice_text(self, choice: dict[str, Any]) -> Any:
-        return choice["text"]

@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import GatewayConfig
 from service.errors import AuthenticationError, GatewayError, PayloadTooLarge, PermissionDenied
-from service.logs import request_id
+from service.protocol import error_payload
+from service.telemetry.logs import request_id
 
 logger = logging.getLogger("service.access")
 
@@ -144,7 +145,7 @@ class EdgeMiddleware:
 
 
 async def _send_error(send: Callable[[Message], Any], e: GatewayError) -> None:
-    body = json.dumps(e.body()).encode()
+    body = json.dumps(error_payload(e)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if e.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

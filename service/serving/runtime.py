@@ -16,24 +16,28 @@ from typing import Any
 
 import httpx
 
-from service.adapters import BaseModelCache, check_members, startup_lora_args
-from service.build import Built, Components, build_pipeline, prepare_members
 from service.config import GatewayConfig, load_config
-from service.errors import ConfigError
-from service.gate import ClassGate
-from service.http import make_http_client
-from service.launcher import Launcher, RunningServer
-from service.members import LoRAMember, Member, MemberFailure
-from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.resilience import Admission, Guards
-from service.status import StatusBook
+from service.errors import ConfigError, MemberFailure
+from service.members.base import Member
+from service.members.breakers import OPEN, Guards
+from service.members.checks import check_members, startup_lora_args
+from service.members.gate import ClassGate
+from service.members.http import make_http_client
+from service.members.openai import LoRAMember
+from service.members.soft_prompt import BaseModelCache
+from service.ops.launcher import Launcher, RunningServer
+from service.pipeline.admission import Admission
+from service.pipeline.pipeline import Pipeline
+from service.serving.build import Built, Components, build_pipeline, prepare_members
+from service.telemetry.book import StatusBook
+from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 DRAIN_GRACE_S = 30.0
 RESTART_BACKOFF_MAX_S = 120.0
 RESTART_RESET_S = 300.0  # a server that has run this long starts its restart backoff afresh
+READY_CACHE_S = 2.0  # /ready and /status.json reuse a health round this recent
 
 
 class Runtime:
@@ -47,8 +51,10 @@ class Runtime:
         launcher: Launcher | None = None,
         config_path: Path | None = None,
         parts: Components | None = None,
+        members_checked: bool = False,
     ):
         self.config = config
+        self._members_checked = members_checked or bool(parts and parts.members)
         self.metrics = metrics
         self.launcher = launcher
         self.config_path = config_path
@@ -68,10 +74,30 @@ class Runtime:
         self._background: list[asyncio.Task[None]] = []
         self._restarts: dict[str, int] = {}
 
+    async def probe_members(self) -> dict[str, str | None]:
+        """Each member's health (None = up): the last active check, or a fresh one when that is
+        older than a couple of seconds. A member whose circuit is open counts as down."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return {}
+        guards = self.guards
+        async with self.health_lock:
+            if guards.clock() - guards.last_round > READY_CACHE_S or set(guards.health) != set(pipeline.members):
+                await guards.check(pipeline.members, pipeline.unavailable)
+        out: dict[str, str | None] = {}
+        for name in pipeline.members:
+            h = guards.health.get(name)
+            out[name] = h.error if h is not None and h.error else None
+            if out[name] is None and guards.breaker(name).state == OPEN:
+                out[name] = f"circuit_open: {guards.breaker(name).reason}"
+        return out
+
     def server_urls(self) -> dict[str, str]:
         return self.launcher.base_urls() if self.launcher is not None else {}
 
     async def start(self) -> Pipeline:
+        if not self._members_checked:
+            await asyncio.to_thread(check_members, self.config)
         self.client = make_http_client(self.config.max_connections, self.config.member_http)
         try:
             built = await build_pipeline(
@@ -84,6 +110,7 @@ class Runtime:
                 gates=self.gates,
                 guards=self.guards,
                 status=self.status,
+                admission=self.admission,
             )
         except BaseException:
             await self.close()
@@ -202,7 +229,8 @@ class Runtime:
             assert self.pipeline is not None and self.client is not None
             start = time.perf_counter()
             old = self.pipeline
-            await asyncio.to_thread(check_members, new)
+            if not self.parts.members:
+                await asyncio.to_thread(check_members, new)
             use, started, retired = await self._servers_for(new)
             urls = {name: srv.base_url for name, srv in use.items()}
             await self._unload_replaced_adapters(old, new, urls)
@@ -218,6 +246,7 @@ class Runtime:
                     gates=self.gates,
                     guards=self.guards,
                     status=self.status,
+                    admission=self.admission,
                 )
             except BaseException:
                 if started and self.launcher is not None:

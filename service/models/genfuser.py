@@ -1,11 +1,11 @@
-"""Fusers: turn the top-ranked candidates into one answer.
+"""GenFuser: llm-blender's T5 fuser, behind one worker thread.
 
 ``GenFuser`` reproduces llm-blender's ``Blender.fuse`` token for token: the same input text
 (``GenFuserDataset``'s format), the same truncation of each candidate, the same generation
 settings (``num_beams=4``, ``max_new_tokens`` = the candidate limit) and the same decoding. Its
 beam search skips one thing ``Blender.fuse`` spends time on: reordering the cross-attention cache,
 whose rows are the same for every beam (``FuserConfig.shared_cross_cache``). For a T5 it runs its
-own decode loop (``service.t5decode``, ``FuserConfig.lean_decode``): the same search on the model's
+own decode loop (``service.models.t5decode``, ``FuserConfig.lean_decode``): the same search on the model's
 weights without transformers' per-step machinery.
 """
 
@@ -19,34 +19,12 @@ import time
 import types
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
-import httpx
-
-from service.config import FuserConfig, LLMFuserConfig, MemberConfig
-from service.errors import ModelError
-from service.gate import ClassGate
-from service.members import MemberFailure, MemberRequest, OpenAIMember
-from service.ranking import torch_dtype
+from service.config import FuserConfig
+from service.models.compat import torch_dtype
 
 logger = logging.getLogger(__name__)
-
-
-class Fuser(Protocol):
-    """Fuses candidates (best first) for an instruction and input into one text.
-
-    ``fuse`` raises ``ModelError`` on failure and runs its model work off the event loop.
-    """
-
-    name: str
-
-    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str: ...
-
-    def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
-        """The same text as ``fuse``, in pieces as soon as each is final."""
-        ...
-
-    def close(self) -> None: ...
 
 
 class _FinalPrefix:
@@ -179,7 +157,7 @@ class GenFuser:
                     module.forward = types.MethodType(_skinny_linear, module)  # type: ignore[method-assign]
         self._lean: Any = None
         if config.lean_decode:
-            from service.t5decode import LeanT5
+            from service.models.t5decode import LeanT5
 
             reason = LeanT5.unsupported_model(self.model)
             if reason is None:
@@ -281,75 +259,3 @@ class GenFuser:
             return None
         ids = self._lean.generate(input_ids, attention_mask, plan, on_step=watcher.step if watcher else None)
         return None if ids is None else [ids]
-
-
-def format_candidates(candidates: list[str]) -> str:
-    return "\n\n".join(f"[{i}] {c.strip()}" for i, c in enumerate(candidates, start=1))
-
-
-def aggregation_messages(
-    template: str, instruction: str, input_text: str, candidates: list[str]
-) -> list[dict[str, str]]:
-    """The LLM fuser's conversation: the filled template as system message, the request as user."""
-    fields = {
-        "instruction": instruction,
-        "instruction_block": f"Instruction: {instruction.strip()}\n\n" if instruction.strip() else "",
-        "input": input_text,
-        "candidates": format_candidates(candidates),
-    }
-    user = f"{instruction}\n\n{input_text}" if instruction else input_text
-    return [{"role": "system", "content": template.format_map(fields)}, {"role": "user", "content": user}]
-
-
-class LLMFuser:
-    """Mixture-of-Agents-style aggregation by any OpenAI-compatible model (kind ``llm``)."""
-
-    def __init__(
-        self,
-        name: str,
-        config: LLMFuserConfig,
-        base_url: str,
-        client: httpx.AsyncClient,
-        gate: ClassGate | None = None,
-    ):
-        self.name = name
-        self.config = config
-        endpoint = MemberConfig.model_validate(
-            {
-                "name": name,
-                "endpoint": base_url,
-                "model": config.model,
-                "sampling": config.sampling,
-                "timeout_s": config.timeout_s,
-                "api_key_env": config.api_key_env,
-            }
-        )
-        self._endpoint = OpenAIMember(endpoint, base_url, client, gate)
-
-    def close(self) -> None:
-        pass
-
-    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
-        request = self._request(instruction, input_text, candidates)
-        try:
-            completion = await self._endpoint.generate(request)
-        except MemberFailure as e:
-            raise ModelError(f"llm fuser {self.name}: {e}") from e
-        return completion.text
-
-    def _request(self, instruction: str, input_text: str, candidates: list[str]) -> MemberRequest:
-        s = self.config.sampling
-        return MemberRequest(
-            messages=aggregation_messages(self.config.template, instruction, input_text, candidates),
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=s.seed,
-        )
-
-    async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
-        try:
-            async for piece in self._endpoint.generate_stream(self._request(instruction, input_text, candidates)):
-                yield piece
-        except MemberFailure as e:
-            raise ModelError(f"llm fuser {self.name}: {e}") from e

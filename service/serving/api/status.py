@@ -9,24 +9,23 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from service.api.health import probe_members
+from service.serving.api.deps import RuntimeDep
 
 router = APIRouter()
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
-    html = files("service").joinpath("static/status.html").read_text(encoding="utf-8")
+    html = files("service.serving").joinpath("static/status.html").read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/status.json")
-async def status(request: Request) -> dict[str, Any]:
+async def status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     """Each ensemble's members with health, circuit, p50 latency, win rate and selection share;
     the last requests with their ranking; the gateway's own counters."""
-    runtime = request.app.state.runtime
     config = runtime.config
-    health = await probe_members(request.app)
+    health = await runtime.probe_members()
     book = runtime.status
     ensembles: dict[str, Any] = {}
     for name, ens in config.ensembles.items():

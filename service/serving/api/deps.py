@@ -1,4 +1,5 @@
-"""Typed access to what the lifespan put on ``app.state``.
+"""Typed access to what ``create_app`` put on ``app.state``: the runtime (whose pipeline the
+lifespan builds, and a reload replaces) and the metrics.
 
 Async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
 dependency per request (it showed as ~30% of the event loop in the gateway profile).
@@ -11,9 +12,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.errors import NotReadyError
-from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.resilience import Admission
+from service.pipeline.pipeline import Pipeline
+from service.serving.runtime import Runtime
+from service.telemetry.metrics import Metrics
+
+
+async def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
 
 
 async def get_pipeline(request: Request) -> Pipeline:
@@ -28,11 +34,6 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-async def get_admission(request: Request) -> Admission:
-    admission: Admission = request.app.state.admission
-    return admission
-
-
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-AdmissionDep = Annotated[Admission, Depends(get_admission)]

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from service.config import ServerConfig
-from service.errors import GatewayError
+from service.errors import LaunchError
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the process group still lets stop() reach every child
-
-
-class LaunchError(GatewayError):
-    status = 502
-    type = "launch_error"
 
 
 @dataclass

@@ -239,7 +239,7 @@ def make_pairrm(out: Path, seed: int = 7) -> None:
     from tokenizers import processors
     from transformers import DebertaV2Config, PreTrainedTokenizerFast
 
-    from service.compat import import_pairrm
+    from service.models.compat import import_pairrm
 
     DebertaV2PairRM = import_pairrm()
 

@@ -1,11 +1,9 @@
-"""What keeps members' failures from becoming the gateway's: circuit breakers, retry backoff,
-active health checks and bounded admission.
+"""Circuit breakers and active health checks: what keeps a failing member from costing every request.
 
 A ``CircuitBreaker`` per member ejects it after consecutive failures (calls or health checks) for
 a cool-down that doubles while probes fail; after the cool-down one request, or one passing health
 check, probes it. ``Guards`` keeps the breakers across reloads (by member name) and runs the health
-checks. ``Admission`` caps requests in flight and the queue in front of them, and sheds the rest at
-once with 429 and Retry-After.
+checks. Retries live with the calls, in ``service.members.fanout``.
 """
 
 from __future__ import annotations
@@ -13,31 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.config import BreakerConfig, HealthCheckConfig, LimitsConfig, RetryConfig
-from service.errors import Overloaded, ShuttingDown
-from service.members import Member, MemberFailure
-from service.metrics import Metrics
+from service.config import BreakerConfig, HealthCheckConfig
+from service.errors import MemberFailure
+from service.members.base import Member
+from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
-
-
-def backoff_s(attempt: int, config: RetryConfig, rng: Callable[[], float] = random.random) -> float:
-    """Full-jitter exponential backoff before retry number ``attempt`` (1 = the first retry)."""
-    return float(rng() * min(config.backoff_max_s, config.backoff_s * 2 ** (attempt - 1)))
-
-
-def retryable(failure: MemberFailure) -> bool:
-    """Connection errors and 5xx may pass on a second try; timeouts and bad answers are not retried."""
-    return failure.kind in ("connect", "http_5xx")
 
 
 class CircuitBreaker:
@@ -135,8 +121,15 @@ class MemberHealth:
 class Guards:
     """Breakers and health of members by name; they outlive reloads for members that stay."""
 
-    def __init__(self, metrics: Metrics, breaker: BreakerConfig, health: HealthCheckConfig):
+    def __init__(
+        self,
+        metrics: Metrics,
+        breaker: BreakerConfig,
+        health: HealthCheckConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.metrics = metrics
+        self.clock = clock
         self.breaker_config = breaker
         self.health_config = health
         self.breakers: dict[str, CircuitBreaker] = {}
@@ -157,7 +150,7 @@ class Guards:
             if name in self.breakers:
                 self.breakers[name].config = breaker
             else:
-                self.breakers[name] = CircuitBreaker(name, breaker, self._changed)
+                self.breakers[name] = CircuitBreaker(name, breaker, self._changed, self.clock)
                 self.metrics.circuit_state.labels(name).set(0)
 
     def _changed(self, name: str, state: str) -> None:
@@ -167,7 +160,7 @@ class Guards:
 
     def breaker(self, name: str) -> CircuitBreaker:
         if name not in self.breakers:
-            self.breakers[name] = CircuitBreaker(name, self.breaker_config, self._changed)
+            self.breakers[name] = CircuitBreaker(name, self.breaker_config, self._changed, self.clock)
         return self.breakers[name]
 
     async def check(self, members: dict[str, Member], unavailable: dict[str, str]) -> None:
@@ -189,11 +182,11 @@ class Guards:
             self._record(name, error)
 
         await asyncio.gather(*(one(n, m) for n, m in members.items()))
-        self.last_round = time.monotonic()
+        self.last_round = self.clock()
 
     def _record(self, name: str, error: str | None) -> None:
         h = self.health.setdefault(name, MemberHealth())
-        h.error, h.checked_at = error, time.monotonic()
+        h.error, h.checked_at = error, self.clock()
         self.metrics.member_healthy.labels(name).set(0 if error else 1)
         breaker = self.breaker(name)
         if error is None:
@@ -228,68 +221,3 @@ class Guards:
             out["reason"] = b.reason
             out["retry_in_s"] = round(b.retry_in_s, 1)
         return out
-
-
-class Admission:
-    """At most ``max_in_flight`` requests run; ``max_queue`` more wait; the rest are shed at once."""
-
-    def __init__(self, limits: LimitsConfig, metrics: Metrics):
-        self.limits = limits
-        self.metrics = metrics
-        self.running = 0
-        self.draining = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def configure(self, limits: LimitsConfig) -> None:
-        self.limits = limits
-        self._wake()
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
-    def _shed(self, reason: str, message: str) -> Overloaded:
-        self.metrics.shed.labels(reason).inc()
-        return Overloaded(message, code="overloaded", headers={"Retry-After": str(self.limits.retry_after_s)})
-
-    async def acquire(self, timeout_s: float) -> None:
-        """Take a slot, waiting in the queue for at most ``timeout_s``; raise ``Overloaded`` if shed."""
-        if self.draining:
-            retry = {"Retry-After": str(self.limits.retry_after_s)}
-            raise ShuttingDown("the gateway is shutting down", code="shutting_down", headers=retry)
-        if self.running < self.limits.max_in_flight and not self._waiters:
-            self.running += 1
-            return
-        if len(self._waiters) >= self.limits.max_queue:
-            raise self._shed(
-                "queue_full",
-                f"overloaded: {self.running} requests in flight and {len(self._waiters)} queued",
-            )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self.metrics.queue_depth.set(len(self._waiters))
-        try:
-            async with asyncio.timeout(min(timeout_s, self.limits.queue_timeout_s)):
-                await waiter
-        except TimeoutError:
-            raise self._shed("queue_timeout", "overloaded: no slot came free in time") from None
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # the slot was handed over as we were cancelled: pass it on
-            raise
-        finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-            self.metrics.queue_depth.set(len(self._waiters))
-
-    def release(self) -> None:
-        self.running -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.running < self.limits.max_in_flight:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.running += 1
-                waiter.set_result(None)
-        self.metrics.queue_depth.set(len(self._waiters))

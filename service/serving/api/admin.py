@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.api.generate import ERROR_RESPONSES
+from service.protocol import ERROR_RESPONSES
 
 router = APIRouter(prefix="/admin")
 

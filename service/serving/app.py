@@ -15,24 +15,35 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import admin, generate, health, openai, status
-from service.build import Components
 from service.config import GatewayConfig
-from service.errors import GatewayError, error_body
-from service.launcher import Launcher
-from service.metrics import Metrics
-from service.middleware import EdgeMiddleware
-from service.runtime import Runtime
+from service.errors import GatewayError, NotFoundError, RequestError
+from service.ops.launcher import Launcher
+from service.protocol import error_payload
+from service.serving.api import admin, generate, health, openai, status
+from service.serving.build import Components
+from service.serving.middleware import EdgeMiddleware
+from service.serving.runtime import Runtime
+from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    """The one place where exceptions become HTTP responses, all in the OpenAI error shape."""
+ENSEMBLE_PATHS = ("/generate", "/v1/chat/completions", "/v1/completions")
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """The one place where exceptions become HTTP responses, all through ``error_payload``. A request
+    to an ensemble endpoint refused before the pipeline took it is counted here (ensemble ``-``)."""
+
+    def respond(request: Request, error: GatewayError, status: int | None = None) -> JSONResponse:
+        status = status or error.status
+        if request.url.path in ENSEMBLE_PATHS and not error.counted:
+            metrics.requests.labels("-", str(status)).inc()
+        return JSONResponse(error_payload(error), status_code=status, headers=error.headers)
 
     @app.exception_handler(GatewayError)
-    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -44,19 +55,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             msg = "request body is not valid JSON"
         message = f"{param}: {msg}" if param else str(msg)
-        if request.url.path in ("/generate", "/v1/chat/completions", "/v1/completions"):
-            request.app.state.metrics.requests.labels("-", "400").inc()
-        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_request"), status_code=400)
+        return respond(request, RequestError(message, param=param, code="invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type_, None, type_), status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = NotFoundError(str(exc.detail)) if exc.status_code == 404 else RequestError(str(exc.detail))
+        error.code = error.type
+        return respond(request, error, exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(error_body("internal error", "internal_error", None, "internal_error"), status_code=500)
+        return respond(request, GatewayError("internal error", code="internal_error"))
 
 
 def create_app(
@@ -65,15 +75,25 @@ def create_app(
     parts: Components | None = None,
     launcher: Launcher | None = None,
     config_path: Path | None = None,
+    members_checked: bool = False,
 ) -> FastAPI:
-    """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up."""
+    """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up.
+    ``members_checked``: the caller ran ``check_members`` on this config already (``serve`` does,
+    before it starts any server)."""
     metrics = Metrics()
 
-    runtime = Runtime(config, metrics, launcher=launcher, config_path=config_path, parts=parts)
+    runtime = Runtime(
+        config, metrics, launcher=launcher, config_path=config_path, parts=parts, members_checked=members_checked
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start = time.perf_counter()
+        if config.torch_threads is not None and (config.rankers or config.fusers):
+            import torch
+
+            # Before the model workers start: a thread takes up the setting only when it starts.
+            torch.set_num_threads(config.torch_threads)
         await runtime.start()
         logger.info("pipeline ready in %.1fs: ensembles %s", time.perf_counter() - start, list(config.ensembles))
         hup = _install_sighup(runtime)
@@ -93,9 +113,8 @@ def create_app(
     app.state.runtime = runtime
     app.state.started_at = time.time()
     app.state.metrics = metrics
-    app.state.admission = runtime.admission
     app.add_middleware(EdgeMiddleware, config=lambda: runtime.config, draining=lambda: runtime.admission.draining)
-    _install_error_handlers(app)
+    _install_error_handlers(app, metrics)
     app.include_router(generate.router)
     app.include_router(health.router)
     app.include_router(openai.router)

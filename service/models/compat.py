@@ -1,4 +1,5 @@
-"""Shims for outside packages that misbehave, each with the reason in one sentence."""
+"""Shims for outside packages that misbehave, each with the reason in one sentence; and the
+config's dtype names as torch dtypes."""
 
 from __future__ import annotations
 
@@ -39,3 +40,10 @@ def import_llm_blender(module: str) -> ModuleType:
 def import_pairrm() -> Any:
     """llm-blender's ``DebertaV2PairRM`` class."""
     return import_llm_blender("llm_blender.pair_ranker.pairrm").DebertaV2PairRM
+
+
+def torch_dtype(name: str) -> Any:
+    """``float32`` / ``float16`` / ``bfloat16`` as the torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]

@@ -9,17 +9,22 @@ from dataclasses import dataclass
 
 import httpx
 
-from service.adapters import BaseModelCache, base_checkpoint, check_members, load_prompt_embeddings
 from service.config import FuserConfig, GatewayConfig, LLMFuserConfig, MemberConfig
-from service.errors import ConfigError
-from service.fusion import Fuser, GenFuser, LLMFuser
-from service.gate import ClassGate
-from service.members import LoRAMember, Member, MemberFailure, OpenAIMember, SoftPromptMember
-from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.ranking import PairRMRanker, Ranker
-from service.resilience import Guards
-from service.status import StatusBook
+from service.errors import ConfigError, MemberFailure
+from service.members.base import Member
+from service.members.breakers import Guards
+from service.members.checks import base_checkpoint
+from service.members.gate import ClassGate
+from service.members.openai import LoRAMember, OpenAIMember
+from service.members.soft_prompt import BaseModelCache, SoftPromptMember, load_prompt_embeddings
+from service.models.fusion import Fuser, LLMFuser
+from service.models.genfuser import GenFuser
+from service.models.pairrm import PairRMRanker
+from service.models.ranking import Ranker
+from service.pipeline.admission import Admission
+from service.pipeline.pipeline import Pipeline
+from service.telemetry.book import StatusBook
+from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +129,7 @@ def _same_member(prev: Pipeline, config: GatewayConfig, m: MemberConfig, url: st
     if old_cfg != m or m.name not in prev.members:
         return False
     old_url = target_url(f"members.{m.name}", m.endpoint, m.server, prev.server_urls)
-    return old_url == url and getattr(prev.members[m.name], "_gate", None) is gate
+    return old_url == url and getattr(prev.members[m.name], "gate", None) is gate
 
 
 async def build_pipeline(
@@ -139,18 +144,14 @@ async def build_pipeline(
     gates: dict[str, ClassGate] | None = None,
     guards: Guards | None = None,
     status: StatusBook | None = None,
+    admission: Admission | None = None,
 ) -> Built:
-    """Everything a configuration needs, taking over unchanged parts of ``previous``.
+    """Everything a configuration needs, taking over unchanged parts of ``previous``. The member
+    files were checked by the caller (``check_members``), once per load.
 
     A ``ConfigError`` names what is wrong; on any failure the parts made here are closed again.
     """
-    if config.torch_threads is not None and (config.rankers or config.fusers):
-        import torch
-
-        torch.set_num_threads(config.torch_threads)  # threads started later (the model workers) take it up
     prebuilt = dict(parts.members or {})
-    if not prebuilt:
-        await asyncio.to_thread(check_members, config)
     gates = {} if gates is None else gates
     for url in prompt_embeds_gates(config, server_urls) if not prebuilt else {}:
         gates.setdefault(url, ClassGate())
@@ -211,5 +212,5 @@ async def build_pipeline(
         unavailable.update({n: r for n, r in previous.unavailable.items() if n in members and n not in to_prepare})
     for name in members:
         metrics.member_available.labels(name).set(0 if name in unavailable else 1)
-    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls, guards, status)
+    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls, guards, status, admission)
     return Built(pipeline, new_members, new_rankers, new_fusers)
