@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if config.servers:
             launcher.start(config.servers, startup_lora_args(config))
-        app = create_app(config, launcher=launcher, config_path=Path(args.config), members_checked=True)
+        app = create_app(config, launcher=launcher, config_path=Path(args.config), members_checked=True, host=args.host)
         logger.info("serving on http://%s:%d", args.host, args.port)
         server_config = uvicorn.Config(
             app,

@@ -76,14 +76,21 @@ def create_app(
     launcher: Launcher | None = None,
     config_path: Path | None = None,
     members_checked: bool = False,
+    host: str | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up.
     ``members_checked``: the caller ran ``check_members`` on this config already (``serve`` does,
-    before it starts any server)."""
+    before it starts any server). ``host``: the address it will listen on, for the start-up warnings."""
     metrics = Metrics()
 
     runtime = Runtime(
-        config, metrics, launcher=launcher, config_path=config_path, parts=parts, members_checked=members_checked
+        config,
+        metrics,
+        launcher=launcher,
+        config_path=config_path,
+        parts=parts,
+        members_checked=members_checked,
+        host=host,
     )
 
     @asynccontextmanager
@@ -95,6 +102,8 @@ def create_app(
             # Before the model workers start: a thread takes up the setting only when it starts.
             torch.set_num_threads(config.torch_threads)
         await runtime.start()
+        for warning in runtime.warnings():
+            logger.warning("WARNING: %s", warning)
         logger.info("pipeline ready in %.1fs: ensembles %s", time.perf_counter() - start, list(config.ensembles))
         hup = _install_sighup(runtime)
         try:

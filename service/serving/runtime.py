@@ -9,6 +9,7 @@ started for the new configuration is stopped again and the old one serves on.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from pathlib import Path
@@ -52,8 +53,10 @@ class Runtime:
         config_path: Path | None = None,
         parts: Components | None = None,
         members_checked: bool = False,
+        host: str | None = None,
     ):
         self.config = config
+        self.host = host
         self._members_checked = members_checked or bool(parts and parts.members)
         self.metrics = metrics
         self.launcher = launcher
@@ -73,6 +76,17 @@ class Runtime:
         self._cleanups: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._restarts: dict[str, int] = {}
+
+    def warnings(self) -> list[str]:
+        """What an operator should know about this configuration: shown at start-up, on the status
+        page and in /status.json."""
+        out = []
+        if self.host is not None and not is_loopback(self.host) and not self.config.auth.client_keys():
+            out.append(
+                f"no client API key is configured and the gateway listens on {self.host}: anyone who can "
+                "reach it can use it (set auth.api_keys_env, default GATEWAY_API_KEYS)"
+            )
+        return out
 
     async def probe_members(self) -> dict[str, str | None]:
         """Each member's health (None = up): the last active check, or a fresh one when that is
@@ -329,6 +343,16 @@ class Runtime:
                 fuser.close()
         if retired and self.launcher is not None:
             await asyncio.to_thread(self.launcher.stop_instances, retired)
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _adapter_still_served(member: LoRAMember, new: Pipeline) -> bool:

@@ -61,6 +61,8 @@ async def status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
         "queued": admission.queued,
         "draining": admission.draining,
         "reloads": runtime.reloads,
+        "auth": {"keys_required": bool(config.auth.client_keys())},
+        "warnings": runtime.warnings(),
         "ensembles": ensembles,
         "recent": list(book.recent),
     }

@@ -1,0 +1,53 @@
+"""The gateway's configuration: a YAML file validated in full before anything starts.
+
+Every field has a default and a description; every error names the field it is about. The models
+live by subject (``members``, ``models``, ``policies``, ``gateway``); ``loading`` reads the file and
+expands ``${VAR}`` / ``${VAR:-default}`` in its values after parsing. Environment variables the
+config points at (API keys) are read once, when the file is loaded or reloaded.
+"""
+
+from service.config.base import Name, Strict
+from service.config.gateway import EnsembleConfig, GatewayConfig
+from service.config.loading import expand_env, load_config, parse_config
+from service.config.members import MemberConfig, Sampling, ServerConfig
+from service.config.models import (
+    DEFAULT_AGGREGATION_TEMPLATE,
+    AnyFuserConfig,
+    FuserConfig,
+    LLMFuserConfig,
+    RankerConfig,
+)
+from service.config.policies import (
+    AuthConfig,
+    BreakerConfig,
+    HealthCheckConfig,
+    LimitsConfig,
+    LoggingConfig,
+    ResilienceConfig,
+    RetryConfig,
+)
+
+__all__ = [
+    "DEFAULT_AGGREGATION_TEMPLATE",
+    "AnyFuserConfig",
+    "AuthConfig",
+    "BreakerConfig",
+    "EnsembleConfig",
+    "FuserConfig",
+    "GatewayConfig",
+    "HealthCheckConfig",
+    "LLMFuserConfig",
+    "LimitsConfig",
+    "LoggingConfig",
+    "MemberConfig",
+    "Name",
+    "RankerConfig",
+    "ResilienceConfig",
+    "RetryConfig",
+    "Sampling",
+    "ServerConfig",
+    "Strict",
+    "expand_env",
+    "load_config",
+    "parse_config",
+]

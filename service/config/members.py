@@ -1,0 +1,99 @@
+"""Members and the servers the gateway launches for them."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from service.config.base import Name, Strict
+
+
+class Sampling(Strict):
+    """Sampling defaults of a member; a request's own values override them."""
+
+    max_tokens: int = Field(128, ge=1, le=32768, description="Tokens to generate at most.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, description="Sampling seed, if the member should be repeatable.")
+
+
+class MemberConfig(Strict):
+    """One model of an ensemble, reached through an OpenAI-compatible API.
+
+    Kinds: ``model`` (a whole model), ``lora`` (a LoRA adapter on a server started with
+    ``--enable-lora``) and ``soft_prompt`` (a PEFT prompt-tuning checkpoint over a base model served
+    with ``--enable-prompt-embeds``). All take the same sampling settings and report the same metrics.
+    """
+
+    name: Name = Field(description="Unique member name, used in responses and metrics.")
+    kind: Literal["model", "lora", "soft_prompt"] = Field("model", description="What this member is.")
+    endpoint: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://host:8000/v1.")
+    server: Name | None = Field(None, description="Name of a server under `servers` instead.")
+    model: str | None = Field(
+        None,
+        description="The model name on that server. For `lora`: the adapter's name there (default: "
+        "the member name); for `soft_prompt`: the base model's name.",
+    )
+    adapter: str | None = Field(
+        None, description="`lora`: the PEFT LoRA directory; `soft_prompt`: the prompt-tuning directory."
+    )
+    load: Literal["runtime", "startup"] = Field(
+        "runtime",
+        description="`lora` only. runtime: the gateway loads the adapter through vLLM's "
+        "/v1/load_lora_adapter (and unloads it when the member goes); startup: the launched server "
+        "loads it with --lora-modules.",
+    )
+    base_checkpoint: str | None = Field(
+        None,
+        description="`soft_prompt` only: the base model's directory or hub id (tokenizer and input "
+        "embeddings). Default: the model of the member's `server`.",
+    )
+    api: Literal["chat", "completions"] = Field(
+        "chat", description="chat: /chat/completions with messages; completions: raw prompt."
+    )
+    system_prompt: str | None = Field(None, description="System message prepended for this member.")
+    sampling: Sampling = Field(default_factory=Sampling, description="This member's sampling defaults.")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-call timeout for this member.")
+    api_key_env: str | None = Field(None, description="Env var holding this member's API key.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> MemberConfig:
+        if (self.endpoint is None) == (self.server is None):
+            raise ValueError("set exactly one of `endpoint` or `server`")
+        if self.endpoint is not None and not re.match(r"^https?://", self.endpoint):
+            raise ValueError("`endpoint` must be an http(s) URL")
+        if self.kind == "model" and self.model is None:
+            raise ValueError("`model` is required")
+        if self.kind == "model" and self.adapter is not None:
+            raise ValueError("`adapter` is only for kinds lora and soft_prompt")
+        if self.kind in ("lora", "soft_prompt") and self.adapter is None:
+            raise ValueError(f"a {self.kind} member needs `adapter`")
+        if self.kind == "soft_prompt" and self.model is None:
+            raise ValueError("a soft_prompt member needs `model`: the base model's name on its server")
+        if self.kind == "soft_prompt" and self.endpoint is not None and self.base_checkpoint is None:
+            raise ValueError("a soft_prompt member on an `endpoint` needs `base_checkpoint`")
+        if self.kind == "lora" and self.load == "startup" and self.server is None:
+            raise ValueError("load: startup needs a `server` the gateway launches")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The name requests use on the server."""
+        return self.model or self.name
+
+
+class ServerConfig(Strict):
+    """A vLLM server the gateway starts and supervises itself (single-node mode)."""
+
+    name: Name = Field(description="Unique server name; members point at it with `server`.")
+    model: str = Field(description="Model directory or hub id served by this server.")
+    served_model_names: list[str] = Field(
+        default_factory=list, description="Names the server answers to (default: the model)."
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port; a free one when unset.")
+    args: list[str] = Field(default_factory=list, description="Extra vLLM arguments.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    startup_timeout_s: float = Field(600.0, gt=0, description="How long to wait for /health.")
