@@ -11,6 +11,7 @@ from service.config import GatewayConfig, parse_config
 from service.errors import MemberFailure
 from service.members.base import Completion, MemberRequest
 from service.models.ranking import Ranking, ranks_from_scores
+from service.telemetry.metrics import Metrics
 
 
 class FakeMember:
@@ -107,3 +108,9 @@ ensembles:
 
 def fake_config(text: str = FAKE_CONFIG) -> GatewayConfig:
     return parse_config(text)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """A metric's value read from the registry, as Prometheus would scrape it (0 if never set)."""
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

@@ -7,7 +7,7 @@ from service.pipeline.inputs import input_text, member_messages
 from service.pipeline.pipeline import Pipeline
 from service.protocol import ChatMessage, GenerateRequest
 from service.telemetry.metrics import Metrics
-from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
+from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config, sample
 
 
 def pipeline(members: list[FakeMember], ranker: LengthRanker | None = None, fuser: JoinFuser | None = None) -> Pipeline:
@@ -97,8 +97,8 @@ async def test_ranker_failure_degrades_to_the_first_candidate() -> None:
     assert resp.output == "aa" and resp.selected == ["a"]  # arrival order: a answered first
     assert resp.degraded_reasons[0].startswith("ranker_failed: ranker length failed: RuntimeError")
     assert all(c.score is None for c in resp.candidates or [])
-    assert p.metrics.degraded.labels("main", "ranker_failed")._value.get() == 1
-    assert p.metrics.model_errors.labels("rank", "length")._value.get() == 1
+    assert sample(p.metrics, "gateway_degraded_total", ensemble="main", reason="ranker_failed") == 1
+    assert sample(p.metrics, "gateway_model_errors_total", stage="rank", model="length") == 1
 
 
 async def test_fuser_failure_degrades_to_the_top_candidate() -> None:
@@ -107,7 +107,7 @@ async def test_fuser_failure_degrades_to_the_top_candidate() -> None:
     assert resp.degraded and not resp.fused
     assert resp.output == "bbbb" and resp.selected == ["b"]  # the ranker's best
     assert resp.degraded_reasons == ["fuser_failed: fuser join failed: RuntimeError: fuser exploded"]
-    assert p.metrics.degraded.labels("main", "fuser_failed")._value.get() == 1
+    assert sample(p.metrics, "gateway_degraded_total", ensemble="main", reason="fuser_failed") == 1
 
 
 async def test_hung_ranker_and_fuser_are_cut_at_the_deadline() -> None:
@@ -197,6 +197,6 @@ async def test_adaptive_fusion_skips_when_the_top_candidate_leads(margin: float,
     resp = await p.answer(GenerateRequest(prompt="q"))  # scores: a 2, b 4, c 3 -> lead 1.0
     assert resp.fused is fused and bool(fuser.calls) is fused and not resp.degraded
     assert resp.output == ("bbbb | ccc" if fused else "bbbb")
-    assert p.metrics.fusion_skipped.labels("main", "margin")._value.get() == (0 if fused else 1)
+    assert sample(p.metrics, "gateway_fusion_skipped_total", ensemble="main", reason="margin") == (0 if fused else 1)
     resp = await p.answer(GenerateRequest(prompt="q", ensemble="never"))
-    assert not resp.fused and p.metrics.fusion_skipped.labels("never", "never")._value.get() == 1
+    assert not resp.fused and sample(p.metrics, "gateway_fusion_skipped_total", ensemble="never", reason="never") == 1

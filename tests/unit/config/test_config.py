@@ -6,7 +6,7 @@ from service.config import expand_env, load_config, parse_config
 from service.errors import ConfigError
 from tests.fakes import FAKE_CONFIG
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_demo_config_is_valid() -> None:

@@ -104,13 +104,15 @@ async def test_invalid_config_keeps_the_old_one_and_says_why(setup) -> None:  # 
 
 
 async def test_in_flight_request_finishes_on_its_configuration(setup) -> None:  # type: ignore[no-untyped-def]
-    app, path, _ = setup
+    app, path, members = setup
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,
     ):
         slow = asyncio.create_task(client.post("/generate", json={"prompt": "q", "ensemble": "old-only"}))
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(5):
+            while not members[3].requests:  # until the slow member has the request
+                await asyncio.sleep(0)
         path.write_text(version())  # drops the ensemble the slow request runs on
         r = await client.post("/admin/reload", headers=ADMIN)
         assert r.status_code == 200 and r.json()["changes"]["ensembles"] == ["main"]
