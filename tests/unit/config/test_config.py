@@ -1,8 +1,10 @@
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from service.config import expand_env, load_config, parse_config
+from service.config import GatewayConfig, expand_env, load_config, parse_config
 from service.errors import ConfigError
 from tests.fakes import FAKE_CONFIG
 
@@ -90,3 +92,44 @@ ensembles:
     assert cfg.members[0].endpoint == "http://h:1/v1"
     assert cfg.members[0].model == "x\nensembles: {}" and cfg.members[0].timeout_s == 7.0
     assert list(cfg.ensembles) == ["e"]
+
+
+def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
+    if model in seen:
+        return
+    seen.add(model)
+    for f in model.model_fields.values():
+        stack: list[object] = [f.annotation]
+        while stack:
+            t = stack.pop()
+            stack.extend(typing.get_args(t))
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                _models(t, seen)
+
+
+def test_every_config_field_is_described() -> None:
+    seen: set[type[BaseModel]] = set()
+    _models(GatewayConfig, seen)
+    missing = [f"{m.__name__}.{n}" for m in seen for n, f in m.model_fields.items() if not f.description]
+    assert len(seen) > 10 and not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("device", "ok"),
+    [("cpu", True), ("cuda", True), ("cuda:1", True), ("mps", True), ("gpu", False), ("cuda:", False), ("CUDA", False)],
+)
+def test_device_is_checked_at_load(device: str, ok: bool) -> None:
+    text = FAKE_CONFIG.replace("length: {checkpoint: unused}", f"length: {{checkpoint: unused, device: '{device}'}}")
+    if ok:
+        assert parse_config(text).rankers["length"].device == device
+    else:
+        with pytest.raises(ConfigError, match=r"rankers\.length\.device"):
+            parse_config(text)
+
+
+def test_api_keys_are_read_once_per_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_API_KEYS", "one, two")
+    config = parse_config(FAKE_CONFIG)
+    monkeypatch.setenv("GATEWAY_API_KEYS", "three")
+    assert config.auth.client_keys() == ["one", "two"]  # what the load saw
+    assert parse_config(FAKE_CONFIG).auth.client_keys() == ["three"]  # a reload sees the new value

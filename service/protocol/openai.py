@@ -1,6 +1,5 @@
-"""Wire models: what clients send and receive, stream chunks included, and the one function that
-turns a gateway error into the OpenAI error body. One base model for requests; extra fields are
-refused."""
+"""The OpenAI-compatible surface's wire models: chat and text completions, their stream chunks, and
+the model list. Each converts to the pipeline's ``GenerateRequest``."""
 
 from __future__ import annotations
 
@@ -10,170 +9,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     SerializerFunctionWrapHandler,
     field_serializer,
     model_serializer,
-    model_validator,
 )
 
-from service.errors import GatewayError, RequestError
-
-MAX_PROMPT_CHARS = 200_000
-MAX_MESSAGES = 256
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ChatMessage(_Wire):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
-
-
-class GenerateRequest(_Wire):
-    """POST /generate. Give ``prompt`` or ``messages``, not both.
-
-    Members receive the conversation (chat members) or its text (completion members). Ranking and
-    fusion see ``instruction`` (default: the ensemble's) and an ``input`` text: the prompt itself,
-    or for ``messages`` the content of a lone user message, else each message as a
-    ``"role: content"`` line, joined with newlines.
-    """
-
-    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="The user's input.")
-    messages: list[ChatMessage] | None = Field(
-        None, min_length=1, max_length=MAX_MESSAGES, description="A chat conversation instead."
-    )
-    instruction: str | None = Field(
-        None,
-        max_length=MAX_PROMPT_CHARS,
-        description="Task instruction, prepended for members and used by ranker and fuser.",
-    )
-    ensemble: str | None = Field(None, description="Ensemble name; default: the configured one.")
-    max_tokens: int | None = Field(None, ge=1, le=32768, description="Per-member token limit.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
-    return_candidates: bool = Field(False, description="Include every candidate in the response.")
-    deadline_s: float | None = Field(
-        None,
-        ge=1.0,
-        le=3600,
-        description="Answer within this many seconds (at least 1); the ensemble's deadline still bounds it.",
-    )
-    stream: bool = Field(
-        False,
-        description="Server-sent events: the answer in OpenAI chat chunks as it is generated, then one "
-        "`ensemble.result` event with the whole response (ranking evidence included), then [DONE].",
-    )
-
-    # The field that named the ensemble, for its error: ``model`` when it came from the OpenAI API.
-    _ensemble_param: str = PrivateAttr("ensemble")
-
-    @model_validator(mode="after")
-    def _one_input(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
-        return self
-
-    @property
-    def ensemble_param(self) -> str:
-        return self._ensemble_param
-
-
-class Candidate(_Wire):
-    member: str
-    text: str
-    score: float | None = Field(None, description="Ranker score; higher is better.")
-    rank: int = Field(description="1 = best; ties share the better rank.")
-    latency_ms: float
-    finish_reason: str | None = None
-
-
-class FailedMember(_Wire):
-    member: str
-    error: str
-    kind: str | None = Field(
-        None,
-        description="timeout, connect, http_5xx, http_4xx, invalid_response, circuit_open, unavailable, "
-        "deadline, or straggler (the quorum had answered and the gateway stopped waiting).",
-    )
-
-
-class Timings(_Wire):
-    members: float = Field(description="Fan-out, until the last awaited member answered.")
-    rank: float
-    fuse: float
-    total: float
-
-
-class Usage(_Wire):
-    prompt_tokens: int = Field(description="Summed over members.")
-    completion_tokens: int = Field(description="Summed over members.")
-    total_tokens: int
-
-
-class GenerateResponse(_Wire):
-    id: str
-    ensemble: str
-    output: str = Field(description="The fused answer (or the top candidate when not fused).")
-    fused: bool
-    selected: list[str] = Field(description="Members fed to the fuser, in rank order.")
-    candidates: list[Candidate] | None = None
-    failed_members: list[FailedMember]
-    degraded: bool = Field(
-        False, description="True when a member failed, or the ranker or fuser failed and the answer came without it."
-    )
-    degraded_reasons: list[str] = Field(default_factory=list, description="Why, one entry per cause.")
-    timings_ms: Timings
-    usage: Usage
-    # For the OpenAI surface: ``stop`` for a fused answer, else the top candidate's own reason.
-    _finish_reason: str = PrivateAttr("stop")
-
-    @property
-    def finish_reason(self) -> str:
-        return self._finish_reason
-
-    def finished(self, reason: str) -> GenerateResponse:
-        self._finish_reason = reason
-        return self
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-def error_payload(error: GatewayError) -> dict[str, Any]:
-    """The OpenAI error body of a gateway error: for a response, and for a stream's error event."""
-    detail = ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code or error.type)
-    return ErrorResponse(error=detail).model_dump()
-
-
-# The error responses every ensemble endpoint may give, for the OpenAPI schema.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": desc}
-    for code, desc in [
-        (400, "Invalid request (bad JSON, wrong types, out-of-range or unsupported values)."),
-        (401, "Missing or wrong API key."),
-        (404, "Unknown ensemble (model)."),
-        (413, "Request body too large."),
-        (429, "Overloaded: too many requests in flight and queued; retry after `Retry-After` seconds."),
-        (500, "Internal error."),
-        (502, "Too few members answered."),
-        (503, "Not ready, or shutting down."),
-        (504, "Too few members answered before the deadline."),
-    ]
-}
-
+from service.errors import RequestError
+from service.protocol.generate import MAX_MESSAGES, MAX_PROMPT_CHARS, ChatMessage, GenerateRequest, Usage, Wire
 
 # --- OpenAI-compatible surface ----------------------------------------------------------------
 
@@ -196,7 +38,7 @@ UNSUPPORTED_CHAT_FIELDS = (
 )
 
 
-class TextPart(_Wire):
+class TextPart(Wire):
     type: Literal["text"]
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
@@ -214,13 +56,8 @@ class OpenAIChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class StreamOptions(_Wire):
+class StreamOptions(Wire):
     include_usage: bool = False
-
-
-def _named_by_model(request: GenerateRequest) -> GenerateRequest:
-    request._ensemble_param = "model"
-    return request
 
 
 def _refuse_unsupported(body: _OpenAIRequest) -> None:
@@ -229,7 +66,7 @@ def _refuse_unsupported(body: _OpenAIRequest) -> None:
         raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
 
 
-class _OpenAIRequest(_Wire):
+class _OpenAIRequest(Wire):
     """Fields shared by chat and text completions; ``model`` names an ensemble."""
 
     model: str = Field(description="An ensemble name (see GET /v1/models).")
@@ -310,7 +147,7 @@ class ChatCompletionRequest(_OpenAIRequest):
             deadline_s=self.deadline_s,
             stream=self.stream,
         )
-        return _named_by_model(request)
+        return request.named_by("model")
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -347,7 +184,7 @@ class CompletionRequest(_OpenAIRequest):
             deadline_s=self.deadline_s,
             stream=self.stream,
         )
-        return _named_by_model(request)
+        return request.named_by("model")
 
 
 class ChatChoiceMessage(BaseModel):
@@ -449,9 +286,3 @@ class CompletionChunkChoice(BaseModel):
 class CompletionChunk(_Chunk):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChunkChoice]
-
-
-class EnsembleResult(GenerateResponse):
-    """/generate's last event before [DONE]: the whole response, ranking evidence included."""
-
-    object: Literal["ensemble.result"] = "ensemble.result"

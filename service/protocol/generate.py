@@ -1,0 +1,145 @@
+"""/generate's wire models: the request, the response with its evidence, and its stream's last event."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    model_validator,
+)
+
+MAX_PROMPT_CHARS = 200_000
+MAX_MESSAGES = 256
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(Wire):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class GenerateRequest(Wire):
+    """POST /generate. Give ``prompt`` or ``messages``, not both.
+
+    Members receive the conversation (chat members) or its text (completion members). Ranking and
+    fusion see ``instruction`` (default: the ensemble's) and an ``input`` text: the prompt itself,
+    or for ``messages`` the content of a lone user message, else each message as a
+    ``"role: content"`` line, joined with newlines.
+    """
+
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="The user's input.")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=MAX_MESSAGES, description="A chat conversation instead."
+    )
+    instruction: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Task instruction, prepended for members and used by ranker and fuser.",
+    )
+    ensemble: str | None = Field(None, description="Ensemble name; default: the configured one.")
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="Per-member token limit.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
+    return_candidates: bool = Field(False, description="Include every candidate in the response.")
+    deadline_s: float | None = Field(
+        None,
+        ge=1.0,
+        le=3600,
+        description="Answer within this many seconds (at least 1); the ensemble's deadline still bounds it.",
+    )
+    stream: bool = Field(
+        False,
+        description="Server-sent events: the answer in OpenAI chat chunks as it is generated, then one "
+        "`ensemble.result` event with the whole response (ranking evidence included), then [DONE].",
+    )
+
+    # The field that named the ensemble, for its error: ``model`` when it came from the OpenAI API.
+    _ensemble_param: str = PrivateAttr("ensemble")
+
+    def named_by(self, field: str) -> GenerateRequest:
+        """Say which field of the client's request named the ensemble (for a 404's ``param``)."""
+        self._ensemble_param = field
+        return self
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+    @property
+    def ensemble_param(self) -> str:
+        return self._ensemble_param
+
+
+class Candidate(Wire):
+    member: str
+    text: str
+    score: float | None = Field(None, description="Ranker score; higher is better.")
+    rank: int = Field(description="1 = best; ties share the better rank.")
+    latency_ms: float
+    finish_reason: str | None = None
+
+
+class FailedMember(Wire):
+    member: str
+    error: str
+    kind: str | None = Field(
+        None,
+        description="timeout, connect, http_5xx, http_4xx, invalid_response, circuit_open, unavailable, "
+        "deadline, or straggler (the quorum had answered and the gateway stopped waiting).",
+    )
+
+
+class Timings(Wire):
+    members: float = Field(description="Fan-out, until the last awaited member answered.")
+    rank: float
+    fuse: float
+    total: float
+
+
+class Usage(Wire):
+    prompt_tokens: int = Field(description="Summed over members.")
+    completion_tokens: int = Field(description="Summed over members.")
+    total_tokens: int
+
+
+class GenerateResponse(Wire):
+    id: str
+    ensemble: str
+    output: str = Field(description="The fused answer (or the top candidate when not fused).")
+    fused: bool
+    selected: list[str] = Field(description="Members fed to the fuser, in rank order.")
+    candidates: list[Candidate] | None = None
+    failed_members: list[FailedMember]
+    degraded: bool = Field(
+        False, description="True when a member failed, or the ranker or fuser failed and the answer came without it."
+    )
+    degraded_reasons: list[str] = Field(default_factory=list, description="Why, one entry per cause.")
+    timings_ms: Timings
+    usage: Usage
+    # For the OpenAI surface: ``stop`` for a fused answer, else the top candidate's own reason.
+    _finish_reason: str = PrivateAttr("stop")
+
+    @property
+    def finish_reason(self) -> str:
+        return self._finish_reason
+
+    def finished(self, reason: str) -> GenerateResponse:
+        self._finish_reason = reason
+        return self
+
+
+class EnsembleResult(GenerateResponse):
+    """/generate's last event before [DONE]: the whole response, ranking evidence included."""
+
+    object: Literal["ensemble.result"] = "ensemble.result"

@@ -1,0 +1,1 @@
+"""Quality: a task suite with right answers, and recipes that train members, a ranker and a fuser on it."""

@@ -1,0 +1,99 @@
+"""The package's shape (docs/ARCHITECTURE.md): layers that import only downward, no import cycles,
+modules of a readable size, and no reaching into another object's private attributes."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "service"
+MAX_LINES = 430  # "about 400": the two largest (the T5 decoder, the tiny checkpoints) sit just above
+
+
+def test_import_contracts_hold() -> None:
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 broken" in out.stdout
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)) is not None:
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)) is not None:
+            return found
+    return None
+
+
+def test_no_import_cycles() -> None:
+    g = grimp.build_graph("service")
+    edges = {m: set(g.find_modules_directly_imported_by(m)) for m in g.modules}
+    # A package's __init__ may gather its modules; an import of the package is one of them.
+    assert _cycle(edges) is None, " -> ".join(_cycle(edges) or [])
+
+
+def test_cycle_finder_finds_one() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_modules_are_of_a_readable_size() -> None:
+    big = {
+        str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not big, big
+
+
+def _own_private_names() -> set[str]:
+    """Private attributes this package defines (``self._x = ...``, class-level ``_x``)."""
+    names: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
+            for t in targets:
+                if isinstance(t, ast.Attribute) and t.attr.startswith("_") and not t.attr.startswith("__"):
+                    names.add(t.attr)
+                if isinstance(t, ast.Name) and t.id.startswith("_") and not t.id.startswith("__"):
+                    names.add(t.id)
+    return names
+
+
+def test_no_private_attribute_of_another_object() -> None:
+    """``x._name`` of this package's own private attributes only on ``self`` or ``cls`` (a library's
+    private attributes, where we must read one, are outside this rule: see service/models/t5decode.py)."""
+    own = _own_private_names()
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in own
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+    assert not found, found

@@ -1,0 +1,68 @@
+"""Wire models: the error body, stream chunks as OpenAI sends them, and the OpenAI requests'
+conversion to the pipeline's request."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.errors import MemberFailure, NotFoundError, Overloaded, RequestError
+from service.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    CompletionRequest,
+    Usage,
+    error_payload,
+)
+
+
+def test_error_payload_is_the_openai_shape() -> None:
+    body = error_payload(NotFoundError("no such model", param="model", code="model_not_found"))
+    assert body == {
+        "error": {"message": "no such model", "type": "not_found_error", "param": "model", "code": "model_not_found"}
+    }
+    # Without a code, the type stands in for it (OpenAI clients read `code`).
+    assert error_payload(Overloaded("full"))["error"]["code"] == "rate_limit_error"
+
+
+def test_member_failure_shows_kind_not_upstream_body() -> None:
+    failure = MemberFailure("http_5xx", "HTTP 500 from /v1/chat/completions")
+    assert str(failure) == "http_5xx: HTTP 500 from /v1/chat/completions"
+    assert error_payload(failure)["error"]["code"] == "http_5xx" and failure.status == 502
+
+
+def test_chunks_carry_only_what_changed() -> None:
+    piece = ChatCompletionChunk(id="c", created=1, model="m", choices=[ChatChunkChoice(delta=ChatDelta(content="hi"))])
+    data = json.loads(piece.model_dump_json())
+    assert data["choices"][0]["delta"] == {"content": "hi"}
+    assert data["choices"][0]["finish_reason"] is None and data["object"] == "chat.completion.chunk"
+    assert "usage" not in data  # only the usage chunk has it
+    last = piece.model_copy(
+        update={"choices": [], "usage": Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)}
+    )
+    assert json.loads(last.model_dump_json())["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "total_tokens": 3,
+    }
+
+
+def test_openai_requests_name_the_ensemble_by_model() -> None:
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "demo", "messages": [{"role": "developer", "content": "x"}], "max_completion_tokens": 5}
+    ).to_generate()
+    assert chat.ensemble == "demo" and chat.ensemble_param == "model" and chat.max_tokens == 5
+    assert chat.messages is not None and chat.messages[0].role == "system"
+    text = CompletionRequest.model_validate({"model": "demo", "prompt": ["once"]}).to_generate()
+    assert text.prompt == "once" and text.ensemble_param == "model"
+
+
+@pytest.mark.parametrize(("extra", "field"), [({"n": 2}, "n"), ({"stop": ["\n"]}, "stop")])
+def test_unsupported_fields_are_refused_naming_the_field(extra: dict[str, object], field: str) -> None:
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}], **extra})
+    with pytest.raises(RequestError) as e:
+        body.to_generate()
+    assert e.value.param == field and e.value.code == "unsupported_field"
