@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +196,10 @@ def run(w: Workload) -> dict[str, Any]:
         ]
         logger.info("ranker %s: c1 (%d requests x %d)", w.label, len(reqs), w.repeats)
         peaks: list[dict[str, float]] = []
-        contenders = {"ours": lambda: _ours_c1(ours, reqs), "llm_blender": lambda: _blender_c1(blender, reqs)}
+        contenders: dict[str, Callable[[], object]] = {
+            "ours": lambda: _ours_c1(ours, reqs),
+            "llm_blender": lambda: _blender_c1(blender, reqs),
+        }
         if w.flops:
             mc = ours.model.config
             pair_tokens = int(np.mean(tokens))

@@ -1,4 +1,5 @@
-"""Fakes that implement the same interfaces as the real parts (fast unit tier only)."""
+"""Fakes that implement the same interfaces as the real parts (fast unit tier only). Each subclasses
+the protocol it implements, so that mypy fails when the two drift apart."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import numpy as np
 
 from service.config import GatewayConfig, parse_config
 from service.errors import MemberFailure
-from service.members.base import Completion, MemberRequest
-from service.models.ranking import Ranking, ranks_from_scores
+from service.members.base import Completion, Member, MemberRequest
+from service.models.fusion import Fuser
+from service.models.ranking import Ranker, Ranking, ranks_from_scores
 from service.telemetry.metrics import Metrics
 
 
-class FakeMember:
+class FakeMember(Member):
     def __init__(self, name: str, text: str, *, delay: float = 0.0, fail: str | None = None, fail_first: int = 0):
         self.name = name
         self.text = text
@@ -42,7 +44,7 @@ class FakeMember:
         pass
 
 
-class LengthRanker:
+class LengthRanker(Ranker):
     """Scores a candidate by its length: longer is better."""
 
     name = "length"
@@ -64,7 +66,7 @@ class LengthRanker:
         pass
 
 
-class JoinFuser:
+class JoinFuser(Fuser):
     name = "join"
 
     def __init__(self, fail: bool = False, fail_after: int | None = None, delay: float = 0.0):

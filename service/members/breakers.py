@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from service.config import BreakerConfig, HealthCheckConfig
@@ -163,7 +163,7 @@ class Guards:
             self.breakers[name] = CircuitBreaker(name, self.breaker_config, self._changed, self.clock)
         return self.breakers[name]
 
-    async def check(self, members: dict[str, Member], unavailable: dict[str, str]) -> None:
+    async def check(self, members: Mapping[str, Member], unavailable: Mapping[str, str]) -> None:
         """One round of health checks, all members at once."""
         timeout = self.health_config.timeout_s
 

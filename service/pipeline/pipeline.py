@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 
 from service.config import EnsembleConfig, GatewayConfig
 from service.errors import (
@@ -85,9 +85,9 @@ class Pipeline:
     def __init__(
         self,
         config: GatewayConfig,
-        members: dict[str, Member],
-        rankers: dict[str, Ranker],
-        fusers: dict[str, Fuser],
+        members: Mapping[str, Member],
+        rankers: Mapping[str, Ranker],
+        fusers: Mapping[str, Fuser],
         metrics: Metrics,
         unavailable: dict[str, str] | None = None,
         server_urls: dict[str, str] | None = None,
@@ -96,16 +96,18 @@ class Pipeline:
         admission: Admission | None = None,
     ):
         self.config = config
-        self.members = members
-        self.rankers = rankers
-        self.fusers = fusers
+        self.members = dict(members)
+        self.rankers = dict(rankers)
+        self.fusers = dict(fusers)
         self.metrics = metrics
         self.guards = guards or Guards(metrics, config.resilience.breaker, config.resilience.health_checks)
         self.status = status or StatusBook()
         self.admission = admission or Admission(config.limits, metrics)
         self.unavailable = dict(unavailable or {})
         self.server_urls = dict(server_urls or {})
-        self.fan_out = FanOut(members, self.guards, config.resilience.retries, metrics, self.status, self.unavailable)
+        self.fan_out = FanOut(
+            self.members, self.guards, config.resilience.retries, metrics, self.status, self.unavailable
+        )
         self.active = 0
         self._idle: asyncio.Event | None = None
 

@@ -13,12 +13,13 @@ import httpx
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.integration.conftest import ADMIN_KEY, Gateway
 
 pytestmark = pytest.mark.integration
 
-MSG = [{"role": "user", "content": "Tell me about the moon."}]
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about the moon."}]
 
 
 def client(gw: Gateway) -> openai.OpenAI:
@@ -28,7 +29,7 @@ def client(gw: Gateway) -> openai.OpenAI:
 def test_models_and_chat_with_the_official_client(gateway: Gateway) -> None:
     oa = client(gateway)
     assert {m.id for m in oa.models.list()} == set(gateway.config.ensembles)
-    out = oa.chat.completions.create(model="demo", messages=MSG, temperature=0)  # type: ignore[arg-type]
+    out = oa.chat.completions.create(model="demo", messages=MSG, temperature=0)
     assert out.object == "chat.completion" and out.model == "demo"
     assert out.choices[0].message.content and out.choices[0].finish_reason == "stop"
     assert out.usage is not None and out.usage.completion_tokens > 0
@@ -38,11 +39,11 @@ def test_models_and_chat_with_the_official_client(gateway: Gateway) -> None:
 def test_streamed_answer_equals_the_plain_one(gateway: Gateway, ensemble: str) -> None:
     """Temperature 0 makes members repeatable, so the streamed and the plain fused answers match."""
     oa = client(gateway)
-    plain = oa.chat.completions.create(model=ensemble, messages=MSG, temperature=0)  # type: ignore[arg-type]
+    plain = oa.chat.completions.create(model=ensemble, messages=MSG, temperature=0)
     chunks = list(
         oa.chat.completions.create(
             model=ensemble,
-            messages=MSG,  # type: ignore[arg-type]
+            messages=MSG,
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
@@ -66,7 +67,7 @@ def test_unsupported_field_with_the_official_client(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client(gateway).chat.completions.create(
             model="demo", messages=MSG, tools=[{"type": "function", "function": {"name": "f"}}]
-        )  # type: ignore[arg-type, list-item]
+        )
     assert "tools" in str(e.value)
 
 

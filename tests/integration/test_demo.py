@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.config import FuserConfig
 from tests.integration.conftest import Gateway
 from tests.reference import reference_fuse, reference_rank
 
@@ -53,7 +54,9 @@ def test_scores_and_fusion_equal_llm_blender(gateway: Gateway, tiny_models: Any)
         assert abs(c["score"] - s) <= 1e-4, (c, s)
         assert c["rank"] == r
     top = [c["text"] for c in cands[:3]]
-    fuser = gateway.config.fusers["genfuser"].checkpoint
+    genfuser = gateway.config.fusers["genfuser"]
+    assert isinstance(genfuser, FuserConfig)
+    fuser = genfuser.checkpoint
     assert body["output"] == reference_fuse(fuser, instruction, prompt, top)
 
 

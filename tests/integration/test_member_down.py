@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.config import parse_config
+from service.config import FuserConfig, parse_config
 from service.ops.launcher import free_port
 from service.serving.app import create_app
 from tests.integration.conftest import Gateway
@@ -18,7 +18,9 @@ def test_dead_member_degrades_the_answer(gateway: Gateway) -> None:
     base_b = gateway.server_urls["base-b"]
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
     ranker = gateway.config.rankers["pairrm"].checkpoint
-    fuser = gateway.config.fusers["genfuser"].checkpoint
+    genfuser = gateway.config.fusers["genfuser"]
+    assert isinstance(genfuser, FuserConfig)
+    fuser = genfuser.checkpoint
     config = parse_config(
         f"""
 members:

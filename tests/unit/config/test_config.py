@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from service.config import GatewayConfig, expand_env, load_config, parse_config
+from service.config import FuserConfig, GatewayConfig, expand_env, load_config, parse_config
 from service.errors import ConfigError
 from tests.fakes import FAKE_CONFIG
 
@@ -29,6 +29,7 @@ def test_demo_config_is_valid() -> None:
 def test_defaults_follow_llm_blender() -> None:
     cfg = parse_config(FAKE_CONFIG)
     r, f = cfg.rankers["length"], cfg.fusers["join"]
+    assert isinstance(f, FuserConfig)
     assert (r.source_max_length, r.candidate_max_length, r.aggregation) == (1224, 412, "max_logits")
     assert (f.max_length, f.candidate_max_length, f.num_beams, f.max_new_tokens) == (1024, 128, 4, None)
     assert cfg.ensembles["plain"].top_k == 1 and cfg.ensembles["main"].top_k == 2

@@ -141,7 +141,7 @@ async def test_a_failed_forward_fails_its_requests_and_the_worker_goes_on(make_r
             raise RuntimeError("out of memory")
         original(items)
 
-    ranker._forward = flaky  # type: ignore[method-assign]
+    ranker._forward = flaky
     with pytest.raises(ModelError, match="out of memory"):
         await ranker.rank(SOURCE, CANDIDATES)
     assert (await ranker.rank(SOURCE, CANDIDATES)).ranks
@@ -157,7 +157,7 @@ def test_close_fails_waiting_requests_and_ends_the_thread(make_ranker: Any) -> N
         release.wait(10)
         original(items)
 
-    ranker._forward = blocked  # type: ignore[method-assign]
+    ranker._forward = blocked
     running = ranker.submit(SOURCE, CANDIDATES)
     assert entered.wait(10)
     waiting = ranker.submit(SOURCE, CANDIDATES[:3])

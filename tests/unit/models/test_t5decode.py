@@ -136,6 +136,7 @@ def _check_same_ids(tokenizer: Any, model: Any, settings: list[tuple[int, int]],
         plan = lean.prepare(num_beams, max_new_tokens, num_return_sequences=1)
         assert not isinstance(plan, str), plan
         got = lean.generate(enc["input_ids"], enc["attention_mask"], plan)
+        assert got is not None
         assert got == want[0].tolist(), (i, num_beams, max_new_tokens)
         lengths.add(len(got))
     return lengths

@@ -1,11 +1,13 @@
 """The HTTP contract, with fake parts behind the real app."""
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.serving.app import Components, create_app
+from service.serving.app import create_app
+from service.serving.build import Components
 from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config
 
 
@@ -24,7 +26,7 @@ def client() -> Iterator[TestClient]:
         yield c
 
 
-def assert_openai_error(resp, status: int, type_: str | None = None) -> dict:  # type: ignore[no-untyped-def]
+def assert_openai_error(resp: Any, status: int, type_: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert set(body) == {"error"}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.serving.app import Components, create_app
+from service.serving.app import create_app
+from service.serving.build import Components
 from service.telemetry.logs import setup_logging
 from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config
 
@@ -90,7 +92,7 @@ def test_body_too_large_is_413() -> None:
         )
         assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
 
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks() -> Iterator[bytes]:
             for _ in range(10):
                 yield b"x" * 500
 

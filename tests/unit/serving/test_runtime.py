@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from service.config import parse_config
-from service.serving.app import Components, create_app
+from service.serving.app import create_app
+from service.serving.build import Components
 from tests.fakes import FakeMember, JoinFuser, LengthRanker
 
 BASE = """

@@ -10,7 +10,8 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from service.serving.app import Components, create_app
+from service.serving.app import create_app
+from service.serving.build import Components
 from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
 
 
