@@ -34,6 +34,20 @@ from service.telemetry.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _ended_on_error(tracker: Tracker) -> Iterator[None]:
+    """A request that fails here ends with its error's status (500 for anything unexpected)."""
+    try:
+        yield
+    except GatewayError as e:
+        tracker.end(e.status)
+        e.counted = True
+        raise
+    except BaseException:
+        tracker.end(500)
+        raise
+
+
 class AnswerStream:
     """A request being answered as a stream: fan-out and ranking are done, ``pieces`` runs the
     fusion. Its tracking ends when ``pieces`` ends, however it ends, or at ``abandon``."""
@@ -116,16 +130,9 @@ class Pipeline:
     async def answer(self, request: GenerateRequest) -> GenerateResponse:
         """The whole answer to one request; raises the request's ``GatewayError``."""
         tracker = self._track(request)
-        try:
+        with _ended_on_error(tracker):
             staged = await self._admit_and_stage(request, tracker)
             response = self.respond(staged, await self._fuse(staged))
-        except GatewayError as e:
-            tracker.end(e.status)
-            e.counted = True
-            raise
-        except BaseException:
-            tracker.end(500)
-            raise
         tracker.end(200)
         return response
 
@@ -133,15 +140,8 @@ class Pipeline:
         """Fan out and rank now (their errors are raised here, before any byte is sent); the
         returned stream fuses."""
         tracker = self._track(request)
-        try:
+        with _ended_on_error(tracker):
             staged = await self._admit_and_stage(request, tracker)
-        except GatewayError as e:
-            tracker.end(e.status)
-            e.counted = True
-            raise
-        except BaseException:
-            tracker.end(500)
-            raise
         return AnswerStream(self, staged, tracker)
 
     # --- rules -------------------------------------------------------------------------------

@@ -60,12 +60,6 @@ class StreamOptions(Wire):
     include_usage: bool = False
 
 
-def _refuse_unsupported(body: _OpenAIRequest) -> None:
-    field = body.unsupported()
-    if field is not None:
-        raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
-
-
 class _OpenAIRequest(Wire):
     """Fields shared by chat and text completions; ``model`` names an ensemble."""
 
@@ -88,6 +82,23 @@ class _OpenAIRequest(Wire):
     deadline_s: float | None = Field(
         None, ge=1.0, le=3600, description="Extension: answer within this many seconds (at least 1)."
     )
+
+    def _generate(self, **fields: Any) -> GenerateRequest:
+        field = self.unsupported()
+        if field is not None:
+            raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
+        request = GenerateRequest(
+            ensemble=self.model,
+            instruction=self.instruction,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            top_k=self.top_k,
+            deadline_s=self.deadline_s,
+            stream=self.stream,
+            **fields,
+        )
+        return request.named_by("model")
 
     def unsupported(self) -> str | None:
         """The first field set that the ensemble cannot honour, if any."""
@@ -131,23 +142,10 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     def to_generate(self) -> GenerateRequest:
         """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
-        _refuse_unsupported(self)
         messages = [
             ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in self.messages
         ]
-        request = GenerateRequest(
-            messages=messages,
-            ensemble=self.model,
-            instruction=self.instruction,
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            top_k=self.top_k,
-            deadline_s=self.deadline_s,
-            stream=self.stream,
-        )
-        return request.named_by("model")
+        return self._generate(messages=messages, max_tokens=self.max_completion_tokens or self.max_tokens)
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -170,21 +168,8 @@ class CompletionRequest(_OpenAIRequest):
 
     def to_generate(self) -> GenerateRequest:
         """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
-        _refuse_unsupported(self)
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        request = GenerateRequest(
-            prompt=prompt,
-            ensemble=self.model,
-            instruction=self.instruction,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            top_k=self.top_k,
-            deadline_s=self.deadline_s,
-            stream=self.stream,
-        )
-        return request.named_by("model")
+        return self._generate(prompt=prompt, max_tokens=self.max_tokens)
 
 
 class ChatChoiceMessage(BaseModel):

@@ -1,0 +1,163 @@
+"""A GenFuser (T5ForConditionalGeneration) trained from scratch on llm-blender's GenFuser format.
+
+Input: ``Instruction: …</s>Input: …</s>Candidate 0: <extra_id_0>:…</s>…</s>Summarize candidates into
+a better one for the given instruction:`` over the ranker's top-k candidates (each cut to
+``CANDIDATE_MAX`` tokens + "..."), tokenized without special tokens; target: the reference answer.
+Decoding is llm-blender's: 4 beams, ``CANDIDATE_MAX`` new tokens, special tokens skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+
+from service.quality import vocab
+from service.quality.lm import IGNORE, schedule
+
+CANDIDATE_MAX = 128
+INPUT_MAX = 1024
+TOP_K = 3
+
+
+@dataclass(frozen=True)
+class FuserRecipe:
+    """T5 size and training of the fuser."""
+
+    d_model: int
+    layers: int
+    d_ff: int
+    steps: int
+    lr: float
+    seed: int
+    batch: int = 64
+    warmup: int = 50
+
+
+@dataclass(frozen=True)
+class FuserExample:
+    """What the fuser sees (instruction, input, ranked candidates) and the text it should write."""
+
+    instruction: str
+    input_text: str
+    candidates: tuple[str, ...]
+    target: str
+
+
+def fuser_text(tok: Any, instruction: str, input_text: str, candidates: Sequence[str]) -> str:
+    """The GenFuser input text, as llm-blender's ``GenFuserDataset`` builds it."""
+    cut = []
+    for cand in candidates:
+        ids = tok.encode(cand, add_special_tokens=False)
+        cut.append(tok.decode(ids[:CANDIDATE_MAX]) + "..." if len(ids) > CANDIDATE_MAX else cand)
+    parts = [
+        "Instruction: " + instruction,
+        "Input: " + input_text,
+        "</s>".join(f"Candidate {i}: <extra_id_{i}>:" + c for i, c in enumerate(cut)),
+    ]
+    return "</s>".join(parts) + "</s>Summarize candidates into a better one for the given instruction:"
+
+
+def build(words: Sequence[str], recipe: FuserRecipe) -> tuple[Any, Any]:
+    """A freshly initialised T5 fuser (gated-gelu, like Flan-T5) and its tokenizer."""
+    tok = vocab.fuser_tokenizer(words)
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=recipe.d_model,
+        d_kv=64,
+        d_ff=recipe.d_ff,
+        num_layers=recipe.layers,
+        num_decoder_layers=recipe.layers,
+        num_heads=max(1, recipe.d_model // 64),
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(recipe.seed)
+    model = T5ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id
+    )
+    return model, tok
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    """A saved fuser and its tokenizer, in eval mode."""
+    from transformers import AutoTokenizer
+
+    model = T5ForConditionalGeneration.from_pretrained(path)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _encode(tok: Any, ex: FuserExample) -> tuple[list[int], list[int]]:
+    text = fuser_text(tok, ex.instruction, ex.input_text, ex.candidates)
+    src: list[int] = tok(text, add_special_tokens=False, max_length=INPUT_MAX, truncation=True)["input_ids"]
+    tgt: list[int] = tok(ex.target)["input_ids"]
+    return src, tgt
+
+
+def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def train(model: Any, tok: Any, examples: Sequence[FuserExample], recipe: FuserRecipe, desc: str = "genfuser") -> float:
+    """Teacher-forced cross-entropy on the targets; returns the mean loss of the last 20 steps."""
+    rows = [_encode(tok, ex) for ex in examples]
+    rng = random.Random(recipe.seed)
+    order: list[int] = []
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98))
+    warmup = min(recipe.warmup, recipe.steps // 2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, recipe.steps, warmup))
+    torch.manual_seed(recipe.seed)
+    model.train()
+    recent: list[float] = []
+    with tqdm(range(recipe.steps), desc=desc, leave=False, mininterval=1.0) as bar:
+        for _ in bar:
+            if len(order) < recipe.batch:
+                fresh = list(range(len(rows)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            chunk, order = order[: recipe.batch], order[recipe.batch :]
+            src = _pad([rows[i][0] for i in chunk], tok.pad_token_id)
+            labels = _pad([rows[i][1] for i in chunk], IGNORE)
+            loss = model(input_ids=src, attention_mask=(src != tok.pad_token_id).long(), labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            recent = [*recent[-19:], float(loss.detach())]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
+    model.eval()
+    return sum(recent) / max(1, len(recent))
+
+
+@torch.no_grad()
+def fuse(
+    model: Any, tok: Any, examples: Sequence[FuserExample], batch: int = 64, num_beams: int = 4
+) -> list[str]:
+    """Fused answers (``target`` unused), decoded as ``Blender.fuse`` does."""
+    out: list[str] = []
+    for start in range(0, len(examples), batch):
+        src = _pad([_encode(tok, ex)[0] for ex in examples[start : start + batch]], tok.pad_token_id)
+        gen = model.generate(
+            input_ids=src,
+            attention_mask=(src != tok.pad_token_id).long(),
+            num_beams=num_beams,
+            max_new_tokens=CANDIDATE_MAX,
+        )
+        out.extend(tok.batch_decode(gen, skip_special_tokens=True))
+    return out

@@ -1,0 +1,195 @@
+"""A PairRM ranker (llm-blender's ``DebertaV2PairRM``, PairRM-hf format) trained from scratch.
+
+Inputs follow llm-blender's tokenization: ``[CLS] <|source|> source [SEP]`` then each candidate as
+``[CLS] <|candidateN|> text [SEP]``, cut to the model card's budgets. Training uses llm-blender's
+pairwise logistic loss on ordered pairs (both orders) of one right and one wrong candidate.
+Ranking is llm-blender's "full" mode with ``max_logits``: M[i, j] = logit(i as candidate 1, j as
+candidate 2), score = (M - Mᵀ).mean(-1), best first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DebertaV2Config
+
+from service.quality import vocab
+from service.quality.lm import schedule
+
+SOURCE_MAX = 1224
+CANDIDATE_MAX = 412
+
+
+def pairrm_class() -> Any:
+    """llm-blender's ``DebertaV2PairRM``. llm-blender 0.0.2 imports ``TRANSFORMERS_CACHE`` from
+    ``transformers.utils.hub``, gone in transformers 5, so the name is restored first; vLLM, which
+    its package ``__init__`` only probes for, is hidden during the import."""
+    import transformers.utils.hub as hub
+
+    if not hasattr(hub, "TRANSFORMERS_CACHE"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        hub.TRANSFORMERS_CACHE = HF_HUB_CACHE  # type: ignore[attr-defined]
+    hidden = "vllm" not in sys.modules
+    if hidden:
+        sys.modules["vllm"] = None  # type: ignore[assignment]
+    try:
+        return importlib.import_module("llm_blender.pair_ranker.pairrm").DebertaV2PairRM
+    finally:
+        if hidden and sys.modules.get("vllm", 0) is None:
+            del sys.modules["vllm"]
+
+
+@dataclass(frozen=True)
+class RankerRecipe:
+    """Encoder size and training of the ranker."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    steps: int
+    lr: float
+    seed: int
+    batch: int = 64
+    warmup: int = 100
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A source with a better and a worse candidate."""
+
+    source: str
+    better: str
+    worse: str
+
+
+def build(words: Sequence[str], recipe: RankerRecipe) -> tuple[Any, Any]:
+    """A freshly initialised PairRM and its tokenizer (``words``: single-piece vocabulary)."""
+    tok = vocab.pairrm_tokenizer(words)
+    config = DebertaV2Config(
+        vocab_size=len(tok),
+        hidden_size=recipe.hidden,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=max(1, recipe.hidden // 64),
+        intermediate_size=recipe.intermediate,
+        max_position_embeddings=2048,
+        relative_attention=True,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        max_relative_positions=-1,
+        position_biased_input=False,
+        type_vocab_size=0,
+        pad_token_id=tok.pad_token_id,
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in vocab.PAIRRM_MARKERS}
+    config.n_tasks = 1
+    config.drop_out = 0.05
+    config.sep_token_id = tok.sep_token_id
+    config.source_prefix_id = ids["<|source|>"]
+    config.cand1_prefix_id = ids["<|candidate1|>"]
+    config.cand2_prefix_id = ids["<|candidate2|>"]
+    config.cand_prefix_id = ids["<|candidate|>"]
+    torch.manual_seed(recipe.seed)
+    return pairrm_class()(config), tok
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    """A saved PairRM and its tokenizer, in eval mode."""
+    from transformers import AutoTokenizer
+
+    model = pairrm_class().from_pretrained(path)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def pair_ids(tok: Any, source: str, cand1: str, cand2: str) -> list[int]:
+    """One comparison's token ids, as llm-blender's PairRM model card builds them."""
+    src: list[int] = tok.encode("<|source|>" + source, max_length=SOURCE_MAX, truncation=True)
+    cand_max = (SOURCE_MAX + 2 * CANDIDATE_MAX - len(src)) // 2
+    c1: list[int] = tok.encode("<|candidate1|>" + cand1, max_length=cand_max, truncation=True)
+    c2: list[int] = tok.encode("<|candidate2|>" + cand2, max_length=cand_max, truncation=True)
+    return src + c1 + c2
+
+
+def _batch(rows: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def train(model: Any, tok: Any, pairs: Sequence[Pair], recipe: RankerRecipe, desc: str = "pairrm") -> float:
+    """Pairwise logistic training on both orders of each pair; returns the mean loss of the last 20 steps."""
+    rows = []
+    for p in pairs:
+        rows.append((pair_ids(tok, p.source, p.better, p.worse), 1.0))
+        rows.append((pair_ids(tok, p.source, p.worse, p.better), -1.0))
+    rng = random.Random(recipe.seed)
+    order: list[int] = []
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(recipe.warmup, recipe.steps // 2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, recipe.steps, warmup))
+    torch.manual_seed(recipe.seed)
+    model.train()
+    recent: list[float] = []
+    with tqdm(range(recipe.steps), desc=desc, leave=False, mininterval=1.0) as bar:
+        for _ in bar:
+            if len(order) < recipe.batch:
+                fresh = list(range(len(rows)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            chunk, order = order[: recipe.batch], order[recipe.batch :]
+            inputs = _batch([rows[i][0] for i in chunk], tok.pad_token_id)
+            labels = torch.tensor([[rows[i][1]] for i in chunk])
+            loss = model(**inputs, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            recent = [*recent[-19:], float(loss.detach())]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
+    model.eval()
+    return sum(recent) / max(1, len(recent))
+
+
+@torch.no_grad()
+def scores(model: Any, tok: Any, sources: Sequence[str], candidates: Sequence[Sequence[str]], batch: int = 512) -> list[list[float]]:
+    """``max_logits`` scores of each source's candidates (higher is better), full comparison matrix."""
+    jobs: list[tuple[int, int, int]] = []
+    rows: list[list[int]] = []
+    for s, (source, cands) in enumerate(zip(sources, candidates, strict=True)):
+        for i, ci in enumerate(cands):
+            for j, cj in enumerate(cands):
+                if i != j:
+                    jobs.append((s, i, j))
+                    rows.append(pair_ids(tok, source, ci, cj))
+    order = sorted(range(len(rows)), key=lambda k: len(rows[k]))
+    logits = [0.0] * len(rows)
+    for start in range(0, len(order), batch):
+        chunk = order[start : start + batch]
+        out = model(**_batch([rows[k] for k in chunk], tok.pad_token_id)).logits
+        for k, v in zip(chunk, out.tolist(), strict=True):
+            logits[k] = float(v)
+    mats = [torch.zeros(len(c), len(c)) for c in candidates]
+    for (s, i, j), v in zip(jobs, logits, strict=True):
+        mats[s][i, j] = v
+    return [((m - m.T).mean(dim=-1)).tolist() for m in mats]
+
+
+def order(score: Sequence[float]) -> list[int]:
+    """Candidate indices best first (ties keep the original order)."""
+    return sorted(range(len(score)), key=lambda i: (-score[i], i))
