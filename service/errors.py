@@ -93,11 +93,16 @@ class MemberFailure(UpstreamError):
 
     type = "member_failure"
 
-    def __init__(self, kind: str, detail: str, cause: BaseException | None = None):
+    def __init__(self, kind: str, detail: str, cause: BaseException | None = None, upstream: str | None = None):
         super().__init__(f"{kind}: {detail}", code=kind)
         self.kind = kind
         self.detail = detail
         self.cause = cause
+        self.upstream = upstream  # what the server said: for the logs and operators, never a client
+
+    def for_operators(self) -> str:
+        """The failure with what the server said, for the logs, /ready and the status page."""
+        return f"{self}; the server said: {self.upstream}" if self.upstream else str(self)
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.detail}"

@@ -106,7 +106,9 @@ class FanOut:
         """An outcome without a call for a member that cannot be asked now, else None."""
         if name in self.unavailable:
             self.metrics.member_errors.labels(name, "unavailable").inc()
-            return Outcome(name, error=f"unavailable: {self.unavailable[name]}", kind="unavailable")
+            # The reason's kind only (``adapter_load: ...``): the operators' text may quote a server.
+            why = self.unavailable[name].split(":", 1)[0]
+            return Outcome(name, error=f"unavailable: {why} (see /ready)", kind="unavailable")
         breaker = self.guards.breaker(name)
         if not breaker.allow():
             self.metrics.member_errors.labels(name, "circuit_open").inc()

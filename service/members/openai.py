@@ -190,7 +190,7 @@ def _raise_for_status(resp: httpx.Response, member: str, kind: str | None = None
             resp.status_code,
             resp.text[:500],
         )
-        raise MemberFailure(kind, f"HTTP {resp.status_code} from {resp.request.url.path}")
+        raise MemberFailure(kind, f"HTTP {resp.status_code} from {resp.request.url.path}", upstream=resp.text[:300])
 
 
 class LoRAMember(OpenAIMember):

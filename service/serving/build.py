@@ -93,8 +93,8 @@ async def prepare_members(members: Mapping[str, Member]) -> dict[str, str]:
         try:
             await member.prepare()
         except MemberFailure as e:
-            logger.error("member %s unavailable: %s", member.name, e)
-            return str(e)
+            logger.error("member %s unavailable: %s", member.name, e.for_operators())
+            return e.for_operators()
         return None
 
     results = await asyncio.gather(*(one(m) for m in members.values()))

@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics."""
+"""Liveness, readiness and metrics. /ready is for operators: a member's reason may quote its server."""
 
 from __future__ import annotations
 

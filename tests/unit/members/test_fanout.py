@@ -95,3 +95,10 @@ async def test_request_deadline_shortens_the_ensembles() -> None:
         await p.answer(GenerateRequest(prompt="q", deadline_s=1.0))
     assert time.monotonic() - t0 < 1.3  # the ensemble allows 20 s
     assert getattr(e.value, "status", None) == 504
+
+
+async def test_a_members_unavailable_reason_reaches_clients_as_its_kind_only() -> None:
+    p = pipe([FakeMember("a", "aa"), FakeMember("b", "bbbb"), FakeMember("c", "ccc")])
+    p.unavailable["c"] = "adapter_load: HTTP 400 from /v1/load_lora_adapter; the server said: rank 16 > 8"
+    resp = await p.answer(GenerateRequest(prompt="q"))
+    assert [f.error for f in resp.failed_members] == ["unavailable: adapter_load (see /ready)"]

@@ -105,3 +105,14 @@ async def test_health() -> None:
     await member(lambda r: httpx.Response(200, json={"data": []})).health()
     with pytest.raises(MemberFailure):
         await member(lambda r: httpx.Response(503)).health()
+
+
+async def test_an_upstream_body_stays_out_of_the_failure(caplog: pytest.LogCaptureFixture) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, text="Traceback: secret internals of the server")
+
+    with pytest.raises(MemberFailure) as e:
+        await member(handler).generate(MemberRequest([{"role": "user", "content": "q"}], 4, 0.0, 1.0))
+    assert "secret" not in str(e.value) and "500" in str(e.value) and e.value.kind == "http_5xx"
+    assert e.value.upstream is not None and "secret" in e.value.for_operators()
+    assert "secret internals" in caplog.text  # the log keeps it
