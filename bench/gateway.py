@@ -122,7 +122,7 @@ def _summary(r: LoadResult) -> dict[str, float]:
     }
 
 
-async def _measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -> dict[str, Any]:
+async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         floors = {c: await stack.enter_async_context(fan_out(c, stub_urls)) for c in w.clients}
         callers: dict[str, Callable[[int], Awaitable[bool]]] = {}
@@ -213,6 +213,6 @@ def run(w: Workload) -> dict[str, Any]:
         try:
             import uvloop
 
-            return uvloop.run(_measure(gateways, urls, w))
+            return uvloop.run(measure(gateways, urls, w))
         except ImportError:
-            return asyncio.run(_measure(gateways, urls, w))
+            return asyncio.run(measure(gateways, urls, w))
