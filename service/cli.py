@@ -120,6 +120,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from service.quality.cli import run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ensemble-gateway", description=__doc__)
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
@@ -140,6 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
     check.set_defaults(func=cmd_check_config)
+
+    ev = sub.add_parser(
+        "eval",
+        help="send a dataset through an ensemble; score every member, the ranker's choice and the fused answer",
+        description="Send a JSONL dataset (prompt or messages, reference, optional tag) through an ensemble with "
+        "return_candidates and fusion forced on, and report per tag and overall: each member, a random member, the "
+        "best single member, the ranker's first choice, the fused answer, the ensemble's own policy, adaptive "
+        "fusion at several margins, and the oracle. Writes report.json, report.md and chart.png.",
+    )
+    ev.add_argument("dataset", type=Path, help="JSONL: {prompt | messages, reference, tag?} per line")
+    target = ev.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running gateway, e.g. http://127.0.0.1:8000")
+    target.add_argument("--config", type=Path, help="serve this config in process (its servers started too)")
+    ev.add_argument("--ensemble", help="the ensemble to evaluate (default: the gateway's default)")
+    ev.add_argument("--concurrency", type=int, default=4, help="requests at once (default 4)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="members' temperature (default 0: greedy)")
+    ev.add_argument("--max-tokens", type=int, help="members' token limit (default: each member's own)")
+    ev.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    ev.add_argument("--api-key", help="a client key, if the gateway requires one (or GATEWAY_API_KEY)")
+    ev.add_argument("--margins", default="0.25,0.5,1,2,4", help="adaptive-fusion margins to replay")
+    ev.add_argument("--judge", type=Path, help="a PairRM-hf checkpoint: win rate of the answer against each member")
+    ev.add_argument("--out", type=Path, default=Path("eval-report"), help="where the report goes (default eval-report)")
+    ev.add_argument("--pairs-out", type=Path, help="also write {source, chosen, rejected} pairs for train-ranker")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

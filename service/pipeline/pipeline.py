@@ -311,9 +311,10 @@ class Pipeline:
     @staticmethod
     def _skip_fusion(ens: EnsembleConfig, staged: Staged) -> str | None:
         """Why fusion is not worth it for this request (adaptive fusion), or None to fuse."""
-        if ens.fusion == "never":
+        policy = staged.request.fusion or ens.fusion
+        if policy == "never":
             return "never"
-        if ens.fusion == "always" or staged.degraded:
+        if policy == "always" or staged.degraded:
             return None
         if len(staged.order) < 2:
             return "single_candidate"

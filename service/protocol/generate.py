@@ -50,6 +50,9 @@ class GenerateRequest(Wire):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
     return_candidates: bool = Field(False, description="Include every candidate in the response.")
+    fusion: Literal["always", "adaptive", "never"] | None = Field(
+        None, description="This request's fusion policy instead of the ensemble's (e.g. `always` for an eval)."
+    )
     deadline_s: float | None = Field(
         None,
         ge=1.0,

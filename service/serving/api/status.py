@@ -47,6 +47,7 @@ async def status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
             "ranker": ens.ranker,
             "fuser": ens.fuser,
             "fusion": ens.fusion,
+            "fusion_margin": ens.fusion_margin,
             "top_k": ens.top_k,
             "quorum": ens.effective_quorum,
         }

@@ -200,3 +200,20 @@ async def test_adaptive_fusion_skips_when_the_top_candidate_leads(margin: float,
     assert sample(p.metrics, "gateway_fusion_skipped_total", ensemble="main", reason="margin") == (0 if fused else 1)
     resp = await p.answer(GenerateRequest(prompt="q", ensemble="never"))
     assert not resp.fused and sample(p.metrics, "gateway_fusion_skipped_total", ensemble="never", reason="never") == 1
+
+
+async def test_a_request_may_set_its_own_fusion_policy() -> None:
+    p = Pipeline(
+        fake_config(ADAPTIVE.replace("MARGIN", "0.5")),
+        {m.name: m for m in three()},
+        {"length": LengthRanker()},
+        {"join": JoinFuser()},
+        Metrics(),
+    )
+    assert not (await p.answer(GenerateRequest(prompt="q"))).fused  # the lead 1.0 passes the margin 0.5
+    forced = await p.answer(GenerateRequest(prompt="q", fusion="always"))
+    assert forced.fused and forced.output == "bbbb | ccc"
+    never = await p.answer(GenerateRequest(prompt="q", ensemble="never", fusion="always"))
+    assert never.fused
+    off = await p.answer(GenerateRequest(prompt="q", fusion="never"))
+    assert not off.fused and off.output == "bbbb"
