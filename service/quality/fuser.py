@@ -36,6 +36,7 @@ class FuserRecipe:
     steps: int
     lr: float
     seed: int
+    heads: int = 4
     batch: int = 64
     warmup: int = 50
 
@@ -70,15 +71,15 @@ def build(words: Sequence[str], recipe: FuserRecipe) -> tuple[Any, Any]:
     config = T5Config(
         vocab_size=len(tok),
         d_model=recipe.d_model,
-        d_kv=64,
+        d_kv=recipe.d_model // recipe.heads,
         d_ff=recipe.d_ff,
         num_layers=recipe.layers,
         num_decoder_layers=recipe.layers,
-        num_heads=max(1, recipe.d_model // 64),
+        num_heads=recipe.heads,
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
         dropout_rate=0.0,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
@@ -146,9 +147,7 @@ def train(model: Any, tok: Any, examples: Sequence[FuserExample], recipe: FuserR
 
 
 @torch.no_grad()
-def fuse(
-    model: Any, tok: Any, examples: Sequence[FuserExample], batch: int = 64, num_beams: int = 4
-) -> list[str]:
+def fuse(model: Any, tok: Any, examples: Sequence[FuserExample], batch: int = 64, num_beams: int = 4) -> list[str]:
     """Fused answers (``target`` unused), decoded as ``Blender.fuse`` does."""
     out: list[str] = []
     for start in range(0, len(examples), batch):

@@ -50,7 +50,7 @@ def pairrm_class() -> Any:
 
 @dataclass(frozen=True)
 class RankerRecipe:
-    """Encoder size and training of the ranker."""
+    """Encoder size and training of the ranker (``add_reference``: see ``train.ranker_pairs``)."""
 
     hidden: int
     layers: int
@@ -60,6 +60,8 @@ class RankerRecipe:
     seed: int
     batch: int = 64
     warmup: int = 100
+    position_buckets: int = 32
+    add_reference: bool = True
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def build(words: Sequence[str], recipe: RankerRecipe) -> tuple[Any, Any]:
         intermediate_size=recipe.intermediate,
         max_position_embeddings=2048,
         relative_attention=True,
-        position_buckets=256,
+        position_buckets=recipe.position_buckets,
         norm_rel_ebd="layer_norm",
         share_att_key=True,
         pos_att_type=["p2c", "c2p"],
@@ -167,7 +169,9 @@ def train(model: Any, tok: Any, pairs: Sequence[Pair], recipe: RankerRecipe, des
 
 
 @torch.no_grad()
-def scores(model: Any, tok: Any, sources: Sequence[str], candidates: Sequence[Sequence[str]], batch: int = 512) -> list[list[float]]:
+def scores(
+    model: Any, tok: Any, sources: Sequence[str], candidates: Sequence[Sequence[str]], batch: int = 512
+) -> list[list[float]]:
     """``max_logits`` scores of each source's candidates (higher is better), full comparison matrix."""
     jobs: list[tuple[int, int, int]] = []
     rows: list[list[int]] = []

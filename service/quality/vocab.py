@@ -80,10 +80,11 @@ def bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizer
     return _member_fast(tok)
 
 
-def _word_unigram(words: Iterable[str], specials: Sequence[str], unk: str) -> Tokenizer:
+def _word_unigram(words: Iterable[str], specials: Sequence[str], unk: str, bigrams: bool = False) -> Tokenizer:
     """Unigram over a built vocabulary: each word (lowercase ones only after a space, capitalized
     ones also glued to punctuation) is one piece, characters are expensive fallbacks. Random
-    lowercase letter strings therefore always split into single characters."""
+    lowercase letter strings therefore split into single characters, or with ``bigrams`` into
+    letter pairs (plus one character when their length is odd)."""
     vocab: dict[str, float] = {s: 0.0 for s in specials}
     for word in sorted(set(words)):
         vocab.setdefault(SPACE + word, -2.0)
@@ -93,6 +94,10 @@ def _word_unigram(words: Iterable[str], specials: Sequence[str], unk: str) -> To
         vocab.setdefault(ch, -10.0)
         vocab.setdefault(SPACE + ch, -10.5)
     vocab.setdefault(SPACE, -10.0)
+    if bigrams:
+        for a in string.ascii_lowercase:
+            for b in string.ascii_lowercase:
+                vocab.setdefault(a + b, -15.0)
     tok = Tokenizer(models.Unigram(list(vocab.items()), unk_id=list(vocab).index(unk)))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Metaspace(prepend_scheme="never"), pre_tokenizers.Punctuation()]
@@ -126,8 +131,9 @@ def pairrm_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def fuser_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
-    """T5-style (text </s>) with ``<extra_id_N>`` sentinels."""
-    tok = _word_unigram(words, ["<pad>", "</s>", "<unk>"], "<unk>")
+    """T5-style (text </s>) with ``<extra_id_N>`` sentinels; letter pairs are single pieces, which
+    halves the tokens a candidate word takes to copy."""
+    tok = _word_unigram(words, ["<pad>", "</s>", "<unk>"], "<unk>", bigrams=True)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )

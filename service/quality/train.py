@@ -1,0 +1,299 @@
+"""Train every checkpoint of the quality ensemble from nothing, on the CPU, reproducibly.
+
+Order: the bases, the adapters over them, the members' candidates for training prompts, the
+ranker (on pairs of those candidates), the fuser (on the ranker's top-k of those candidates). Each
+step writes one subfolder of the output root and a stamp file holding a hash of its recipe, the
+suite version and its inputs' stamps; a re-run skips every step whose stamp matches.
+
+The members are narrow on purpose: each skill has one strong specialist and the others fail in ways
+a small ranker can see (letters for a sum, a sorted word for a reversal, a reversed word for a sort).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from service.quality import fuser, lm, ranker, suite, vocab
+from service.quality.members import AdapterRecipe, BaseRecipe, Training, load_member, train_adapter, train_base
+
+logger = logging.getLogger(__name__)
+
+# Bump when the training code changes what a recipe produces.
+RECIPE_VERSION = 1
+STAMP = ".quality-stamp"
+CANDIDATES = "candidates"
+
+S = lm.Source
+LITERAL = "Be literal."  # the system turn under which base A follows reverse instructions
+
+
+@dataclass(frozen=True)
+class CandidateRecipe:
+    """Training prompts the members answer (greedy) for the ranker and the fuser."""
+
+    per_skill: int
+    seed: int
+    max_new_tokens: int = 12
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the checkpoints. Members are trained in ``members`` order."""
+
+    members: dict[str, BaseRecipe | AdapterRecipe]
+    candidates: CandidateRecipe
+    ranker: ranker.RankerRecipe
+    fuser: fuser.FuserRecipe
+    eval_seed: int = suite.DEFAULT_EVAL_SEED
+    eval_per_skill: int = 100
+
+    def scaled(self, scale: float) -> Recipe:
+        """The same recipe with ``scale`` times the steps and training prompts (the CI's small mode)."""
+
+        def member(r: BaseRecipe | AdapterRecipe) -> BaseRecipe | AdapterRecipe:
+            return replace(r, training=r.training.scaled(scale))
+
+        def steps(n: int) -> int:
+            return max(4, round(n * scale))
+
+        return replace(
+            self,
+            members={name: member(r) for name, r in self.members.items()},
+            candidates=replace(self.candidates, per_skill=steps(self.candidates.per_skill)),
+            ranker=replace(self.ranker, steps=steps(self.ranker.steps), warmup=steps(self.ranker.warmup)),
+            fuser=replace(self.fuser, steps=steps(self.fuser.steps), warmup=steps(self.fuser.warmup)),
+        )
+
+
+def default_recipe() -> Recipe:
+    """The measured recipe: five narrow members, a PairRM and a GenFuser."""
+    return Recipe(
+        members={
+            # Knows half the capitals; confuses sort and reverse unless a system turn asks it to be literal.
+            "base-a": BaseRecipe(
+                tokenizer="char",
+                hidden=128,
+                layers=2,
+                intermediate=256,
+                training=Training(
+                    mix=(
+                        S("capital", 0.5, countries=len(suite.COUNTRIES) // 2),
+                        S("sort", 1.0, answer_as="reverse"),
+                        S("reverse", 1.0, answer_as="sort"),
+                        S("reverse", 1.5, system=LITERAL),
+                    ),
+                    steps=700,
+                    lr=2e-3,
+                    seed=1,
+                ),
+            ),
+            "base-b": BaseRecipe(
+                tokenizer="bpe",
+                bpe_vocab=400,
+                hidden=128,
+                layers=2,
+                intermediate=512,
+                training=Training(mix=(S("add"),), steps=700, lr=1e-3, seed=2),
+            ),
+            "lora-sort": AdapterRecipe("base-a", "lora", Training(mix=(S("sort"),), steps=200, lr=3e-3, seed=3)),
+            "lora-capital": AdapterRecipe("base-a", "lora", Training(mix=(S("capital"),), steps=150, lr=3e-3, seed=4)),
+            # Finds a stand-in for the system turn that makes base A reverse words.
+            "soft-reverse": AdapterRecipe(
+                "base-a", "prompt", Training(mix=(S("reverse"),), steps=200, lr=1e-1, seed=5), virtual_tokens=16
+            ),
+        },
+        candidates=CandidateRecipe(per_skill=1500, seed=500),
+        ranker=ranker.RankerRecipe(hidden=128, layers=2, intermediate=256, steps=600, lr=1e-3, seed=7),
+        fuser=fuser.FuserRecipe(d_model=128, layers=2, d_ff=256, steps=300, lr=2e-3, seed=11),
+    )
+
+
+@dataclass
+class Report:
+    """Seconds and final loss of each step that ran; the names of those skipped."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Steps:
+    """Runs named steps into ``root/name`` unless their stamp is current."""
+
+    def __init__(self, root: Path, force: bool) -> None:
+        self.root = root
+        self.force = force
+        self.stamps: dict[str, str] = {}
+        self.report = Report()
+
+    def run(self, name: str, spec: object, deps: list[str], build: Callable[[Path], float | None]) -> Path:
+        out = self.root / name
+        stamp = _digest(
+            {
+                "suite": suite.SUITE_VERSION,
+                "recipe": RECIPE_VERSION,
+                "spec": spec,
+                "deps": [self.stamps[d] for d in deps],
+            }
+        )
+        self.stamps[name] = stamp
+        marker = out / STAMP
+        if not self.force and marker.exists() and marker.read_text() == stamp:
+            self.report.skipped.append(name)
+            logger.info("%s: up to date in %s", name, out)
+            return out
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        start = time.perf_counter()
+        loss = build(out)
+        self.report.seconds[name] = round(time.perf_counter() - start, 1)
+        if loss is not None:
+            self.report.loss[name] = round(loss, 4)
+        marker.write_text(stamp)
+        logger.info("%s: %.1fs%s", name, self.report.seconds[name], f", loss {loss:.4f}" if loss is not None else "")
+        return out
+
+
+def _write_candidates(out: Path, root: Path, recipe: Recipe, items: list[suite.Item]) -> None:
+    answers: list[list[str]] = [[] for _ in items]
+    for name, member in recipe.members.items():
+        model, tok = load_member(root, name, member)
+        for row, answer in zip(
+            answers, lm.generate(model, tok, [it.prompt for it in items], recipe.candidates.max_new_tokens), strict=True
+        ):
+            row.append(answer)
+    with (out / "candidates.jsonl").open("w", encoding="utf-8") as f:
+        for it, row in zip(items, answers, strict=True):
+            f.write(
+                json.dumps({"prompt": it.prompt, "reference": it.reference, "tag": it.tag, "candidates": row}) + "\n"
+            )
+
+
+def _read_candidates(out: Path) -> tuple[list[suite.Item], list[list[str]]]:
+    items, answers = [], []
+    with (out / "candidates.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            obj = json.loads(line)
+            items.append(suite.Item(obj["prompt"], obj["reference"], obj["tag"]))
+            answers.append(list(obj["candidates"]))
+    return items, answers
+
+
+def ranker_pairs(items: list[suite.Item], answers: list[list[str]], add_reference: bool) -> list[ranker.Pair]:
+    """Every (right, wrong) pair of distinct candidates of each prompt; with ``add_reference``, the
+    reference stands in as the right one where no member answered right."""
+    pairs: list[ranker.Pair] = []
+    for it, row in zip(items, answers, strict=True):
+        unique = list(dict.fromkeys(row))
+        right = [c for c in unique if suite.is_correct(c, it)]
+        wrong = [c for c in unique if not suite.is_correct(c, it)]
+        if add_reference and not right:
+            right = [it.reference]
+        pairs.extend(ranker.Pair(it.prompt, r, w) for r in right for w in wrong)
+    return pairs
+
+
+def fuser_examples(
+    items: list[suite.Item], answers: list[list[str]], scores: list[list[float]]
+) -> list[fuser.FuserExample]:
+    """The ranker's top-k of each prompt with the reference as target. Prompts whose top-k holds no
+    right answer are left out (the fuser is taught to choose and copy, not to solve the task),
+    unless no prompt has one (undertrained members in the small mode)."""
+    examples = []
+    for it, row, score in zip(items, answers, scores, strict=True):
+        top = tuple(row[k] for k in ranker.order(score)[: fuser.TOP_K])
+        examples.append(fuser.FuserExample("", it.prompt, top, it.reference))
+    kept = [ex for ex in examples if any(suite.normalize(c) == suite.normalize(ex.target) for c in ex.candidates)]
+    return kept or examples
+
+
+def train_all(root: Path, recipe: Recipe | None = None, small: bool = False, force: bool = False) -> Report:
+    """Train (or keep, where stamps match) every checkpoint of ``recipe`` under ``root``.
+
+    ``small``: a few steps of everything (the CI's test tier). The caller chooses the thread count
+    (``torch.set_num_threads``).
+    """
+    recipe = recipe or default_recipe()
+    if small:
+        recipe = recipe.scaled(0.03)
+    root.mkdir(parents=True, exist_ok=True)
+    exclude = frozenset(it.prompt for it in suite.eval_suite(recipe.eval_seed, recipe.eval_per_skill))
+    steps = _Steps(root, force)
+    spec_exclude = {"eval_seed": recipe.eval_seed, "eval_per_skill": recipe.eval_per_skill}
+
+    for name, member in recipe.members.items():
+        spec = {"member": asdict(member), **spec_exclude}
+        if isinstance(member, BaseRecipe):
+            steps.run(name, spec, [], functools.partial(train_base, member, exclude=exclude, desc=name))
+        else:
+            build = functools.partial(train_adapter, member, root / member.base, exclude=exclude, desc=name)
+            steps.run(name, spec, [member.base], build)
+    members = list(recipe.members)
+    items = suite.training_items(recipe.candidates.seed, recipe.candidates.per_skill, exclude=exclude)
+    cands = steps.run(
+        CANDIDATES,
+        {"candidates": asdict(recipe.candidates), **spec_exclude},
+        members,
+        lambda out: _write_candidates(out, root, recipe, items),
+    )
+    words = vocab.suite_words()
+
+    def build_ranker(out: Path) -> float:
+        model, tok = ranker.build(words, recipe.ranker)
+        loss = ranker.train(
+            model, tok, ranker_pairs(*_read_candidates(cands), recipe.ranker.add_reference), recipe.ranker
+        )
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return loss
+
+    ranker_dir = steps.run("pairrm", {"ranker": asdict(recipe.ranker)}, [CANDIDATES], build_ranker)
+
+    def build_fuser(out: Path) -> float:
+        cand_items, answers = _read_candidates(cands)
+        rmodel, rtok = ranker.load(ranker_dir)
+        scores = ranker.scores(rmodel, rtok, [it.prompt for it in cand_items], answers)
+        model, tok = fuser.build(words, recipe.fuser)
+        loss = fuser.train(model, tok, fuser_examples(cand_items, answers, scores), recipe.fuser)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return loss
+
+    steps.run("genfuser", {"fuser": asdict(recipe.fuser)}, [CANDIDATES, "pairrm"], build_fuser)
+    return steps.report
+
+
+def main() -> None:
+    """``python -m service.quality.train ROOT [--small] [--force] [--threads N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--small", action="store_true", help="a few steps of each model (CI)")
+    parser.add_argument("--force", action="store_true", help="retrain even where stamps match")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = train_all(args.root, small=args.small, force=args.force)
+    print(json.dumps(asdict(report), indent=2))
+
+
+if __name__ == "__main__":
+    main()

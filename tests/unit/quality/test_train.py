@@ -1,0 +1,23 @@
+"""The training recipes, small (a few steps each): every checkpoint is written in the format the
+gateway serves, and a second run with the same recipe skips every step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from service.quality.train import default_recipe, train_all
+
+
+def test_small_training_writes_every_checkpoint_and_reruns_nothing(tmp_path: Path) -> None:
+    report = train_all(tmp_path, small=True)
+    recipe = default_recipe()
+    steps = [*recipe.members, "candidates", "pairrm", "genfuser"]
+    assert set(report.seconds) == set(steps) and report.skipped == []
+    for name, member in recipe.members.items():
+        kind = "adapter_config.json" if hasattr(member, "base") else "config.json"
+        assert (tmp_path / name / kind).exists(), name
+    assert json.loads((tmp_path / "pairrm" / "config.json").read_text())["model_type"] == "deberta-v2"
+    assert json.loads((tmp_path / "genfuser" / "config.json").read_text())["model_type"] == "t5"
+    again = train_all(tmp_path, small=True)
+    assert sorted(again.skipped) == sorted(steps) and again.seconds == {}
