@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -46,6 +46,21 @@ def pairrm_class() -> Any:
     finally:
         if hidden and sys.modules.get("vllm", 0) is None:
             del sys.modules["vllm"]
+
+
+class Fit(Protocol):
+    """How a PairRM is trained (a recipe from scratch, or a fine-tune of a checkpoint)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def warmup(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,7 @@ def _batch(rows: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def train(model: Any, tok: Any, pairs: Sequence[Pair], recipe: RankerRecipe, desc: str = "pairrm") -> float:
+def train(model: Any, tok: Any, pairs: Sequence[Pair], recipe: Fit, desc: str = "pairrm") -> float:
     """Pairwise logistic training on both orders of each pair; returns the mean loss of the last 20 steps."""
     rows = []
     for p in pairs:
