@@ -129,15 +129,9 @@ _WORDS = [
     "did",
 ]
 
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
 # Bump when a generator changes: checkpoints written by another version are rewritten.
 GENERATOR_VERSION = 2
 
-PAIRRM_SPECIAL = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
 FUSER_EXTRA_IDS = 100
 
 
@@ -153,29 +147,20 @@ def _corpus(seed: int, lines: int = 400) -> list[str]:
 
 def _llama_tokenizer(seed: int, vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    from service.models.formats import MEMBER_SPECIALS, member_tokenizer
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=specials,
+        special_tokens=MEMBER_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-        model_max_length=512,
-    )
-    fast.chat_template = _CHAT_TEMPLATE
-    return fast
+    return member_tokenizer(tok)
 
 
 def make_llama(out: Path, seed: int, layers: int, vocab_size: int = 512) -> None:
@@ -236,63 +221,22 @@ def _unigram_tokenizer(seed: int, specials: list[str], unk: str) -> Any:
 def make_pairrm(out: Path, seed: int = 7) -> None:
     """A PairRM-hf checkpoint: DeBERTa-v2 encoder + PairRM head, DeBERTa-style tokenizer."""
     import torch
-    from tokenizers import processors
-    from transformers import DebertaV2Config, PreTrainedTokenizerFast
 
-    from service.models.compat import import_pairrm
+    from service.models.formats import DEBERTA_SPECIALS, pairrm_model, pairrm_tokenizer
 
-    DebertaV2PairRM = import_pairrm()
-
-    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
-    tok = _unigram_tokenizer(seed, specials, unk="[UNK]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        unk_token="[UNK]",
-        mask_token="[MASK]",
-        bos_token="[CLS]",
-        eos_token="[SEP]",
-        model_max_length=2048,
-    )
-    fast.add_special_tokens({"additional_special_tokens": list(PAIRRM_SPECIAL)})
-    ids = {t: fast.convert_tokens_to_ids(t) for t in PAIRRM_SPECIAL}
-    config = DebertaV2Config(
-        vocab_size=len(fast),
+    fast = pairrm_tokenizer(_unigram_tokenizer(seed, DEBERTA_SPECIALS, unk="[UNK]"))
+    model = pairrm_model(
+        fast,
+        seed,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=128,
-        max_position_embeddings=2048,
-        relative_attention=True,
         position_buckets=256,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        pos_att_type=["p2c", "c2p"],
-        max_relative_positions=-1,
-        position_biased_input=False,
-        type_vocab_size=0,
-        pad_token_id=fast.pad_token_id,
         initializer_range=0.2,
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )
-    # The PairRM-specific fields that DebertaV2PairRM reads from its config.
-    config.n_tasks = 1
-    config.drop_out = 0.05
-    config.sep_token_id = fast.sep_token_id
-    config.source_prefix_id = ids["<|source|>"]
-    config.cand1_prefix_id = ids["<|candidate1|>"]
-    config.cand2_prefix_id = ids["<|candidate2|>"]
-    config.cand_prefix_id = ids["<|candidate|>"]
-    torch.manual_seed(seed)
-    model = DebertaV2PairRM(config)
     with torch.no_grad():
         # At the default init the scores sit near 1e-3; the wider init above and a scaled head
         # give scores of order 1, so parity checks at 1e-4 mean something.

@@ -8,18 +8,16 @@ Decoding is llm-blender's: 4 beams, ``CANDIDATE_MAX`` new tokens, special tokens
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
-from service.quality import vocab
-from service.quality.lm import IGNORE, schedule
+from service.quality import lm, vocab
+from service.quality.lm import IGNORE
 
 CANDIDATE_MAX = 128
 INPUT_MAX = 1024
@@ -117,33 +115,15 @@ def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
 def train(model: Any, tok: Any, examples: Sequence[FuserExample], recipe: FuserRecipe, desc: str = "genfuser") -> float:
     """Teacher-forced cross-entropy on the targets; returns the mean loss of the last 20 steps."""
     rows = [_encode(tok, ex) for ex in examples]
-    rng = random.Random(recipe.seed)
-    order: list[int] = []
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98))
-    warmup = min(recipe.warmup, recipe.steps // 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, recipe.steps, warmup))
-    torch.manual_seed(recipe.seed)
-    model.train()
-    recent: list[float] = []
-    with tqdm(range(recipe.steps), desc=desc, leave=False, mininterval=1.0) as bar:
-        for _ in bar:
-            if len(order) < recipe.batch:
-                fresh = list(range(len(rows)))
-                rng.shuffle(fresh)
-                order.extend(fresh)
-            chunk, order = order[: recipe.batch], order[recipe.batch :]
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for chunk in lm.shuffled(len(rows), recipe.batch, recipe.seed):
             src = _pad([rows[i][0] for i in chunk], tok.pad_token_id)
             labels = _pad([rows[i][1] for i in chunk], IGNORE)
-            loss = model(input_ids=src, attention_mask=(src != tok.pad_token_id).long(), labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            recent = [*recent[-19:], float(loss.detach())]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
-    model.eval()
-    return sum(recent) / max(1, len(recent))
+            yield {"input_ids": src, "attention_mask": (src != tok.pad_token_id).long(), "labels": labels}
+
+    torch.manual_seed(recipe.seed)
+    return lm.train_loop(model, batches(), recipe.steps, recipe.lr, desc, min(recipe.warmup, recipe.steps // 2))
 
 
 @torch.no_grad()

@@ -107,6 +107,19 @@ def schedule(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def shuffled(n: int, batch: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of row indices: each pass over the rows in a fresh seeded order."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        chunk, order = order[:batch], order[batch:]
+        yield chunk
+
+
 def train_loop(
     model: Any,
     data: Iterator[dict[str, torch.Tensor]],

@@ -9,43 +9,19 @@ candidate 2), score = (M - Mᵀ).mean(-1), best first.
 
 from __future__ import annotations
 
-import importlib
-import random
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm import tqdm
-from transformers import DebertaV2Config
 
-from service.quality import vocab
-from service.quality.lm import schedule
+from service.models.compat import import_pairrm
+from service.models.formats import pairrm_model
+from service.quality import lm, vocab
 
 SOURCE_MAX = 1224
 CANDIDATE_MAX = 412
-
-
-def pairrm_class() -> Any:
-    """llm-blender's ``DebertaV2PairRM``. llm-blender 0.0.2 imports ``TRANSFORMERS_CACHE`` from
-    ``transformers.utils.hub``, gone in transformers 5, so the name is restored first; vLLM, which
-    its package ``__init__`` only probes for, is hidden during the import."""
-    import transformers.utils.hub as hub
-
-    if not hasattr(hub, "TRANSFORMERS_CACHE"):
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        hub.TRANSFORMERS_CACHE = HF_HUB_CACHE  # type: ignore[attr-defined]
-    hidden = "vllm" not in sys.modules
-    if hidden:
-        sys.modules["vllm"] = None  # type: ignore[assignment]
-    try:
-        return importlib.import_module("llm_blender.pair_ranker.pairrm").DebertaV2PairRM
-    finally:
-        if hidden and sys.modules.get("vllm", 0) is None:
-            del sys.modules["vllm"]
 
 
 class Fit(Protocol):
@@ -91,40 +67,23 @@ class Pair:
 def build(words: Sequence[str], recipe: RankerRecipe) -> tuple[Any, Any]:
     """A freshly initialised PairRM and its tokenizer (``words``: single-piece vocabulary)."""
     tok = vocab.pairrm_tokenizer(words)
-    config = DebertaV2Config(
-        vocab_size=len(tok),
+    model = pairrm_model(
+        tok,
+        recipe.seed,
         hidden_size=recipe.hidden,
         num_hidden_layers=recipe.layers,
         num_attention_heads=max(1, recipe.hidden // 64),
         intermediate_size=recipe.intermediate,
-        max_position_embeddings=2048,
-        relative_attention=True,
         position_buckets=recipe.position_buckets,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        pos_att_type=["p2c", "c2p"],
-        max_relative_positions=-1,
-        position_biased_input=False,
-        type_vocab_size=0,
-        pad_token_id=tok.pad_token_id,
     )
-    ids = {t: tok.convert_tokens_to_ids(t) for t in vocab.PAIRRM_MARKERS}
-    config.n_tasks = 1
-    config.drop_out = 0.05
-    config.sep_token_id = tok.sep_token_id
-    config.source_prefix_id = ids["<|source|>"]
-    config.cand1_prefix_id = ids["<|candidate1|>"]
-    config.cand2_prefix_id = ids["<|candidate2|>"]
-    config.cand_prefix_id = ids["<|candidate|>"]
-    torch.manual_seed(recipe.seed)
-    return pairrm_class()(config), tok
+    return model, tok
 
 
 def load(path: Path) -> tuple[Any, Any]:
     """A saved PairRM and its tokenizer, in eval mode."""
     from transformers import AutoTokenizer
 
-    model = pairrm_class().from_pretrained(path)
+    model = import_pairrm().from_pretrained(path)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -154,33 +113,15 @@ def train(model: Any, tok: Any, pairs: Sequence[Pair], recipe: Fit, desc: str = 
     for p in pairs:
         rows.append((pair_ids(tok, p.source, p.better, p.worse), 1.0))
         rows.append((pair_ids(tok, p.source, p.worse, p.better), -1.0))
-    rng = random.Random(recipe.seed)
-    order: list[int] = []
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = min(recipe.warmup, recipe.steps // 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, recipe.steps, warmup))
-    torch.manual_seed(recipe.seed)
-    model.train()
-    recent: list[float] = []
-    with tqdm(range(recipe.steps), desc=desc, leave=False, mininterval=1.0) as bar:
-        for _ in bar:
-            if len(order) < recipe.batch:
-                fresh = list(range(len(rows)))
-                rng.shuffle(fresh)
-                order.extend(fresh)
-            chunk, order = order[: recipe.batch], order[recipe.batch :]
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for chunk in lm.shuffled(len(rows), recipe.batch, recipe.seed):
             inputs = _batch([rows[i][0] for i in chunk], tok.pad_token_id)
-            labels = torch.tensor([[rows[i][1]] for i in chunk])
-            loss = model(**inputs, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            recent = [*recent[-19:], float(loss.detach())]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
-    model.eval()
-    return sum(recent) / max(1, len(recent))
+            yield {**inputs, "labels": torch.tensor([[rows[i][1]] for i in chunk])}
+
+    torch.manual_seed(recipe.seed)
+    warmup = min(recipe.warmup, recipe.steps // 2)
+    return lm.train_loop(model, batches(), recipe.steps, recipe.lr, desc, warmup, weight_decay=0.01)
 
 
 @torch.no_grad()

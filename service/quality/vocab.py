@@ -16,14 +16,11 @@ from collections.abc import Iterable, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from service.models import formats
 from service.quality import suite
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-MEMBER_SPECIALS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-PAIRRM_MARKERS = ["<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"]
+CHAT_TEMPLATE = formats.CHAT_TEMPLATE
+MEMBER_SPECIALS = formats.MEMBER_SPECIALS
 FUSER_EXTRA_IDS = 100
 SPACE = "\u2581"
 ALPHABET = string.ascii_letters + string.digits + " .,:?!'-\n"
@@ -39,15 +36,7 @@ def suite_words() -> list[str]:
 
 
 def _member_fast(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-        model_max_length=512,
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    fast: PreTrainedTokenizerFast = formats.member_tokenizer(tok)
     return fast
 
 
@@ -108,25 +97,7 @@ def _word_unigram(words: Iterable[str], specials: Sequence[str], unk: str, bigra
 
 def pairrm_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     """DeBERTa-style ([CLS] text [SEP]) with PairRM's four marker tokens."""
-    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
-    tok = _word_unigram(words, specials, "[UNK]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        unk_token="[UNK]",
-        mask_token="[MASK]",
-        bos_token="[CLS]",
-        eos_token="[SEP]",
-        model_max_length=2048,
-    )
-    fast.add_special_tokens({"additional_special_tokens": PAIRRM_MARKERS})
+    fast: PreTrainedTokenizerFast = formats.pairrm_tokenizer(_word_unigram(words, formats.DEBERTA_SPECIALS, "[UNK]"))
     return fast
 
 
