@@ -13,53 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from bench import gateway
-from bench.common import ROOT
-from service.ops.launcher import free_port
-from tests.load import stop_process, stub_server
-
-
-@contextlib.contextmanager
-def serve(config: dict[str, Any], tmp: Path, name: str, checkout: Path) -> Iterator[str]:
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--config", str(path), "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--log-dir", str(tmp / "logs")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=checkout,
-            env={**os.environ, "PYTHONPATH": str(checkout)},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway {name} did not start:\n{log.read_text(errors='replace')[-3000:]}")
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/ready", timeout=2).status == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        stop_process(proc)
+from tests.load import stub_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-compare-")))
         config = gateway.gateway_config(urls)
         gateways = {
-            "shipped": stack.enter_context(serve(config, tmp, "this", ROOT)),
-            "other": stack.enter_context(serve(config, tmp, "other", args.other.resolve())),
+            "shipped": stack.enter_context(gateway.serve(config, tmp, "this")),
+            "other": stack.enter_context(gateway.serve(config, tmp, "other", args.other.resolve())),
         }
         import uvloop
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -167,8 +168,9 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
 
 
 @contextlib.contextmanager
-def serve(config: dict[str, Any], tmp: Path, variant: str) -> Iterator[str]:
-    """``ensemble-gateway serve`` in its own process, on ``config``."""
+def serve(config: dict[str, Any], tmp: Path, variant: str, checkout: Path | None = None) -> Iterator[str]:
+    """``ensemble-gateway serve`` in its own process, on ``config``; with ``checkout``, that checkout's
+    code (``python -m service.cli`` with it first on ``PYTHONPATH``, this venv's packages)."""
     import yaml
 
     from service.ops.launcher import free_port
@@ -177,15 +179,21 @@ def serve(config: dict[str, Any], tmp: Path, variant: str) -> Iterator[str]:
     cfg = tmp / f"{variant}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     port = free_port()
-    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
+    if checkout is None:
+        exe = [shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"]
+        env = None
+    else:
+        exe = [sys.executable, "-m", "service.cli"]
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
     log = tmp / f"{variant}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [exe, "serve", "--config", str(cfg), "--port", str(port), "--log-dir", str(tmp / "logs")],
+            [*exe, "serve", "--config", str(cfg), "--port", str(port), "--log-dir", str(tmp / "logs")],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=ROOT,
+            cwd=checkout or ROOT,
+            env=env,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -19,8 +19,6 @@ from transformers import PreTrainedTokenizerFast
 from service.models import formats
 from service.quality import suite
 
-CHAT_TEMPLATE = formats.CHAT_TEMPLATE
-MEMBER_SPECIALS = formats.MEMBER_SPECIALS
 FUSER_EXTRA_IDS = 100
 SPACE = "\u2581"
 ALPHABET = string.ascii_letters + string.digits + " .,:?!'-\n"
@@ -42,11 +40,11 @@ def _member_fast(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     """One token per character of ``alphabet`` (others map to ``<unk>``), plus the chat specials."""
-    vocab = {t: i for i, t in enumerate(MEMBER_SPECIALS)}
+    vocab = {t: i for i, t in enumerate(formats.MEMBER_SPECIALS)}
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.add_special_tokens(MEMBER_SPECIALS)
+    tok.add_special_tokens(formats.MEMBER_SPECIALS)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return _member_fast(tok)
@@ -61,7 +59,7 @@ def bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=MEMBER_SPECIALS,
+        special_tokens=formats.MEMBER_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

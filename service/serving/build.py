@@ -93,7 +93,7 @@ async def prepare_members(members: Mapping[str, Member]) -> dict[str, str]:
         try:
             await member.prepare()
         except MemberFailure as e:
-            logger.error("member %s unavailable: %s", member.name, e.for_operators())
+            logger.error("member %s unavailable: %s", member.name, e)  # the server's words: logged by the member
             return e.for_operators()
         return None
 
