@@ -1,4 +1,4 @@
-"""Command line: ``ensemble-gateway serve | make-tiny-models | check-config``."""
+"""Command line: ``ensemble-gateway serve | check-config | make-tiny-models | train | suite | eval | train-ranker``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,37 @@ def cmd_make_tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from service.quality.train import train_all
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = train_all(Path(args.dir), small=args.small, force=args.force)
+    print(json.dumps(asdict(report), indent=1))
+    return 0
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from service.quality import suite
+
+    try:
+        if args.seed >= suite.EVAL_SEED_BASE:
+            items = suite.eval_suite(args.seed, args.per_skill)
+        else:
+            items = suite.training_items(args.seed, args.per_skill)
+    except ValueError as e:
+        print(f"ensemble-gateway suite: {e}", file=sys.stderr)
+        return 2
+    suite.write_jsonl(Path(args.out), items)
+    print(f"{len(items)} prompts ({', '.join(suite.SKILLS)}; seed {args.seed}): {args.out}")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from service.members.checks import check_members
 
@@ -163,6 +194,36 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--force", action="store_true", help="rewrite existing checkpoints")
     tiny.set_defaults(func=cmd_make_tiny_models)
+
+    train = sub.add_parser(
+        "train",
+        help="train the quality ensemble (two bases, LoRAs, a soft prompt, PairRM, GenFuser) from the task suite",
+        description="Train every checkpoint of the demo's quality ensemble on this machine's CPU, from the task "
+        "suite and fixed seeds. Each step stamps its folder with a hash of its recipe and the suite's version; a "
+        "second run trains only what changed.",
+    )
+    train.add_argument("dir", help="output root, e.g. .cache/tiny-models/trained")
+    train.add_argument("--small", action="store_true", help="a few steps of each model (tests)")
+    train.add_argument("--force", action="store_true", help="retrain even where the stamps match")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (default 2, fixed so that a rerun reproduces the checkpoints: float sums, and so "
+        "the trained weights, depend on the thread count)",
+    )
+    train.set_defaults(func=cmd_train)
+
+    st = sub.add_parser(
+        "suite",
+        help="write task-suite prompts (add, reverse, sort, capital) with references as JSONL",
+        description="Write the task suite as JSONL (prompt, reference, tag). Seeds from 1000000 up are evaluation "
+        "seeds (never used in training); the demo's held-out suite is seed 1000001.",
+    )
+    st.add_argument("out", help="the JSONL file to write")
+    st.add_argument("--seed", type=int, default=1_000_001, help="suite seed (default 1000001, the held-out suite)")
+    st.add_argument("--per-skill", type=int, default=100, help="prompts per skill (default 100)")
+    st.set_defaults(func=cmd_suite)
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")

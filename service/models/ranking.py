@@ -12,6 +12,7 @@ schemes (opt-in, ``RankerConfig.scheme``) are plans that ask for pairs round by 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,6 +45,26 @@ class Ranker(Protocol):
     async def rank(self, source: str, candidates: list[str]) -> Ranking: ...
 
     def close(self) -> None: ...
+
+
+def fusion_lead(scores: Sequence[float | None], texts: Sequence[str]) -> float | None:
+    """The first candidate's lead in score over the best candidate that says something else, both
+    lists in rank order (best first); texts are compared with surrounding white space trimmed.
+
+    ``inf`` when every candidate says the same; None when a score needed is missing. Adaptive fusion
+    skips the fuser when this lead reaches the ensemble's margin: a candidate that repeats the
+    first one is no rival to it (PairRM gives equal texts nearly equal scores, so the plain lead
+    over the runner-up is about 0 exactly when the members agree), and fusing an answer with
+    copies of itself adds nothing.
+    """
+    first = texts[0].strip()
+    rival = next((k for k in range(1, len(texts)) if texts[k].strip() != first), None)
+    if rival is None:
+        return math.inf
+    best, other = scores[0], scores[rival]
+    if best is None or other is None:
+        return None
+    return best - other
 
 
 def scores_from_matrix(matrix: np.ndarray, aggregation: str) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 
@@ -22,7 +23,7 @@ from service.members.base import Member, MemberRequest
 from service.members.breakers import Guards
 from service.members.fanout import FanOut, Wait
 from service.models.fusion import Fuser
-from service.models.ranking import Ranker
+from service.models.ranking import Ranker, fusion_lead
 from service.pipeline.admission import Admission
 from service.pipeline.inputs import check_limits, input_text, member_messages
 from service.pipeline.staged import Staged, respond
@@ -318,10 +319,12 @@ class Pipeline:
             return None
         if len(staged.order) < 2:
             return "single_candidate"
-        best, second = (staged.scores[i] for i in staged.order[:2])
-        if best is not None and second is not None and best - second >= ens.fusion_margin:
-            return "margin"
-        return None
+        lead = fusion_lead([staged.scores[i] for i in staged.order], [staged.completions[i].text for i in staged.order])
+        if lead is None:
+            return None
+        if lead == math.inf:
+            return "agreement"
+        return "margin" if lead >= ens.fusion_margin else None
 
     def _fusion_failed(self, staged: Staged, fuser: Fuser, error: BaseException) -> str:
         self._degrade(staged, "fuser", fuser.name, error)

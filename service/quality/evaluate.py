@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from service.models.ranking import fusion_lead
 from service.quality.dataset import EvalItem
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,11 @@ class Observation:
 
     @property
     def margin(self) -> float | None:
-        """The ranker's lead of the first candidate over the second (None without scores)."""
-        scores = [c.score for c in self.candidates[:2]]
-        if len(scores) < 2 or scores[0] is None or scores[1] is None:
-            return None
-        return scores[0] - scores[1]
+        """The lead adaptive fusion compares with its margin (``fusion_lead``: over the best candidate
+        that says something else; inf when all agree, None without scores or candidates)."""
+        if len(self.candidates) < 2:
+            return None if not self.candidates else math.inf
+        return fusion_lead([c.score for c in self.candidates], [c.text for c in self.candidates])
 
 
 @dataclass(frozen=True)

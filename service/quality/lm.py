@@ -135,7 +135,7 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, min(warmup, steps)))
     model.train()
     recent: list[float] = []
-    with tqdm(range(steps), desc=desc, leave=False, mininterval=1.0) as bar:
+    with tqdm(range(steps), desc=desc, mininterval=1.0) as bar:
         for _ in bar:
             loss = model(**next(data)).loss
             opt.zero_grad(set_to_none=True)
@@ -158,6 +158,7 @@ def generate(
     batch_size: int = 256,
     temperature: float = 0.0,
     seed: int = 0,
+    desc: str | None = None,
 ) -> list[str]:
     """Answers for ``prompts`` (greedy at temperature 0), decoded without special tokens.
 
@@ -176,6 +177,7 @@ def generate(
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0}
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", mininterval=1.0, disable=desc is None)
     for length in sorted(groups):
         idx = groups[length]
         for start in range(0, len(idx), batch_size):
@@ -191,4 +193,6 @@ def generate(
             )
             for row, i in zip(gen[:, length:].tolist(), chunk, strict=True):
                 out[i] = tok.decode(row, skip_special_tokens=True)
+            bar.update(len(chunk))
+    bar.close()
     return out

@@ -41,7 +41,8 @@ class Fit(Protocol):
 
 @dataclass(frozen=True)
 class RankerRecipe:
-    """Encoder size and training of the ranker (``add_reference``: see ``train.ranker_pairs``)."""
+    """Encoder size and training of the ranker (``add_reference``, ``hard_weight``: see
+    ``train.ranker_pairs``)."""
 
     hidden: int
     layers: int
@@ -53,6 +54,7 @@ class RankerRecipe:
     warmup: int = 100
     position_buckets: int = 32
     add_reference: bool = True
+    hard_weight: int = 1
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -56,18 +57,17 @@ def _log_tail(path: Path, n: int = 40) -> str:
         return "(no log)"
 
 
-@pytest.fixture(scope="session")
-def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """`ensemble-gateway serve` on the demo config, as `make demo` runs it, on free ports.
+@contextlib.contextmanager
+def serve(config_file: Path, tmp: Path) -> Iterator[Gateway]:
+    """`ensemble-gateway serve` on ``config_file`` with its servers on free ports.
 
     Tear-down sends SIGTERM, as Ctrl-C or an orchestrator would, and fails unless every process
     the gateway started is gone afterwards.
     """
-    tmp = tmp_path_factory.mktemp("gateway")
-    data = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    data = yaml.safe_load(config_file.read_text())
     for server in data["servers"]:
         server["port"] = free_port()
-    cfg_path = tmp / "demo.yaml"
+    cfg_path = tmp / config_file.name
     cfg_path.write_text(yaml.safe_dump(data))
     config = parse_config(cfg_path.read_text())
     server_urls = {s.name: f"http://127.0.0.1:{s.port}/v1" for s in config.servers}
@@ -101,6 +101,13 @@ def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield Gateway(url, proc.pid, config, server_urls, log, cfg_path, cfg_path.read_text())
     finally:
         _stop_and_check(proc, log)
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The random-weight ensemble (config/tiny.yaml), served as `make demo` serves a config."""
+    with serve(ROOT / "config" / "tiny.yaml", tmp_path_factory.mktemp("gateway")) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="session")

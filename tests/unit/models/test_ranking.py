@@ -12,7 +12,15 @@ import pytest
 
 from service.config import RankerConfig
 from service.models.compat import import_llm_blender
-from service.models.ranking import Pair, Plan, Ranking, make_plan, ranks_from_scores, scores_from_matrix
+from service.models.ranking import (
+    Pair,
+    Plan,
+    Ranking,
+    fusion_lead,
+    make_plan,
+    ranks_from_scores,
+    scores_from_matrix,
+)
 
 
 def drive(
@@ -147,3 +155,11 @@ def test_ties_share_the_better_rank(blender_utils) -> None:  # type: ignore[no-u
 def test_unknown_aggregation() -> None:
     with pytest.raises(ValueError):
         scores_from_matrix(np.zeros((2, 2)), "median")
+
+
+def test_fusion_lead_is_over_the_best_rival_that_says_something_else() -> None:
+    assert fusion_lead([3.0, 2.5, 1.0], ["x", "y", "z"]) == 0.5
+    # The runner-up repeats the first answer: the lead is over the next different one.
+    assert fusion_lead([3.0, 2.99, 1.0], ["x", " x\n", "z"]) == 2.0
+    assert fusion_lead([1.0, 1.0], ["same", "same"]) == math.inf
+    assert fusion_lead([1.0, None], ["a", "b"]) is None

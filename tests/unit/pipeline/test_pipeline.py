@@ -202,6 +202,31 @@ async def test_adaptive_fusion_skips_when_the_top_candidate_leads(margin: float,
     assert not resp.fused and sample(p.metrics, "gateway_fusion_skipped_total", ensemble="never", reason="never") == 1
 
 
+async def test_adaptive_fusion_skips_when_the_members_agree() -> None:
+    fuser = JoinFuser()
+    agree = [FakeMember("a", "yes"), FakeMember("b", "yes "), FakeMember("c", "yes")]
+    p = Pipeline(
+        fake_config(ADAPTIVE.replace("MARGIN", "100")),
+        {m.name: m for m in agree},
+        {"length": LengthRanker()},
+        {"join": fuser},
+        Metrics(),
+    )
+    resp = await p.answer(GenerateRequest(prompt="q"))
+    assert not resp.fused and not fuser.calls and resp.output.strip() == "yes"
+    assert sample(p.metrics, "gateway_fusion_skipped_total", ensemble="main", reason="agreement") == 1
+    # The lead over a rival that repeats the first answer does not count: "yes " leads "yes" by 1, "no" by 2.
+    mixed = [FakeMember("a", "no"), FakeMember("b", "yes "), FakeMember("c", "yes")]
+    p = Pipeline(
+        fake_config(ADAPTIVE.replace("MARGIN", "1.5")),
+        {m.name: m for m in mixed},
+        {"length": LengthRanker()},
+        {"join": JoinFuser()},
+        Metrics(),
+    )
+    assert not (await p.answer(GenerateRequest(prompt="q"))).fused
+
+
 async def test_a_request_may_set_its_own_fusion_policy() -> None:
     p = Pipeline(
         fake_config(ADAPTIVE.replace("MARGIN", "0.5")),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from service.quality.train import default_recipe, train_all
+from service.quality.train import default_recipe, read_manifest, train_all
 
 
 def test_small_training_writes_every_checkpoint_and_reruns_nothing(tmp_path: Path) -> None:
@@ -19,5 +19,10 @@ def test_small_training_writes_every_checkpoint_and_reruns_nothing(tmp_path: Pat
         assert (tmp_path / name / kind).exists(), name
     assert json.loads((tmp_path / "pairrm" / "config.json").read_text())["model_type"] == "deberta-v2"
     assert json.loads((tmp_path / "genfuser" / "config.json").read_text())["model_type"] == "t5"
+    manifest = read_manifest(tmp_path)
+    assert manifest is not None and manifest["small"] is True
+    assert set(manifest["stamps"]) == set(steps) == set(manifest["seconds"])  # type: ignore[call-overload]
     again = train_all(tmp_path, small=True)
     assert sorted(again.skipped) == sorted(steps) and again.seconds == {}
+    # The seconds of the run that built each step survive a run that skips it.
+    assert read_manifest(tmp_path) == manifest
