@@ -123,8 +123,9 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str) -> str:
         "## The members",
         "",
         "Trained here from the suite's generators by `ensemble-gateway train` (`service/quality/train.py`, "
-        "`default_recipe`); training seeds are disjoint from evaluation seeds and the held-out prompts are "
-        "excluded from training.",
+        "`default_recipe`); training seeds are disjoint from evaluation seeds, and no held-out add, reverse or "
+        "sort prompt appears in training. Capital questions are the 48-country table itself, so that skill "
+        "measures recall of taught facts (base-a was taught half of them), not generalization.",
         "",
         "| member | kind | taught |",
         "|---|---|---|",
