@@ -234,9 +234,14 @@ def chart(report: dict[str, Any], path: Path, title: str = "Exact match by skill
     rows = _rows(report)
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cols) * max(1, len(rows)) / 6), 4.8))
     width = 0.8 / max(1, len(rows))
+    # tab20 keeps up to 20 methods apart (the default cycle repeats after 10: a member and the oracle
+    # came out the same blue); members get the light shades, the ensemble's methods the dark ones.
+    palette = plt.get_cmap("tab20").colors
+    members = [r for r in rows if r.startswith("member ")]
     for k, r in enumerate(rows):
         values = [report["scores"][c][r]["exact_match"] if c in report["scores"] else 0.0 for c in cols]
-        ax.bar([i + k * width for i in range(len(cols))], values, width, label=r)
+        shade = 2 * k + 1 if r in members else 2 * (k - len(members))
+        ax.bar([i + k * width for i in range(len(cols))], values, width, label=r, color=palette[shade % 20])
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))], cols)
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(0, 100)
