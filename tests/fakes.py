@@ -74,16 +74,22 @@ class JoinFuser(Fuser):
         self.fail_after = fail_after  # streaming: raise after this many pieces
         self.delay = delay
         self.calls: list[tuple[str, str, list[str]]] = []
+        self.limits: list[int | None] = []
 
-    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
+    async def fuse(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> str:
         self.calls.append((instruction, input_text, candidates))
+        self.limits.append(max_new_tokens)
         await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError("fuser exploded")
         return " | ".join(candidates)
 
-    async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
-        text = await self.fuse(instruction, input_text, candidates)
+    async def fuse_stream(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> AsyncIterator[str]:
+        text = await self.fuse(instruction, input_text, candidates, max_new_tokens)
         for n, i in enumerate(range(0, len(text), 3)):
             if self.fail_after is not None and n == self.fail_after:
                 raise RuntimeError("fuser exploded mid-stream")

@@ -20,13 +20,18 @@ class Fuser(Protocol):
     """Fuses candidates (best first) for an instruction and input into one text.
 
     ``fuse`` raises ``ModelError`` on failure and runs its model work off the event loop.
+    ``max_new_tokens`` (the request's ``max_tokens``) lowers the fuser's own limit, never raises it.
     """
 
     name: str
 
-    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str: ...
+    async def fuse(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> str: ...
 
-    def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
+    def fuse_stream(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> AsyncIterator[str]:
         """The same text as ``fuse``, in pieces as soon as each is final."""
         ...
 
@@ -79,27 +84,34 @@ class LLMFuser:
     def close(self) -> None:
         pass
 
-    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
-        request = self._request(instruction, input_text, candidates)
+    async def fuse(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> str:
+        request = self._request(instruction, input_text, candidates, max_new_tokens)
         try:
             completion = await self._endpoint.generate(request)
         except MemberFailure as e:
             raise ModelError(f"llm fuser {self.name}: {e}") from e
         return completion.text
 
-    def _request(self, instruction: str, input_text: str, candidates: list[str]) -> MemberRequest:
+    def _request(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None
+    ) -> MemberRequest:
         s = self.config.sampling
         return MemberRequest(
             messages=aggregation_messages(self.config.template, instruction, input_text, candidates),
-            max_tokens=s.max_tokens,
+            max_tokens=min(s.max_tokens, max_new_tokens) if max_new_tokens else s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=s.seed,
         )
 
-    async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
+    async def fuse_stream(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> AsyncIterator[str]:
+        request = self._request(instruction, input_text, candidates, max_new_tokens)
         try:
-            async for piece in self._endpoint.generate_stream(self._request(instruction, input_text, candidates)):
+            async for piece in self._endpoint.generate_stream(request):
                 yield piece
         except MemberFailure as e:
             raise ModelError(f"llm fuser {self.name}: {e}") from e

@@ -170,11 +170,16 @@ class GenFuser:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def fuse(self, instruction: str, input_text: str, candidates: list[str]) -> str:
+    async def fuse(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> str:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.fuse_sync, instruction, input_text, candidates)
+        work = functools.partial(self.fuse_sync, instruction, input_text, candidates, max_new_tokens=max_new_tokens)
+        return await loop.run_in_executor(self._executor, work)
 
-    async def fuse_stream(self, instruction: str, input_text: str, candidates: list[str]) -> AsyncIterator[str]:
+    async def fuse_stream(
+        self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
+    ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         cancel = threading.Event()
@@ -184,7 +189,9 @@ class GenFuser:
 
         def work() -> str:
             try:
-                return self.fuse_sync(instruction, input_text, candidates, on_text=push, cancel=cancel)
+                return self.fuse_sync(
+                    instruction, input_text, candidates, on_text=push, cancel=cancel, max_new_tokens=max_new_tokens
+                )
             finally:
                 push(None)
 
@@ -203,6 +210,7 @@ class GenFuser:
         candidates: list[str],
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        max_new_tokens: int | None = None,
     ) -> str:
         cfg = self.config
         text = genfuser_input(self.tokenizer, instruction, input_text, list(candidates), cfg.candidate_max_length)
@@ -217,7 +225,8 @@ class GenFuser:
         if on_text is not None or cancel is not None:
             watcher = _FinalPrefix(self.tokenizer, on_text, cancel)
         input_ids, attention_mask = enc["input_ids"].to(cfg.device), enc["attention_mask"].to(cfg.device)
-        max_new_tokens = cfg.max_new_tokens or cfg.candidate_max_length
+        limit = cfg.max_new_tokens or cfg.candidate_max_length
+        max_new_tokens = min(limit, max_new_tokens) if max_new_tokens else limit
         out = self._lean_generate(input_ids, attention_mask, max_new_tokens, watcher)
         if out is None:
             extra: dict[str, Any] = {}

@@ -342,7 +342,9 @@ class Pipeline:
         try:
             async with asyncio.timeout(staged.deadline_at - time.monotonic()):
                 with self._model_errors("fuse", f"fuser {fuser.name}", fuser.name):
-                    output = await fuser.fuse(staged.instruction, staged.input_text, staged.selected_texts)
+                    output = await fuser.fuse(
+                        staged.instruction, staged.input_text, staged.selected_texts, staged.request.max_tokens
+                    )
         except (GatewayError, TimeoutError) as e:
             return self._fusion_failed(staged, fuser, e)
         self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
@@ -356,7 +358,9 @@ class Pipeline:
             yield staged.top_text
             return
         t0 = time.perf_counter()
-        pieces = fuser.fuse_stream(staged.instruction, staged.input_text, staged.selected_texts)
+        pieces = fuser.fuse_stream(
+            staged.instruction, staged.input_text, staged.selected_texts, staged.request.max_tokens
+        )
         started = False
         try:
             while True:

@@ -236,7 +236,7 @@ def chart(report: dict[str, Any], path: Path, title: str = "Exact match by skill
     width = 0.8 / max(1, len(rows))
     # tab20 keeps up to 20 methods apart (the default cycle repeats after 10: a member and the oracle
     # came out the same blue); members get the light shades, the ensemble's methods the dark ones.
-    palette = plt.get_cmap("tab20").colors
+    palette = [plt.get_cmap("tab20")(i) for i in range(20)]
     members = [r for r in rows if r.startswith("member ")]
     for k, r in enumerate(rows):
         values = [report["scores"][c][r]["exact_match"] if c in report["scores"] else 0.0 for c in cols]

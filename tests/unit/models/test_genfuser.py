@@ -112,3 +112,16 @@ def test_skinny_products_leave_the_text_unchanged(wide_checkpoint: str) -> None:
     finally:
         fast.close()
         plain.close()
+
+
+async def test_a_request_limit_lowers_the_fusers_own(fusers: dict[bool, GenFuser]) -> None:
+    fuser = fusers[True]
+    instruction, input_text, candidates = CASES[0]
+    free = fuser.fuse_sync(instruction, input_text, candidates)
+    count = len(fuser.tokenizer(free, add_special_tokens=False)["input_ids"])
+    assert count > 3, free  # random weights run on; the bound below must bite
+    short = await fuser.fuse(instruction, input_text, candidates, max_new_tokens=3)
+    assert len(fuser.tokenizer(short, add_special_tokens=False)["input_ids"]) <= 3
+    assert short != free  # (beam search at another length may pick other beams: no prefix to compare)
+    # A limit above the fuser's own changes nothing.
+    assert await fuser.fuse(instruction, input_text, candidates, max_new_tokens=10_000) == free

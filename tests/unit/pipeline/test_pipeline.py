@@ -202,6 +202,15 @@ async def test_adaptive_fusion_skips_when_the_top_candidate_leads(margin: float,
     assert not resp.fused and sample(p.metrics, "gateway_fusion_skipped_total", ensemble="never", reason="never") == 1
 
 
+async def test_the_requests_max_tokens_bounds_the_fuser() -> None:
+    fuser = JoinFuser()
+    p = pipeline(three(), fuser=fuser)
+    await p.answer(GenerateRequest(prompt="q", max_tokens=5))
+    await p.answer(GenerateRequest(prompt="q"))
+    stream = await p.answer_stream(GenerateRequest(prompt="q", max_tokens=7))
+    assert [x async for x in stream.pieces()] and fuser.limits == [5, None, 7]
+
+
 async def test_adaptive_fusion_skips_when_the_members_agree() -> None:
     fuser = JoinFuser()
     agree = [FakeMember("a", "yes"), FakeMember("b", "yes "), FakeMember("c", "yes")]
