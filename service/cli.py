@@ -113,11 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from service.quality.train import train_all
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    report = train_all(Path(args.dir), small=args.small, force=args.force)
+    report = train_all(Path(args.dir), small=args.small, force=args.force, threads=args.threads)
     print(json.dumps(asdict(report), indent=1))
     return 0
 
@@ -208,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--threads",
         type=int,
-        default=2,
+        default=2,  # service.quality.train.THREADS, not imported here: the CLI loads torch only when it runs
         help="torch threads (default 2, fixed so that a rerun reproduces the checkpoints: float sums, and so "
         "the trained weights, depend on the thread count)",
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -57,8 +56,8 @@ class Observation:
     def margin(self) -> float | None:
         """The lead adaptive fusion compares with its margin (``fusion_lead``: over the best candidate
         that says something else; inf when all agree, None without scores or candidates)."""
-        if len(self.candidates) < 2:
-            return None if not self.candidates else math.inf
+        if not self.candidates:
+            return None
         return fusion_lead([c.score for c in self.candidates], [c.text for c in self.candidates])
 
 

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 # Bump when the training code changes what a recipe produces.
 RECIPE_VERSION = 1
 STAMP = ".quality-stamp"
+# Float sums, and so the trained weights, depend on torch's thread count: training runs on this many
+# threads unless told otherwise, so that a rerun on another machine reproduces the checkpoints.
+THREADS = 2
 MANIFEST = "manifest.json"  # at the root: versions and every step's stamp, written when all are current
 CANDIDATES = "candidates"
 
@@ -274,13 +277,23 @@ def read_manifest(root: Path) -> dict[str, object] | None:
     return data
 
 
-def train_all(root: Path, recipe: Recipe | None = None, small: bool = False, force: bool = False) -> Report:
-    """Train (or keep, where stamps match) every checkpoint of ``recipe`` under ``root``.
+def train_all(
+    root: Path, recipe: Recipe | None = None, small: bool = False, force: bool = False, threads: int = THREADS
+) -> Report:
+    """Train (or keep, where stamps match) every checkpoint of ``recipe`` under ``root``, on
+    ``threads`` torch threads (the caller's setting is restored afterwards).
 
-    ``small``: a few steps of everything (the CI's test tier). The caller chooses the thread count
-    (``torch.set_num_threads``).
+    ``small``: a few steps of everything (the CI's test tier).
     """
-    recipe = recipe or default_recipe()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train_all(root, recipe or default_recipe(), small, force)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
     if small:
         recipe = recipe.scaled(0.03)
     root.mkdir(parents=True, exist_ok=True)
@@ -332,24 +345,3 @@ def train_all(root: Path, recipe: Recipe | None = None, small: bool = False, for
     steps.run("genfuser", {"fuser": asdict(recipe.fuser)}, [CANDIDATES, "pairrm"], build_fuser)
     _write_manifest(root, small, steps)
     return steps.report
-
-
-def main() -> None:
-    """``python -m service.quality.train ROOT [--small] [--force] [--threads N]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--small", action="store_true", help="a few steps of each model (CI)")
-    parser.add_argument("--force", action="store_true", help="retrain even where stamps match")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = train_all(args.root, small=args.small, force=args.force)
-    print(json.dumps(asdict(report), indent=2))
-
-
-if __name__ == "__main__":
-    main()
