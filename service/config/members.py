@@ -56,6 +56,11 @@ class MemberConfig(Strict):
     system_prompt: str | None = Field(None, description="System message prepended for this member.")
     sampling: Sampling = Field(default_factory=Sampling, description="This member's sampling defaults.")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-call timeout for this member.")
+    extensions: Literal["pass", "drop"] = Field(
+        "pass",
+        description="vLLM's sampling extensions in a client's request (top_k, min_p, ignore_eos, ...): `pass` "
+        "sends them on (vLLM takes them); `drop` leaves them out, for a server that refuses unknown fields.",
+    )
     api_key_env: str | None = Field(None, description="Env var holding this member's API key.")
 
     @model_validator(mode="after")

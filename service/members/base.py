@@ -19,6 +19,8 @@ class MemberRequest:
     temperature: float
     top_p: float
     seed: int | None = None
+    # vLLM's sampling extensions the client sent (top_k, min_p, ignore_eos, ...), as body fields.
+    extensions: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,8 @@ class OpenAIMember:
         }
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.extensions and self.config.extensions == "pass":
+            body.update(request.extensions)
         return body
 
     def _messages(self, request: MemberRequest) -> list[dict[str, str]]:

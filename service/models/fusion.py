@@ -35,6 +35,11 @@ class Fuser(Protocol):
         """The same text as ``fuse``, in pieces as soon as each is final."""
         ...
 
+    async def count_tokens(self, text: str) -> int | None:
+        """``text``'s tokens by the fuser's own tokenizer (a fused answer's usage), off the event
+        loop; None where the fuser cannot tell."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -80,9 +85,21 @@ class LLMFuser:
             }
         )
         self._endpoint = OpenAIMember(endpoint, base_url, client, gate)
+        self._client = client
+        # vLLM serves /tokenize beside /v1; other servers may not (then the count is None).
+        self._tokenize_url = base_url.rstrip("/").removesuffix("/v1") + "/tokenize"
 
     def close(self) -> None:
         pass
+
+    async def count_tokens(self, text: str) -> int | None:
+        body = {"model": self.config.model, "prompt": text, "add_special_tokens": False}
+        try:
+            r = await self._client.post(self._tokenize_url, json=body, timeout=self.config.timeout_s)
+            count = r.json().get("count") if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return count if isinstance(count, int) else None
 
     async def fuse(
         self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None

@@ -165,10 +165,31 @@ class GenFuser:
             else:
                 logger.info("fuser %s: transformers' generate, no lean decode (%s)", name, reason)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fuser-{name}")
+        # Counting an answer's tokens must not queue behind beam searches on the fuser's thread, nor
+        # share its tokenizer (which sets truncation per call: a Rust tokenizer used from two
+        # threads while one changes its settings raises "Already borrowed"): a copy that never truncates.
+        self._counter = self._counting_tokenizer()
         logger.info("fuser %s loaded in %.1fs", name, time.perf_counter() - start)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _counting_tokenizer(self) -> Any:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer
+
+        counter = Tokenizer.from_str(backend.to_str())
+        counter.no_truncation()
+        counter.no_padding()
+        return counter
+
+    async def count_tokens(self, text: str) -> int | None:
+        if self._counter is None:
+            return None
+        encoding = await asyncio.to_thread(self._counter.encode, text, add_special_tokens=False)
+        return len(encoding.ids)
 
     async def fuse(
         self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None

@@ -34,6 +34,8 @@ from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+COUNT_TIMEOUT_S = 2.0  # counting a fused answer's tokens (a tokenizer call, or an LLM fuser's /tokenize)
+
 
 @contextlib.contextmanager
 def _ended_on_error(tracker: Tracker) -> Iterator[None]:
@@ -74,7 +76,7 @@ class AnswerStream:
             async for piece in self._pipeline.fuse_stream(self._staged):
                 parts.append(piece)
                 yield piece
-            self.response = self._pipeline.respond(self._staged, "".join(parts))
+            self.response = await self._pipeline.respond(self._staged, "".join(parts))
         except GatewayError as e:
             status = e.status
             e.counted = True
@@ -133,7 +135,7 @@ class Pipeline:
         tracker = self._track(request)
         with _ended_on_error(tracker):
             staged = await self._admit_and_stage(request, tracker)
-            response = self.respond(staged, await self._fuse(staged))
+            response = await self.respond(staged, await self._fuse(staged))
         tracker.end(200)
         return response
 
@@ -212,6 +214,7 @@ class Pipeline:
         self, ens: EnsembleConfig, request: GenerateRequest, instruction: str
     ) -> dict[str, MemberRequest]:
         messages = member_messages(request, instruction)
+        extensions = request.sampling_extensions.wire() if request.sampling_extensions is not None else None
         out: dict[str, MemberRequest] = {}
         for name in ens.members:
             sampling = self.config.member(name).sampling
@@ -221,6 +224,7 @@ class Pipeline:
                 temperature=request.temperature if request.temperature is not None else sampling.temperature,
                 top_p=request.top_p if request.top_p is not None else sampling.top_p,
                 seed=request.seed if request.seed is not None else sampling.seed,
+                extensions=extensions,
             )
         return out
 
@@ -242,11 +246,11 @@ class Pipeline:
         start = time.perf_counter()
         check_limits(request, self.config.limits)
         deadline_at = time.monotonic() + self.deadline_s(ens, request)
-        top_k = request.top_k or ens.top_k
-        if request.top_k is not None and request.top_k > len(ens.members):
+        asked, field = request.candidates_fused
+        top_k = asked or ens.top_k
+        if asked is not None and asked > len(ens.members):
             raise RequestError(
-                f"top_k={request.top_k} exceeds the {len(ens.members)} members of ensemble {name!r}",
-                param="top_k",
+                f"{field}={asked} exceeds the {len(ens.members)} members of ensemble {name!r}", param=field
             )
         instruction = request.instruction if request.instruction is not None else ens.instruction
         fan_out_until = time.monotonic() + (deadline_at - time.monotonic()) * ens.members_share
@@ -385,5 +389,22 @@ class Pipeline:
                 await close()
         self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
 
-    def respond(self, staged: Staged, output: str) -> GenerateResponse:
-        return respond(staged, output, self.metrics, self.status, self.config.logging.log_prompts)
+    async def respond(self, staged: Staged, output: str) -> GenerateResponse:
+        """The response, its usage counting ``output``'s tokens as the completion."""
+        tokens = await self._answer_tokens(staged, output)
+        return respond(staged, output, tokens, self.metrics, self.status, self.config.logging.log_prompts)
+
+    @staticmethod
+    async def _answer_tokens(staged: Staged, output: str) -> int:
+        """The answer's tokens: the top candidate's own count, or for a fused text the fuser's
+        count (whitespace-separated words where the fuser cannot count)."""
+        fuser = staged.fuser
+        if fuser is None:
+            return staged.completions[staged.order[0]].completion_tokens
+        try:
+            async with asyncio.timeout(COUNT_TIMEOUT_S):
+                counted = await fuser.count_tokens(output)
+        except Exception as e:
+            logger.warning("fuser %s could not count the answer's tokens: %s: %s", fuser.name, type(e).__name__, e)
+            counted = None
+        return counted if counted is not None else len(output.split())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from service.members.base import Completion
 from service.models.fusion import Fuser
-from service.protocol import Candidate, FailedMember, GenerateRequest, GenerateResponse, Timings, Usage
+from service.protocol import Candidate, FailedMember, GenerateRequest, GenerateResponse, Timings, TokenCounts, Usage
 from service.telemetry.book import StatusBook
 from service.telemetry.metrics import Metrics
 
@@ -55,8 +55,11 @@ class Staged:
         return "stop"
 
 
-def respond(staged: Staged, output: str, metrics: Metrics, status: StatusBook, log_prompts: bool) -> GenerateResponse:
-    """The response, and the per-member ranking metrics and status-page record of an answered request."""
+def respond(
+    staged: Staged, output: str, output_tokens: int, metrics: Metrics, status: StatusBook, log_prompts: bool
+) -> GenerateResponse:
+    """The response, and the per-member ranking metrics and status-page record of an answered request.
+    ``output_tokens``: the answer's tokens, the completion a client accounts for."""
     t_end = time.perf_counter()
     members = staged.members
     for member in members:
@@ -66,7 +69,6 @@ def respond(staged: Staged, output: str, metrics: Metrics, status: StatusBook, l
         metrics.selected.labels(staged.name, members[i]).inc()
     completions = staged.completions
     prompt_tokens = sum(c.prompt_tokens for c in completions)
-    completion_tokens = sum(c.completion_tokens for c in completions)
     candidates = None
     if staged.request.return_candidates:
         candidates = [
@@ -122,7 +124,11 @@ def respond(staged: Staged, output: str, metrics: Metrics, status: StatusBook, l
         ),
         usage=Usage(
             prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens=output_tokens,
+            total_tokens=prompt_tokens + output_tokens,
+            members={
+                member: TokenCounts(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+                for member, c in zip(members, completions, strict=True)
+            },
         ),
     ).finished(staged.finish_reason)

@@ -25,6 +25,32 @@ class ChatMessage(Wire):
     content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+class SamplingExtensions(Wire):
+    """vLLM's sampling extensions (fields of its ``SamplingParams`` beyond OpenAI's), as vLLM's own
+    clients send them. The gateway passes them to every member (``MemberConfig.extensions``); the
+    ranker and GenFuser do not sample, so they do not apply there."""
+
+    top_k: int | None = Field(None, ge=-1, description="Top-k sampling (0 or -1: off).")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p sampling.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(None, ge=0, le=32768, description="Tokens to generate before EOS may end.")
+    ignore_eos: bool | None = Field(None, description="Generate up to max_tokens, past EOS.")
+    stop_token_ids: list[int] | None = Field(
+        None, max_length=256, description="Token ids that end generation (each member's own tokenizer)."
+    )
+    bad_words: list[str] | None = Field(None, max_length=256, description="Words never generated.")
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="Keep only the prompt's last tokens.")
+
+    def wire(self) -> dict[str, object]:
+        """The fields set, as a member's request body takes them."""
+        return self.model_dump(exclude_none=True)
+
+
+SAMPLING_EXTENSIONS = tuple(SamplingExtensions.model_fields)
+
+
 class GenerateRequest(Wire):
     """POST /generate. Give ``prompt`` or ``messages``, not both.
 
@@ -48,7 +74,13 @@ class GenerateRequest(Wire):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
+    fuse_top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
+    top_k: int | None = Field(
+        None, ge=1, description="The older name of `fuse_top_k` (on /generate only: the OpenAI API's `top_k` samples)."
+    )
+    sampling_extensions: SamplingExtensions | None = Field(
+        None, description="vLLM's sampling extensions (top_k sampling, min_p, ...), passed to the members."
+    )
     return_candidates: bool = Field(False, description="Include every candidate in the response.")
     fusion: Literal["always", "adaptive", "never"] | None = Field(
         None, description="This request's fusion policy instead of the ensemble's (e.g. `always` for an eval)."
@@ -77,7 +109,16 @@ class GenerateRequest(Wire):
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.top_k is not None and self.fuse_top_k is not None and self.top_k != self.fuse_top_k:
+            raise ValueError("`top_k` is the older name of `fuse_top_k`: give one")
         return self
+
+    @property
+    def candidates_fused(self) -> tuple[int | None, str]:
+        """The request's own count of candidates to fuse (None: the ensemble's), and the field that set it."""
+        if self.fuse_top_k is not None:
+            return self.fuse_top_k, "fuse_top_k"
+        return self.top_k, "top_k"
 
     @property
     def ensemble_param(self) -> str:
@@ -110,10 +151,22 @@ class Timings(Wire):
     total: float
 
 
+class TokenCounts(Wire):
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class Usage(Wire):
-    prompt_tokens: int = Field(description="Summed over members.")
-    completion_tokens: int = Field(description="Summed over members.")
+    """Tokens as a client accounts for them: the answer it receives is the completion."""
+
+    prompt_tokens: int = Field(description="Summed over the members (each read the prompt).")
+    completion_tokens: int = Field(
+        description="The answer's tokens: the fused text's (by the fuser's tokenizer), else the top candidate's."
+    )
     total_tokens: int
+    members: dict[str, TokenCounts] = Field(
+        default_factory=dict, description="Each answering member's own counts (its server's usage)."
+    )
 
 
 class GenerateResponse(Wire):

@@ -10,12 +10,23 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
     field_serializer,
     model_serializer,
 )
 
 from service.errors import RequestError
-from service.protocol.generate import MAX_MESSAGES, MAX_PROMPT_CHARS, ChatMessage, GenerateRequest, Usage, Wire
+from service.protocol.generate import (
+    MAX_MESSAGES,
+    MAX_PROMPT_CHARS,
+    SAMPLING_EXTENSIONS,
+    ChatMessage,
+    GenerateRequest,
+    GenerateResponse,
+    SamplingExtensions,
+    Usage,
+    Wire,
+)
 
 # --- OpenAI-compatible surface ----------------------------------------------------------------
 
@@ -60,11 +71,26 @@ class StreamOptions(Wire):
     include_usage: bool = False
 
 
+class EnsembleOptions(Wire):
+    """The ensemble's own knobs on the OpenAI API, in one extension object (``ensemble``) whose
+    names cannot collide with OpenAI's or vLLM's request fields."""
+
+    fuse_top_k: int | None = Field(None, ge=1, description="Candidates fused; at most the members.")
+    fusion: Literal["always", "adaptive", "never"] | None = Field(None, description="This request's fusion policy.")
+    return_candidates: bool = Field(
+        False, description="Add the evidence (candidates, scores, ranks, failures, timings) as `ensemble`."
+    )
+    instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Task instruction.")
+    deadline_s: float | None = Field(None, ge=1.0, le=3600, description="Answer within this many seconds.")
+
+
 class _OpenAIRequest(Wire):
-    """Fields shared by chat and text completions; ``model`` names an ensemble."""
+    """Fields shared by chat and text completions; ``model`` names an ensemble. vLLM's sampling
+    extensions (``top_k``, ``min_p``, ``ignore_eos``, ...) are accepted as vLLM takes them and passed
+    to the members; the ensemble's own knobs are in ``ensemble``."""
 
     model: str = Field(description="An ensemble name (see GET /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, le=32768, description="Per-member token limit.")
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="Per-member token limit; bounds the answer.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -76,26 +102,43 @@ class _OpenAIRequest(Wire):
     frequency_penalty: float | None = Field(None, description="Only 0.")
     logprobs: Any = Field(None, description="Not supported.")
     top_logprobs: Any = Field(None, description="Not supported.")
+    # vLLM's sampling extensions (SamplingExtensions' fields, validated there).
+    top_k: int | None = Field(None, description="vLLM extension: top-k sampling, passed to the members.")
+    min_p: float | None = Field(None, description="vLLM extension.")
+    repetition_penalty: float | None = Field(None, description="vLLM extension.")
+    min_tokens: int | None = Field(None, description="vLLM extension.")
+    ignore_eos: bool | None = Field(None, description="vLLM extension.")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extension.")
+    bad_words: list[str] | None = Field(None, description="vLLM extension.")
+    skip_special_tokens: bool | None = Field(None, description="vLLM extension.")
+    spaces_between_special_tokens: bool | None = Field(None, description="vLLM extension.")
+    truncate_prompt_tokens: int | None = Field(None, description="vLLM extension.")
     # Extensions of this gateway.
-    top_k: int | None = Field(None, ge=1, description="Extension: candidates fused.")
-    instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Extension: task instruction.")
+    ensemble: EnsembleOptions | None = Field(None, description="Extension: the ensemble's own knobs.")
+    instruction: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="Extension: task instruction (also `ensemble.instruction`)."
+    )
     deadline_s: float | None = Field(
-        None, ge=1.0, le=3600, description="Extension: answer within this many seconds (at least 1)."
+        None, ge=1.0, le=3600, description="Extension: answer within this many seconds (also `ensemble.deadline_s`)."
     )
 
     def _generate(self, **fields: Any) -> GenerateRequest:
         field = self.unsupported()
         if field is not None:
             raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
+        opts = self.ensemble or EnsembleOptions()
         request = GenerateRequest(
             ensemble=self.model,
-            instruction=self.instruction,
+            instruction=opts.instruction if opts.instruction is not None else self.instruction,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
-            top_k=self.top_k,
-            deadline_s=self.deadline_s,
+            fuse_top_k=opts.fuse_top_k,
+            fusion=opts.fusion,
+            return_candidates=opts.return_candidates,
+            deadline_s=opts.deadline_s if opts.deadline_s is not None else self.deadline_s,
             stream=self.stream,
+            sampling_extensions=sampling_extensions(self),
             **fields,
         )
         return request.named_by("model")
@@ -172,6 +215,25 @@ class CompletionRequest(_OpenAIRequest):
         return self._generate(prompt=prompt, max_tokens=self.max_tokens)
 
 
+def sampling_extensions(body: BaseModel) -> SamplingExtensions | None:
+    """vLLM's extensions set on a request body, validated (a bad value is a 400 naming its field)."""
+    values = {f: getattr(body, f) for f in SAMPLING_EXTENSIONS if getattr(body, f, None) is not None}
+    if not values:
+        return None
+    try:
+        return SamplingExtensions.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise RequestError(f"{param}: {first['msg']}", param=param, code="invalid_request") from e
+
+
+def evidence(response: GenerateResponse) -> dict[str, Any]:
+    """What ``ensemble.return_candidates`` adds to an OpenAI-shaped response as ``ensemble``: the
+    /generate response's evidence (candidates, selection, failures, timings)."""
+    return response.model_dump(exclude_none=True, exclude={"id", "output", "usage", "ensemble"})
+
+
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -184,7 +246,22 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class _DropsUnset(BaseModel):
+    """A response whose optional extras (``usage`` of a chunk, the ``ensemble`` evidence) are left
+    out when unset, as OpenAI leaves out what it did not send; other nulls stay."""
+
+    ensemble: dict[str, Any] | None = Field(None, description="With `ensemble.return_candidates`: the evidence.")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in ("usage", "ensemble"):
+            if key in data and data[key] is None:
+                del data[key]
+        return data
+
+
+class ChatCompletionResponse(_DropsUnset):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -201,7 +278,7 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_DropsUnset):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -242,18 +319,11 @@ class ChatChunkChoice(BaseModel):
         return delta.model_dump(exclude_none=True)  # OpenAI's deltas carry only what changed
 
 
-class _Chunk(BaseModel):
+class _Chunk(_DropsUnset):
     id: str
     created: int
     model: str
     usage: Usage | None = Field(None, description="Only in the last chunk, with `stream_options.include_usage`.")
-
-    @model_serializer(mode="wrap")
-    def _drop_empty_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
-        return data
 
 
 class ChatCompletionChunk(_Chunk):

@@ -19,7 +19,7 @@ from service.config import GatewayConfig
 from service.errors import GatewayError, NotFoundError, RequestError
 from service.ops.launcher import Launcher
 from service.protocol import error_payload
-from service.serving.api import admin, generate, health, openai, status
+from service.serving.api import admin, generate, health, openai, responses, status
 from service.serving.build import Components
 from service.serving.middleware import EdgeMiddleware
 from service.serving.runtime import Runtime
@@ -28,7 +28,7 @@ from service.telemetry.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
-ENSEMBLE_PATHS = ("/generate", "/v1/chat/completions", "/v1/completions")
+ENSEMBLE_PATHS = ("/generate", "/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -127,6 +127,7 @@ def create_app(
     app.include_router(generate.router)
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(admin.router)
     app.include_router(status.router)
     return app

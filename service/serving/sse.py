@@ -10,6 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -33,6 +34,11 @@ def sse(data: BaseModel | dict[str, object] | str) -> str:
     return f"data: {payload}\n\n"
 
 
+def sse_event(data: dict[str, Any]) -> str:
+    """A named event (``event:`` is its ``type``), as the Responses API streams them."""
+    return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
 def now() -> int:
     return int(time.time())
 
@@ -50,6 +56,11 @@ class _AnswerResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._stream.abandon()  # a no-op when the stream already ended
+
+
+def event_response(events: AsyncIterator[str], stream: AnswerStream) -> StreamingResponse:
+    """Any SSE body over an answer stream, with the stream told when the response ends."""
+    return _AnswerResponse(events, stream)
 
 
 def answer_events(

@@ -47,7 +47,9 @@ def test_chunks_carry_only_what_changed() -> None:
         "prompt_tokens": 1,
         "completion_tokens": 2,
         "total_tokens": 3,
+        "members": {},
     }
+    assert "ensemble" not in data  # the evidence only where asked for
 
 
 def test_openai_requests_name_the_ensemble_by_model() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +25,7 @@ from service.protocol import (
     GenerateResponse,
     ModelCard,
     ModelList,
+    evidence,
 )
 from service.serving.api.deps import PipelineDep
 from service.serving.sse import answer_events, now
@@ -41,15 +43,25 @@ async def list_models(request: Request) -> ModelList:
 Chunk = ChatCompletionChunk | CompletionChunk
 
 
-def _usage_chunks(
+def _evidence(body: ChatCompletionRequest | CompletionRequest, r: GenerateResponse) -> dict[str, Any] | None:
+    """The ensemble's evidence, when the request asked for it (``ensemble.return_candidates``)."""
+    return evidence(r) if body.ensemble is not None and body.ensemble.return_candidates else None
+
+
+def _closing_chunks(
     body: ChatCompletionRequest | CompletionRequest, last: Chunk
 ) -> Callable[[GenerateResponse], list[Chunk]]:
-    """With ``stream_options.include_usage``: one more chunk, no choices, the usage."""
+    """After the finishing chunk: with ``ensemble.return_candidates``, one chunk (no choices) with
+    the evidence; with ``stream_options.include_usage``, OpenAI's usage chunk (no choices)."""
 
     def make(response: GenerateResponse) -> list[Chunk]:
-        if body.stream_options is None or not body.stream_options.include_usage:
-            return []
-        return [last.model_copy(update={"choices": [], "usage": response.usage})]
+        out: list[Chunk] = []
+        proof = _evidence(body, response)
+        if proof is not None:
+            out.append(last.model_copy(update={"choices": [], "ensemble": proof}))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            out.append(last.model_copy(update={"choices": [], "usage": response.usage}))
+        return out
 
     return make
 
@@ -66,7 +78,12 @@ async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -
         r = await pipeline.answer(request)
         choice = ChatChoice(message=ChatChoiceMessage(content=r.output), finish_reason=r.finish_reason)
         plain = ChatCompletionResponse(
-            id=_id("chatcmpl-", r.id), created=now(), model=r.ensemble, choices=[choice], usage=r.usage
+            id=_id("chatcmpl-", r.id),
+            created=now(),
+            model=r.ensemble,
+            choices=[choice],
+            usage=r.usage,
+            ensemble=_evidence(body, r),
         )
         return JSONResponse(plain.model_dump())
     stream = await pipeline.answer_stream(request)
@@ -80,7 +97,7 @@ async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -
         return ChatCompletionChunk(id=cid, created=created, model=stream.ensemble, choices=[choice])
 
     return answer_events(
-        stream, first=chunk("", None, role=True), chunk=chunk, after=_usage_chunks(body, chunk("", None))
+        stream, first=chunk("", None, role=True), chunk=chunk, after=_closing_chunks(body, chunk("", None))
     )
 
 
@@ -96,7 +113,12 @@ async def completions(body: CompletionRequest, pipeline: PipelineDep) -> JSONRes
         r = await pipeline.answer(request)
         choice = CompletionChoice(text=r.output, finish_reason=r.finish_reason)
         plain = CompletionResponse(
-            id=_id("cmpl-", r.id), created=now(), model=r.ensemble, choices=[choice], usage=r.usage
+            id=_id("cmpl-", r.id),
+            created=now(),
+            model=r.ensemble,
+            choices=[choice],
+            usage=r.usage,
+            ensemble=_evidence(body, r),
         )
         return JSONResponse(plain.model_dump())
     stream = await pipeline.answer_stream(request)
@@ -106,7 +128,7 @@ async def completions(body: CompletionRequest, pipeline: PipelineDep) -> JSONRes
         choice = CompletionChunkChoice(text=piece, finish_reason=finish)
         return CompletionChunk(id=cid, created=created, model=stream.ensemble, choices=[choice])
 
-    return answer_events(stream, chunk=chunk, after=_usage_chunks(body, chunk("", None)))
+    return answer_events(stream, chunk=chunk, after=_closing_chunks(body, chunk("", None)))
 
 
 def _id(prefix: str, answer_id: str) -> str:

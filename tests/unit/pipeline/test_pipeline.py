@@ -35,7 +35,15 @@ async def test_rank_select_fuse() -> None:
     assert [c.member for c in resp.candidates or []] == ["b", "c", "a"]
     assert [c.rank for c in resp.candidates or []] == [1, 2, 3]
     assert resp.failed_members == []
-    assert resp.usage.prompt_tokens == 15 and resp.usage.total_tokens == 15 + 3
+    # The completion is the answer the client receives (JoinFuser counts a token per character),
+    # the members' own counts are the breakdown.
+    u = resp.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (15, len("bbbb | ccc"), 15 + 10)
+    assert {m: (c.prompt_tokens, c.completion_tokens) for m, c in u.members.items()} == {
+        "a": (5, 1),
+        "b": (5, 1),
+        "c": (5, 1),
+    }
     t = resp.timings_ms
     assert t.total >= t.members + t.rank + t.fuse - 0.01
 

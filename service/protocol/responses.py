@@ -1,0 +1,278 @@
+"""The Responses API's wire models (``POST /v1/responses``, OpenAI's current API): the request, the
+response object, and its stream's events. The request converts to the pipeline's ``GenerateRequest``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.errors import RequestError
+from service.protocol.generate import (
+    MAX_MESSAGES,
+    MAX_PROMPT_CHARS,
+    ChatMessage,
+    GenerateRequest,
+    GenerateResponse,
+    Wire,
+)
+from service.protocol.openai import EnsembleOptions, evidence
+
+# Part types of an input message that carry text; any other (images, files, audio) is a 400.
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class ResponsesRequest(Wire):
+    """POST /v1/responses. Fields an ensemble cannot honour are refused with a 400 naming them;
+    harmless ones (``store``, ``metadata``, ``user``, caching hints) are accepted. Nothing is stored:
+    ``previous_response_id`` cannot be followed."""
+
+    model: str = Field(description="An ensemble name (see GET /v1/models).")
+    input: str | list[dict[str, Any]] = Field(description="Text, or a list of messages (`role`, `content`).")
+    instructions: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="A system message, first.")
+    max_output_tokens: int | None = Field(None, ge=1, le=32768, description="Bounds every member and the answer.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
+    metadata: dict[str, str] | None = Field(None, description="Echoed in the response.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted; nothing is stored.")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_retention: str | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    truncation: Literal["auto", "disabled"] | None = Field(None, description="Accepted; prompts are never cut.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted (there are no tools).")
+    max_tool_calls: int | None = Field(None, description="Accepted (there are no tools).")
+    text: dict[str, Any] | None = Field(None, description='Only `{"format": {"type": "text"}}`.')
+    include: list[str] | None = Field(None, description="Only empty.")
+    tools: list[Any] | None = Field(None, description="Only empty: an ensemble calls no tools.")
+    tool_choice: Any = Field(None, description="Only `none` or `auto` (there are no tools).")
+    previous_response_id: str | None = Field(None, description="Not supported: nothing is stored.")
+    conversation: Any = Field(None, description="Not supported: nothing is stored.")
+    prompt: Any = Field(None, description="Not supported: stored prompt templates.")
+    background: bool | None = Field(None, description="Only false.")
+    reasoning: Any = Field(None, description="Not supported.")
+    top_logprobs: int | None = Field(None, description="Only 0.")
+    # Extension of this gateway.
+    ensemble: EnsembleOptions | None = Field(None, description="Extension: the ensemble's own knobs.")
+
+    def unsupported(self) -> str | None:
+        """The first field set that the ensemble cannot honour, if any."""
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice"
+        for f in ("previous_response_id", "conversation", "prompt", "reasoning"):
+            if getattr(self, f) is not None:
+                return f
+        if self.background:
+            return "background"
+        if self.include:
+            return "include"
+        if self.top_logprobs not in (None, 0):
+            return "top_logprobs"
+        if self.text is not None and (
+            set(self.text) - {"format", "verbosity"} or self.text.get("format", {}).get("type", "text") != "text"
+        ):
+            return "text"
+        return None
+
+    def messages(self) -> list[ChatMessage]:
+        """The conversation: ``instructions`` as a system message, then the input."""
+        out = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*out, ChatMessage(role="user", content=self.input)]
+        if not self.input:
+            raise RequestError("input: give at least one message", param="input")
+        if len(self.input) > MAX_MESSAGES:
+            raise RequestError(f"input: at most {MAX_MESSAGES} messages", param="input")
+        for i, item in enumerate(self.input):
+            out.append(_message(item, f"input.{i}"))
+        return out
+
+    def to_generate(self) -> GenerateRequest:
+        """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
+        field = self.unsupported()
+        if field is not None:
+            raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
+        opts = self.ensemble or EnsembleOptions()
+        request = GenerateRequest(
+            messages=self.messages(),
+            ensemble=self.model,
+            instruction=opts.instruction,
+            max_tokens=self.max_output_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            fuse_top_k=opts.fuse_top_k,
+            fusion=opts.fusion,
+            return_candidates=opts.return_candidates,
+            deadline_s=opts.deadline_s,
+            stream=self.stream,
+        )
+        return request.named_by("model")
+
+
+def _message(item: dict[str, Any], where: str) -> ChatMessage:
+    """One input item as a chat message: an easy message (``role``, ``content``) or a ``message``
+    item; other item types (tool calls and their outputs, reasoning) are refused."""
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise RequestError(f"{where}: input items of type {kind!r} are not supported", param=where)
+    role = item.get("role")
+    if role not in ("user", "system", "developer", "assistant"):
+        raise RequestError(f"{where}.role: one of user, system, developer, assistant", param=f"{where}.role")
+    content = item.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") not in TEXT_PARTS
+                or not isinstance(part.get("text"), str)
+            ):
+                what = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(
+                    f"{where}.content.{j}: only text parts are supported, not {what!r}", param=f"{where}.content.{j}"
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise RequestError(f"{where}.content: text, or a list of text parts", param=f"{where}.content")
+    if len(content) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{where}.content: at most {MAX_PROMPT_CHARS} characters", param=f"{where}.content")
+    return ChatMessage(role="system" if role == "developer" else role, content=content)
+
+
+# --- the response object ----------------------------------------------------------------------
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
+    total_tokens: int
+    members: dict[str, Any] = Field(default_factory=dict, description="Each answering member's own counts.")
+
+
+class ResponseObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputMessage]
+    usage: ResponseUsage | None = None
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    parallel_tool_calls: bool = False
+    tool_choice: str = "none"
+    tools: list[Any] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    truncation: str = "disabled"
+    store: bool = False
+    previous_response_id: None = None
+    reasoning: None = None
+    background: bool = False
+    user: str | None = None
+    ensemble: dict[str, Any] | None = Field(None, description="With `ensemble.return_candidates`: the evidence.")
+
+    def wire(self) -> dict[str, Any]:
+        data = self.model_dump()
+        if data["ensemble"] is None:
+            del data["ensemble"]
+        return data
+
+
+class Responder:
+    """Builds one request's response objects and stream events (numbered in order)."""
+
+    def __init__(self, body: ResponsesRequest, answer_id: str, ensemble: str):
+        self.body = body
+        self.id = answer_id.replace("gen-", "resp_")
+        self.item_id = answer_id.replace("gen-", "msg_")
+        self.ensemble = ensemble
+        self.created_at = int(time.time())
+        self.sequence = 0
+
+    def response(
+        self,
+        status: str,
+        text: str | None = None,
+        r: GenerateResponse | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> ResponseObject:
+        b = self.body
+        output = [] if text is None else [self.message(text, "incomplete" if status == "incomplete" else "completed")]
+        usage = None
+        if r is not None:
+            u = r.usage
+            members = {k: v.model_dump() for k, v in u.members.items()}
+            usage = ResponseUsage(
+                input_tokens=u.prompt_tokens,
+                output_tokens=u.completion_tokens,
+                total_tokens=u.total_tokens,
+                members=members,
+            )
+        want_evidence = b.ensemble is not None and b.ensemble.return_candidates
+        return ResponseObject(
+            id=self.id,
+            created_at=self.created_at,
+            status=status,
+            model=self.ensemble,
+            output=output,
+            usage=usage,
+            error=error,
+            incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
+            instructions=b.instructions,
+            max_output_tokens=b.max_output_tokens,
+            temperature=b.temperature,
+            top_p=b.top_p,
+            metadata=b.metadata or {},
+            user=b.user,
+            ensemble=evidence(r) if want_evidence and r is not None else None,
+        )
+
+    def message(self, text: str, status: str) -> OutputMessage:
+        content = [] if status == "in_progress" else [OutputText(text=text)]
+        return OutputMessage(id=self.item_id, status=status, content=content)
+
+    def finished(self, r: GenerateResponse) -> ResponseObject:
+        status = "incomplete" if r.finish_reason == "length" else "completed"
+        return self.response(status, r.output, r)
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """One stream event: ``type``, its fields, and the next ``sequence_number``."""
+        out = {"type": kind, "sequence_number": self.sequence}
+        self.sequence += 1
+        for k, v in fields.items():
+            out[k] = v.wire() if isinstance(v, ResponseObject) else v.model_dump() if isinstance(v, BaseModel) else v
+        return out
+
+    def text_event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return self.event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
