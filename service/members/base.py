@@ -6,6 +6,7 @@ fan-out (``service.members.fanout``) calls it, and the unit tier's fakes impleme
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +21,7 @@ class MemberRequest:
     top_p: float
     seed: int | None = None
     # vLLM's sampling extensions the client sent (top_k, min_p, ignore_eos, ...), as body fields.
-    extensions: dict[str, object] | None = None
+    extensions: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,11 @@ class OpenAIMember:
             if key:
                 self._headers["Authorization"] = f"Bearer {key}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every call to this member's server carries (its API key, if any)."""
+        return self._headers
+
     async def prepare(self) -> None:
         """Make the member servable (e.g. load its adapter); raise ``MemberFailure`` if it cannot be."""
 

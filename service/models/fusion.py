@@ -95,7 +95,9 @@ class LLMFuser:
     async def count_tokens(self, text: str) -> int | None:
         body = {"model": self.config.model, "prompt": text, "add_special_tokens": False}
         try:
-            r = await self._client.post(self._tokenize_url, json=body, timeout=self.config.timeout_s)
+            r = await self._client.post(
+                self._tokenize_url, json=body, headers=self._endpoint.headers, timeout=self.config.timeout_s
+            )
             count = r.json().get("count") if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError, AttributeError):
             return None

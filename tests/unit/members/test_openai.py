@@ -116,3 +116,19 @@ async def test_an_upstream_body_stays_out_of_the_failure(caplog: pytest.LogCaptu
     assert "secret" not in str(e.value) and "500" in str(e.value) and e.value.kind == "http_5xx"
     assert e.value.upstream is not None and "secret" in e.value.for_operators()
     assert "secret internals" in caplog.text  # the log keeps it
+
+
+@pytest.mark.parametrize("mode", ["pass", "drop"])
+async def test_sampling_extensions_pass_or_drop(mode: str) -> None:
+    seen: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return chat_ok(request)
+
+    ext = {"top_k": 40, "ignore_eos": True, "min_p": 0.05}
+    req = MemberRequest(messages=REQ.messages, max_tokens=7, temperature=0.1, top_p=0.9, extensions=ext)
+    await member(handler, extensions=mode).generate(req)
+    sent = {k: seen[0][k] for k in ext if k in seen[0]}
+    assert sent == (ext if mode == "pass" else {})
+    assert seen[0]["max_tokens"] == 7  # OpenAI's own fields go either way

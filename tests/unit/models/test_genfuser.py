@@ -4,6 +4,7 @@ tests/integration/test_parity.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -125,3 +126,16 @@ async def test_a_request_limit_lowers_the_fusers_own(fusers: dict[bool, GenFuser
     assert short != free  # (beam search at another length may pick other beams: no prefix to compare)
     # A limit above the fuser's own changes nothing.
     assert await fuser.fuse(instruction, input_text, candidates, max_new_tokens=10_000) == free
+
+
+async def test_count_tokens_is_the_fusers_own_count_while_it_fuses(fusers: dict[bool, GenFuser]) -> None:
+    fuser = fusers[True]
+    instruction, input_text, candidates = CASES[0]
+    text = fuser.fuse_sync(instruction, input_text, candidates)
+    expected = len(fuser.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert expected > 3
+    # Counting runs beside a fusion in flight (its own tokenizer copy, not the fuser's thread).
+    fusing = asyncio.ensure_future(fuser.fuse(instruction, input_text, candidates))
+    counts = await asyncio.gather(*(fuser.count_tokens(text) for _ in range(8)))
+    assert counts == [expected] * 8
+    assert await fusing == text
