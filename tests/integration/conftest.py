@@ -21,6 +21,7 @@ import yaml
 from service.config import GatewayConfig, parse_config
 from service.models.tiny import make_tiny_models
 from service.ops.launcher import free_port
+from service.quality.train import read_manifest, train_all
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600
@@ -107,6 +108,22 @@ def serve(config_file: Path, tmp: Path) -> Iterator[Gateway]:
 def gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """The random-weight ensemble (config/tiny.yaml), served as `make demo` serves a config."""
     with serve(ROOT / "config" / "tiny.yaml", tmp_path_factory.mktemp("gateway")) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="session")
+def trained_models(tiny_models: Path) -> Path:
+    """The full recipe's checkpoints (`make models` trains them; here a no-op when their stamps match)."""
+    root = tiny_models / "trained"
+    train_all(root)
+    manifest = read_manifest(root)
+    assert manifest is not None and manifest["small"] is False
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo(trained_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with serve(ROOT / "config" / "demo.yaml", tmp_path_factory.mktemp("demo")) as gw:
         yield gw
 
 

@@ -8,34 +8,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from service.quality.train import read_manifest, train_all
-from tests.integration.conftest import ROOT, Gateway, serve
+from tests.integration.conftest import ROOT, Gateway
 
 pytestmark = pytest.mark.integration
 
 MEMBERS = {"base-a", "lora-sort", "lora-capital", "soft-reverse", "base-b"}
-
-
-@pytest.fixture(scope="session")
-def trained_models(tiny_models: Path) -> Path:
-    """The full recipe's checkpoints (`make models` trains them; here a no-op when their stamps match)."""
-    root = tiny_models / "trained"
-    train_all(root)
-    manifest = read_manifest(root)
-    assert manifest is not None and manifest["small"] is False
-    return root
-
-
-@pytest.fixture(scope="session")
-def demo(trained_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with serve(ROOT / "config" / "demo.yaml", tmp_path_factory.mktemp("demo")) as gw:
-        yield gw
 
 
 def test_readme_curl_members_disagree_and_the_ranker_is_right(demo: Gateway) -> None:
