@@ -12,7 +12,7 @@ from types import FrameType
 
 import uvicorn
 
-from service.config import load_config
+from service.config import load_config, package_version
 from service.errors import ConfigError, GatewayError
 from service.pipeline.admission import Admission
 from service.telemetry.logs import setup_logging
@@ -72,7 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if config.servers:
             launcher.start(config.servers, startup_lora_args(config))
-        app = create_app(config, launcher=launcher, config_path=Path(args.config), members_checked=True, host=args.host)
+        app = create_app(
+            config,
+            launcher=launcher,
+            config_path=Path(args.config),
+            members_checked=True,
+            host=args.host,
+            port=args.port,
+        )
         logger.info("serving on http://%s:%d", args.host, args.port)
         server_config = uvicorn.Config(
             app,
@@ -175,8 +182,16 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ensemble-gateway", description=__doc__)
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser = argparse.ArgumentParser(
+        prog="ensemble-gateway",
+        description="Several LLMs answering as one: fan a request out to member models (vLLM servers, LoRA "
+        "adapters, soft prompts), rank the candidates with PairRM, fuse the best with GenFuser. "
+        "`serve --config FILE` runs the gateway; the other commands check configurations, make and train "
+        "checkpoints, and evaluate ensembles.",
+        epilog="Each command has its own --help. Docs: README.md and docs/.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the configured servers, then serve the gateway")

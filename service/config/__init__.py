@@ -6,7 +6,7 @@ expands ``${VAR}`` / ``${VAR:-default}`` in its values after parsing. Environmen
 config points at (API keys) are read once, when the file is loaded or reloaded.
 """
 
-from service.config.base import Name, Strict
+from service.config.base import Name, Strict, package_version
 from service.config.gateway import EnsembleConfig, GatewayConfig
 from service.config.loading import expand_env, load_config, parse_config
 from service.config.members import MemberConfig, Sampling, ServerConfig
@@ -49,5 +49,6 @@ __all__ = [
     "Strict",
     "expand_env",
     "load_config",
+    "package_version",
     "parse_config",
 ]

@@ -12,3 +12,13 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def package_version() -> str:
+    """The installed ensemble-gateway's version (0.0.0 when run from an uninstalled tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ensemble-gateway")
+    except PackageNotFoundError:
+        return "0.0.0"

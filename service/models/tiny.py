@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import shutil
+import time
 import string
 from collections import Counter
 from pathlib import Path
@@ -362,10 +363,12 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
             logger.info("tiny model %s already at %s", name, out)
         else:
             logger.info("writing tiny model %s to %s", name, out)
+            start = time.perf_counter()
             if out.exists():
                 shutil.rmtree(out)
             out.mkdir(parents=True)
             build(out)
             marker.write_text(stamp)
+            logger.info("tiny model %s written in %.1fs", name, time.perf_counter() - start)
         written[name] = out
     return written

@@ -140,7 +140,8 @@ class Launcher:
                     code = srv.process.poll()
                     if code is not None:
                         raise LaunchError(
-                            f"server {name} exited with code {code} during start-up; last log lines:\n" + srv.log_tail()
+                            f"server {name} exited with code {code} during start-up after {time.monotonic() - srv.started:.0f}s; "
+                            f"its log is {srv.log_path}; last lines:\n" + srv.log_tail()
                         )
                     waited = time.monotonic() - srv.started
                     try:
@@ -152,7 +153,8 @@ class Launcher:
                         del pending[name]
                     elif waited > srv.config.startup_timeout_s:
                         raise LaunchError(
-                            f"server {name} not healthy after {waited:.0f}s; last log lines:\n" + srv.log_tail()
+                            f"server {name} not healthy after {waited:.0f}s; its log is {srv.log_path}; last lines:\n"
+                            + srv.log_tail()
                         )
                 if pending and time.monotonic() - last_report >= progress_every_s:
                     last_report = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.config import GatewayConfig
+from service.config import GatewayConfig, package_version
 from service.errors import GatewayError, NotFoundError, RequestError
 from service.ops.launcher import Launcher
 from service.protocol import error_payload
@@ -23,6 +24,7 @@ from service.serving.api import admin, generate, health, openai, responses, stat
 from service.serving.build import Components
 from service.serving.middleware import EdgeMiddleware
 from service.serving.runtime import Runtime
+from service.serving.summary import startup_summary
 from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -77,10 +79,12 @@ def create_app(
     config_path: Path | None = None,
     members_checked: bool = False,
     host: str | None = None,
+    port: int | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up.
     ``members_checked``: the caller ran ``check_members`` on this config already (``serve`` does,
-    before it starts any server). ``host``: the address it will listen on, for the start-up warnings."""
+    before it starts any server). ``host`` and ``port``: where it will listen, for the start-up
+    warnings and summary (printed to stderr once ready, when the port is known)."""
     metrics = Metrics()
 
     runtime = Runtime(
@@ -105,6 +109,11 @@ def create_app(
         for warning in runtime.warnings():
             logger.warning("WARNING: %s", warning)
         logger.info("pipeline ready in %.1fs: ensembles %s", time.perf_counter() - start, list(config.ensembles))
+        if port is not None:
+            health = await runtime.probe_members()
+            base_url = f"http://{host or '127.0.0.1'}:{port}"
+            summary = startup_summary(config, health, base_url, time.perf_counter() - start, package_version())
+            print(summary, file=sys.stderr, flush=True)
         hup = _install_sighup(runtime)
         try:
             yield
@@ -116,7 +125,7 @@ def create_app(
     app = FastAPI(
         title="ensemble-gateway",
         summary="Several LLMs answering as one: fan-out, PairRM ranking, GenFuser fusion.",
-        version=_version(),
+        version=package_version(),
         lifespan=lifespan,
     )
     app.state.runtime = runtime
@@ -157,12 +166,3 @@ def _install_sighup(runtime: Runtime) -> bool:
 
 
 _background: set[asyncio.Task[None]] = set()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ensemble-gateway")
-    except PackageNotFoundError:
-        return "0.0.0"
