@@ -21,8 +21,8 @@ import logging
 import math
 import random
 import shutil
-import time
 import string
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any

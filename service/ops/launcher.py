@@ -140,8 +140,9 @@ class Launcher:
                     code = srv.process.poll()
                     if code is not None:
                         raise LaunchError(
-                            f"server {name} exited with code {code} during start-up after {time.monotonic() - srv.started:.0f}s; "
-                            f"its log is {srv.log_path}; last lines:\n" + srv.log_tail()
+                            f"server {name} exited with code {code} during start-up after "
+                            f"{time.monotonic() - srv.started:.0f}s; its log is {srv.log_path}; last lines:\n"
+                            + srv.log_tail()
                         )
                     waited = time.monotonic() - srv.started
                     try:
