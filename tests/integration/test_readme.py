@@ -1,0 +1,138 @@
+"""The README runs: its curl and Python examples against the demo served as `make demo` serves it,
+and its YAML snippets through `ensemble-gateway check-config`, so that it cannot drift from the code.
+
+A YAML snippet is completed into a whole configuration the way a reader would use it: laid over
+the demo's own config (config/demo.yaml), its top-level keys replacing the demo's; a snippet with
+members but no ensembles gets one ensemble of all its members; the demo's servers go when the
+snippet brings members of its own. Paths that only exist on the reader's machine are replaced by
+the demo's trained checkpoints of the same role (a server's model by base A, a LoRA adapter by
+lora-sort, a soft prompt by soft-reverse), so that check-config's adapter checks run for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.config.loading import expand_env
+from tests.integration.conftest import ROOT, Gateway
+
+pytestmark = pytest.mark.integration
+
+README = (ROOT / "README.md").read_text()
+DEMO_PORT = "8000"  # the README's examples talk to `make demo` on its default port
+
+
+def fenced(text: str) -> list[tuple[str, str]]:
+    """The fenced code blocks of a Markdown text: (language, body), in order."""
+    out: list[tuple[str, str]] = []
+    lang: str | None = None
+    body: list[str] = []
+    indent = 0
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):  # a fence, perhaps indented inside a list item
+            if lang is None:
+                lang, body, indent = line.strip()[3:].strip(), [], len(line) - len(line.lstrip())
+            else:
+                out.append((lang, "\n".join(body) + "\n"))
+                lang = None
+        elif lang is not None:
+            body.append(line[indent:] if line[:indent].isspace() else line)
+    return out
+
+
+def blocks(lang: str) -> list[str]:
+    return [body for kind, body in fenced(README) if kind == lang]
+
+
+def curl_commands() -> list[str]:
+    """Every `curl` command in the README's code blocks (a command may continue over lines)."""
+    out = []
+    for block in blocks(""):
+        text = block.replace("\\\n", " ")
+        out += [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+    return out
+
+
+def at(url: str, text: str) -> str:
+    """The README's addresses of the demo (port 8000) pointed at the demo this test serves."""
+    host = url.removeprefix("http://")
+    return re.sub(rf"(localhost|127\.0\.0\.1):{DEMO_PORT}", host, text)
+
+
+def test_the_readme_has_examples_of_each_kind() -> None:
+    assert len(curl_commands()) >= 1 and len(blocks("python")) >= 2 and len(blocks("yaml")) >= 5
+
+
+def test_readme_curl_examples_answer(demo: Gateway) -> None:
+    for command in curl_commands():
+        done = subprocess.run(shlex.split(at(demo.url, command)), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr)
+        body = json.loads(done.stdout)
+        assert body.get("error") is None, (command, body)
+        assert body.get("output") or body.get("choices"), (command, body)
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_readme_python_examples_run(demo: Gateway, index: int, tmp_path: Path) -> None:
+    script = tmp_path / f"example{index}.py"
+    script.write_text(at(demo.url, blocks("python")[index]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip(), "an example that prints nothing shows nothing"
+
+
+def complete(snippet: dict[str, Any], trained: Path) -> dict[str, Any]:
+    """A snippet as a whole configuration (see the module's docstring)."""
+    demo = yaml.safe_load(expand_env((ROOT / "config" / "demo.yaml").read_text()))
+    config = {**demo, **snippet}
+    if "ensembles" in snippet and "default_ensemble" not in snippet:
+        config.pop("default_ensemble", None)
+    if "members" in snippet:
+        if "servers" not in snippet:
+            config.pop("servers", None)
+        if "ensembles" not in snippet:
+            config["ensembles"] = {"default": {"members": [m["name"] for m in snippet["members"]]}}
+            config["default_ensemble"] = "default"
+    for server in config.get("servers", []):
+        if not Path(server["model"]).exists():
+            server["model"] = str(trained / "base-a")
+    for member in config.get("members", []):
+        if member.get("adapter") and not Path(member["adapter"]).exists():
+            member["adapter"] = str(trained / ("soft-reverse" if member.get("kind") == "soft_prompt" else "lora-sort"))
+    return config
+
+
+@pytest.mark.parametrize("index", range(len(blocks("yaml"))))
+def test_readme_yaml_snippets_pass_check_config(trained_models: Path, index: int, tmp_path: Path) -> None:
+    snippet = yaml.safe_load(blocks("yaml")[index])
+    assert isinstance(snippet, dict), blocks("yaml")[index]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(complete(snippet, trained_models)))
+    exe = Path(sys.executable).with_name("ensemble-gateway")
+    env = {**os.environ, "TINY_MODELS": str(trained_models.parent)}
+    done = subprocess.run([str(exe), "check-config", str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, f"README yaml block {index}:\n{blocks('yaml')[index]}\n{done.stderr}"
+    assert done.stdout.startswith("ok: ")
+
+
+def test_a_broken_snippet_fails_check_config(trained_models: Path, tmp_path: Path) -> None:
+    """The check above can fail: a snippet whose ensemble names a member it does not define."""
+    snippet = {
+        "members": [{"name": "x", "endpoint": "http://h:1/v1", "model": "m"}],
+        "ensembles": {"e": {"members": ["y"]}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(complete(snippet, trained_models)))
+    exe = Path(sys.executable).with_name("ensemble-gateway")
+    done = subprocess.run([str(exe), "check-config", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "y" in done.stderr
