@@ -74,16 +74,18 @@ class ResponsesRequest(Wire):
             return "include"
         if self.top_logprobs not in (None, 0):
             return "top_logprobs"
-        if self.text is not None and (
-            set(self.text) - {"format", "verbosity"} or self.text.get("format", {}).get("type", "text") != "text"
-        ):
-            return "text"
+        if self.text is not None:
+            fmt = self.text.get("format", {"type": "text"})
+            if set(self.text) - {"format", "verbosity"} or not isinstance(fmt, dict) or fmt.get("type") != "text":
+                return "text"
         return None
 
     def messages(self) -> list[ChatMessage]:
         """The conversation: ``instructions`` as a system message, then the input."""
         out = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
         if isinstance(self.input, str):
+            if len(self.input) > MAX_PROMPT_CHARS:
+                raise RequestError(f"input: at most {MAX_PROMPT_CHARS} characters", param="input")
             return [*out, ChatMessage(role="user", content=self.input)]
         if not self.input:
             raise RequestError("input: give at least one message", param="input")
