@@ -241,7 +241,7 @@ class Pipeline:
         """Fan out and rank: everything before fusion. Raises the request's errors.
 
         A ranker that fails (or overruns the deadline) degrades the answer to the first
-        candidate that arrived; ``Staged.degraded`` says why.
+        answering member's candidate, in the ensemble's member order; ``Staged.degraded`` says why.
         """
         start = time.perf_counter()
         check_limits(request, self.config.limits)

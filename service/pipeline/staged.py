@@ -24,7 +24,7 @@ class Staged:
     request: GenerateRequest
     instruction: str
     input_text: str
-    members: list[str]  # of the candidates that arrived, in arrival-list order
+    members: list[str]  # of the candidates that arrived, in the ensemble's member order
     completions: list[Completion]
     failed: list[FailedMember]
     scores: list[float | None]
