@@ -21,3 +21,15 @@ def test_exposition_names() -> None:
     text = generate_latest(m.registry).decode()
     for name in ("gateway_member_latency_seconds_bucket", "gateway_fusion_skipped_total", "gateway_requests_in_flight"):
         assert name in text, name
+
+
+def test_no_created_series_are_exported() -> None:
+    from prometheus_client import generate_latest
+
+    from service.telemetry.metrics import Metrics
+
+    m = Metrics()
+    m.circuit_opened.labels("a").inc()
+    m.request_latency.labels("e").observe(0.1)
+    text = generate_latest(m.registry).decode()
+    assert "gateway_member_circuit_opened_total" in text and "_created" not in text
