@@ -194,15 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the configured servers, then serve the gateway")
-    serve.add_argument("--config", required=True, help="YAML configuration file")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-dir", default=".cache/logs", help="where launched servers log")
+    serve = sub.add_parser(
+        "serve",
+        help="start the configured servers, then serve the gateway",
+        description="Validate the configuration (an error names the field and nothing starts), start the vLLM "
+        "servers it lists under `servers` (single-node mode) and wait for each, load the rankers and fusers, then "
+        "serve /generate, the OpenAI API (/v1), the status page, /metrics and /docs, and print a summary of what "
+        "runs where. SIGHUP reloads the file; SIGTERM or Ctrl-C drains requests and stops the servers.",
+    )
+    serve.add_argument("--config", required=True, help="YAML configuration file (see README, Configuration)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--log-dir", default=".cache/logs", help="where launched vLLM servers write their logs (default .cache/logs)"
+    )
     serve.set_defaults(func=cmd_serve)
 
-    tiny = sub.add_parser("make-tiny-models", help="write the tiny random-weight checkpoints")
-    tiny.add_argument("dir")
+    tiny = sub.add_parser(
+        "make-tiny-models",
+        help="write the tiny random-weight checkpoints",
+        description="Write the tiny random-weight checkpoints (two Llama bases, LoRA and prompt-tuning adapters, a "
+        "PairRM, a GenFuser) that config/tiny.yaml and the tests serve; complete ones are kept.",
+    )
+    tiny.add_argument("dir", help="output root, e.g. .cache/tiny-models")
     tiny.add_argument("--force", action="store_true", help="rewrite existing checkpoints")
     tiny.set_defaults(func=cmd_make_tiny_models)
 
@@ -236,8 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--per-skill", type=int, default=100, help="prompts per skill (default 100)")
     st.set_defaults(func=cmd_suite)
 
-    check = sub.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("config")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and exit",
+        description="Validate a configuration as `serve` would (every field, cross-references, adapter files) "
+        "without starting anything; exit 0 with a one-line summary, or 2 with the error naming the field.",
+    )
+    check.add_argument("config", help="YAML configuration file")
     check.set_defaults(func=cmd_check_config)
 
     ev = sub.add_parser(
