@@ -18,6 +18,12 @@ class EnsembleConfig(Strict):
     members: list[Name] = Field(min_length=1, description="Member names, asked in this order.")
     ranker: Name | None = Field(None, description="Ranker name; none: candidates keep their order.")
     fuser: Name | None = Field(None, description="Fuser name; none: the top candidate is returned.")
+    vote: bool = Field(
+        False,
+        description="Order the candidates by majority vote over their normalized answers (trimmed, one trailing "
+        "period dropped, case-folded) before fusion or instead of it; the ranker's score, if any, else member "
+        "order, breaks ties. For short answers: free text rarely repeats, so there the tie-break decides.",
+    )
     top_k: int = Field(3, ge=1, description="Candidates given to the fuser.")
     fusion: Literal["always", "adaptive", "never"] = Field(
         "always",

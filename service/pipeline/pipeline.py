@@ -28,6 +28,7 @@ from service.pipeline.admission import Admission
 from service.pipeline.inputs import check_limits, input_text, member_messages
 from service.pipeline.staged import Staged, respond
 from service.pipeline.tracking import Tracker
+from service.pipeline.voting import vote
 from service.protocol import FailedMember, GenerateRequest, GenerateResponse
 from service.telemetry.book import StatusBook
 from service.telemetry.metrics import Metrics
@@ -288,6 +289,10 @@ class Pipeline:
         )
         if ens.ranker is not None:
             await self._rank(staged, self.rankers[ens.ranker])
+        if ens.vote:
+            counted = vote([c.text for c in staged.completions], staged.scores)
+            staged.order, staged.votes = counted.order, counted.counts
+            self.metrics.votes.labels(name, counted.outcome).inc()
         if staged.fuser is not None:
             skip = self._skip_fusion(ens, staged)
             if skip is not None:

@@ -37,6 +37,7 @@ class Staged:
     t_rank: float
     deadline_at: float  # time.monotonic() by which the request must be answered
     degraded: list[str] = field(default_factory=list)  # why the answer is less than a full one
+    votes: list[int] | None = None  # per candidate, when the ensemble votes
     id: str = field(default_factory=lambda: f"gen-{uuid.uuid4().hex}")
 
     @property
@@ -79,6 +80,7 @@ def respond(
                 rank=staged.ranks[i],
                 latency_ms=round(completions[i].latency_ms, 3),
                 finish_reason=completions[i].finish_reason,
+                votes=staged.votes[i] if staged.votes is not None else None,
             )
             for i in staged.order
         ]

@@ -130,6 +130,9 @@ class Candidate(Wire):
     text: str
     score: float | None = Field(None, description="Ranker score; higher is better.")
     rank: int = Field(description="1 = best; ties share the better rank.")
+    votes: int | None = Field(
+        None, description="With `vote`: how many candidates gave this answer (normalized), itself included."
+    )
     latency_ms: float
     finish_reason: str | None = None
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.pipeline.voting import vote
 from service.quality.evaluate import Observation
 from service.quality.suite import normalize
 
@@ -66,6 +67,10 @@ def adaptive_answer(o: Observation, margin: float) -> tuple[str | None, bool]:
 def _answers(o: Observation, policy: Policy) -> dict[str, str | None]:
     out: dict[str, str | None] = {f"member {c.member}": c.text for c in o.candidates}
     out["ranker first"] = o.first
+    if o.candidates:
+        # Candidates come best first by the ranker, so the vote's tie-break (score) is the ranker's.
+        texts = [c.text for c in o.candidates]
+        out["vote"] = texts[vote(texts, [c.score for c in o.candidates]).winner]
     out["fused (always)"] = o.output
     if policy.fusion == "never":
         out["ensemble (policy)"] = o.first
@@ -82,7 +87,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _score_group(obs: Sequence[Observation], members: list[str], policy: Policy) -> dict[str, dict[str, float]]:
     refs = [o.item.reference for o in obs]
-    methods = [f"member {m}" for m in members] + ["ranker first", "fused (always)", "ensemble (policy)"]
+    methods = [f"member {m}" for m in members] + ["ranker first", "vote", "fused (always)", "ensemble (policy)"]
     per: dict[str, list[str | None]] = {name: [] for name in methods}
     for o in obs:
         picked = _answers(o, policy)
@@ -175,7 +180,15 @@ def preference_pairs(observations: Sequence[Observation]) -> list[dict[str, str]
     return pairs
 
 
-ORDER = ("best single member", "random member", "ranker first", "fused (always)", "ensemble (policy)", "oracle")
+ORDER = (
+    "best single member",
+    "random member",
+    "ranker first",
+    "vote",
+    "fused (always)",
+    "ensemble (policy)",
+    "oracle",
+)
 
 
 def _rows(report: dict[str, Any]) -> list[str]:

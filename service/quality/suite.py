@@ -16,6 +16,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from service.pipeline.voting import normalize_answer
+
 # Bump when an item's prompt or reference changes for a given (seed, skill, index).
 SUITE_VERSION = 1
 
@@ -95,11 +97,8 @@ class Item:
 
 
 def normalize(text: str) -> str:
-    """The form answers are compared in: stripped, one trailing period dropped, casefolded."""
-    text = text.strip()
-    if text.endswith("."):
-        text = text[:-1]
-    return text.casefold()
+    """The form answers are compared in (the gateway's vote compares in the same form)."""
+    return normalize_answer(text)
 
 
 def is_correct(answer: str, item: Item) -> bool:

@@ -12,7 +12,7 @@ class Metrics:
         # prometheus_client also writes a `<name>_created` gauge (a creation timestamp) for every
         # labelled counter and histogram child in the text format: series nobody queries, and names
         # that are not the metrics documented. Off (a process-wide switch of the library).
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -96,6 +96,12 @@ class Metrics:
             "gateway_degraded",
             "Answers given without ranking or fusion because the ranker or fuser failed.",
             ["ensemble", "reason"],
+            registry=r,
+        )
+        self.votes = Counter(
+            "gateway_votes",
+            "Majority votes by outcome: unanimous, majority (more than half), plurality, tie.",
+            ["ensemble", "outcome"],
             registry=r,
         )
         self.fusion_skipped = Counter(

@@ -85,3 +85,23 @@ async def test_report_files_table_and_pairs(tmp_path: Path) -> None:
     assert report["judge_win_rate"] == {"a": 100.0, "b": 100.0, "c": 100.0}  # the join is longer than each
     pairs = preference_pairs(obs)
     assert {"source": "q1", "chosen": "bbbb", "rejected": "aa"} in pairs and len(pairs) == 2 + 2 + 2
+
+
+def test_the_vote_row_replays_the_gateways_vote() -> None:
+    from service.quality.dataset import EvalItem
+    from service.quality.evaluate import Candidate
+
+    def seen(reference: str, answers: list[tuple[str, float]]) -> Observation:
+        item = EvalItem(line=1, prompt="q", messages=None, reference=reference, tag="t")
+        cands = [Candidate(member=f"m{i}", text=t, score=s, rank=i + 1) for i, (t, s) in enumerate(answers)]
+        return Observation(item=item, output="fused", candidates=cands)
+
+    obs = [
+        seen("right", [("right", 9.0), ("wrong", 1.0), ("wrong", 0.5)]),  # the majority is wrong, the ranker right
+        seen("right", [("odd", 9.0), ("Right.", 1.0), ("right", 0.5)]),  # the majority is right, the ranker wrong
+        seen("b", [("b", 2.0), ("a", 1.0)]),  # a tie: the ranker's score breaks it
+    ]
+    s = build_report(obs)["scores"]["overall"]
+    assert s["ranker first"]["exact_match"] == pytest.approx(200 / 3)
+    assert s["vote"]["exact_match"] == pytest.approx(200 / 3)
+    assert "vote" in table(build_report(obs))
