@@ -95,6 +95,18 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str) -> str:
         f"{g['fusion_minus_ranker_points']['value']:+.1f} points against the ranker's first "
         f"({'fusion helps' if g['fusion_minus_ranker_points']['met'] else 'fusion loses'}).",
     ]
+    if "vote" in em:
+        by_tag = {tag: report["scores"][tag] for tag in report["tags"]}
+        worst = min(by_tag, key=lambda t: by_tag[t]["vote"]["exact_match"] - by_tag[t]["ranker first"]["exact_match"])
+        lines.append(
+            f"- A majority vote over the five answers (PairRM breaking ties; the `vote` ensemble, replayed here "
+            f"from the same candidates) scores {em['vote']:.1f}% against the ranker's {em['ranker first']:.1f}%: "
+            f"{em['vote'] - em['ranker first']:+.1f} points. Where it loses most ({worst}: "
+            f"{by_tag[worst]['vote']['exact_match']:.1f}% against {by_tag[worst]['ranker first']['exact_match']:.1f}%) "
+            "the members are narrow by design, so the majority is a shared mistake; a vote helps where members "
+            "are independent and each is more often right than not, and on free text (answers that never repeat) "
+            "it falls back to its tie-break."
+        )
     if report["adaptive"]:
         top = max(report["adaptive"], key=lambda a: a["exact_match"])
         margins = ", ".join(f"{a['margin']:g}" for a in report["adaptive"])
