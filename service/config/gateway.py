@@ -64,10 +64,6 @@ class EnsembleConfig(Strict):
     def _bounds(self) -> EnsembleConfig:
         if len(set(self.members)) != len(self.members):
             raise ValueError("members must not repeat")
-        if self.min_candidates > len(self.members):
-            raise ValueError("min_candidates exceeds the number of members")
-        if self.quorum is not None and self.quorum > len(self.members):
-            raise ValueError("quorum exceeds the number of members")
         return self
 
     @property
@@ -142,6 +138,11 @@ class GatewayConfig(Strict):
             for mname in e.members:
                 if mname not in members:
                     raise ValueError(f"ensembles.{name}.members: unknown member {mname!r}")
+            candidates = sum(self.member(m).samples for m in e.members)  # a member's samples are candidates
+            if e.min_candidates > candidates:
+                raise ValueError(f"ensembles.{name}.min_candidates: exceeds the ensemble's {candidates} candidates")
+            if e.quorum is not None and e.quorum > candidates:
+                raise ValueError(f"ensembles.{name}.quorum: exceeds the ensemble's {candidates} candidates")
             if e.ranker is not None and e.ranker not in self.rankers:
                 raise ValueError(f"ensembles.{name}.ranker: unknown ranker {e.ranker!r}")
             if e.fuser is not None and e.fuser not in self.fusers:

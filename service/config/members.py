@@ -56,6 +56,14 @@ class MemberConfig(Strict):
     system_prompt: str | None = Field(None, description="System message prepended for this member.")
     sampling: Sampling = Field(default_factory=Sampling, description="This member's sampling defaults.")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-call timeout for this member.")
+    samples: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Candidates this member gives per request, each its own call (`name#1`, `name#2`, ...; "
+        "with a seed, sample i uses seed + i - 1), ranked, voted and fused like any candidate. Useful only "
+        "above temperature 0 (greedy samples are identical).",
+    )
     extensions: Literal["pass", "drop"] = Field(
         "pass",
         description="vLLM's sampling extensions in a client's request (top_k, min_p, ignore_eos, ...): `pass` "

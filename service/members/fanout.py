@@ -28,6 +28,11 @@ def backoff_s(attempt: int, config: RetryConfig, rng: Callable[[], float] = rand
     return float(rng() * min(config.backoff_max_s, config.backoff_s * 2 ** (attempt - 1)))
 
 
+def member_of(key: str) -> str:
+    """The member a fan-out key names: ``name``, or ``name#i`` for its i-th sample."""
+    return key.split("#", 1)[0]
+
+
 def retryable(failure: MemberFailure) -> bool:
     """Connection errors and 5xx may pass on a second try; timeouts and bad answers are not retried."""
     return failure.kind in ("connect", "http_5xx")
@@ -75,8 +80,10 @@ class FanOut:
         self.unavailable = unavailable
         self._sleep = sleep
 
-    async def call(self, member: Member, request: MemberRequest, deadline_at: float) -> Outcome:
-        """One member's answer, retried after connection errors and 5xx while the deadline allows."""
+    async def call(self, member: Member, request: MemberRequest, deadline_at: float, key: str | None = None) -> Outcome:
+        """One member's answer (``key``: the candidate it is, ``name#i`` for a sample), retried after
+        connection errors and 5xx while the deadline allows."""
+        key = key or member.name
         breaker = self.guards.breaker(member.name)
         attempt = 1
         try:
@@ -93,34 +100,36 @@ class FanOut:
                     self.metrics.member_errors.labels(member.name, e.kind).inc()
                     self.status.call(member.name, None, str(e))
                     breaker.failure(str(e))
-                    return Outcome(member.name, error=str(e), kind=e.kind)
+                    return Outcome(key, error=str(e), kind=e.kind)
                 breaker.success()
                 self.status.call(member.name, completion.latency_ms)
                 self.metrics.member_latency.labels(member.name).observe(completion.latency_ms / 1000)
-                return Outcome(member.name, completion=completion)
+                return Outcome(key, completion=completion)
         except asyncio.CancelledError:
             breaker.release_probe()
             raise
 
-    def skip_reason(self, name: str) -> Outcome | None:
+    def skip_reason(self, key: str) -> Outcome | None:
         """An outcome without a call for a member that cannot be asked now, else None."""
+        name = member_of(key)
         if name in self.unavailable:
             self.metrics.member_errors.labels(name, "unavailable").inc()
             # The reason's kind only (``adapter_load: ...``): the operators' text may quote a server.
             why = self.unavailable[name].split(":", 1)[0]
-            return Outcome(name, error=f"unavailable: {why} (see /ready)", kind="unavailable")
+            return Outcome(key, error=f"unavailable: {why} (see /ready)", kind="unavailable")
         breaker = self.guards.breaker(name)
         if not breaker.allow():
             self.metrics.member_errors.labels(name, "circuit_open").inc()
             return Outcome(
-                name,
+                key,
                 error=f"circuit_open: skipped for {breaker.retry_in_s:.1f}s more after {breaker.reason}",
                 kind="circuit_open",
             )
         return None
 
     async def gather(self, requests: Mapping[str, MemberRequest], wait: Wait) -> list[Outcome]:
-        """Ask every member named in ``requests``; one outcome each, in ``requests``' order."""
+        """Ask every member named in ``requests`` (``name``, or ``name#i`` for its i-th sample); one
+        outcome each, in ``requests``' order."""
         tasks: dict[asyncio.Task[Outcome], str] = {}
         outcomes: list[Outcome] = []
         for name, request in requests.items():
@@ -128,7 +137,8 @@ class FanOut:
             if skip is not None:
                 outcomes.append(skip)
                 continue
-            tasks[asyncio.create_task(self.call(self.members[name], request, wait.deadline_at))] = name
+            member = self.members[member_of(name)]
+            tasks[asyncio.create_task(self.call(member, request, wait.deadline_at, name))] = name
         start = time.monotonic()
         cutoff = wait.deadline_at
         answered = 0
@@ -152,16 +162,16 @@ class FanOut:
             if task not in pending:
                 outcomes.append(task.result())
                 continue
-            self.status.call(name, None, "straggler" if straggler else "deadline")
+            self.status.call(member_of(name), None, "straggler" if straggler else "deadline")
             if straggler:
-                self.metrics.member_errors.labels(name, "straggler").inc()
+                self.metrics.member_errors.labels(member_of(name), "straggler").inc()
                 waited = time.monotonic() - start
                 outcomes.append(
                     Outcome(name, error=f"straggler: the quorum had answered; waited {waited:.2f}s", kind="straggler")
                 )
             else:
-                self.metrics.member_errors.labels(name, "deadline").inc()
-                self.guards.breaker(name).failure("no answer before the deadline")
+                self.metrics.member_errors.labels(member_of(name), "deadline").inc()
+                self.guards.breaker(member_of(name)).failure("no answer before the deadline")
                 outcomes.append(Outcome(name, error="deadline: no answer before the deadline", kind="deadline"))
         order = {name: i for i, name in enumerate(requests)}
         return sorted(outcomes, key=lambda o: order[o.member])

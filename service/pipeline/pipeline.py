@@ -218,16 +218,24 @@ class Pipeline:
         extensions = request.sampling_extensions.wire() if request.sampling_extensions is not None else None
         out: dict[str, MemberRequest] = {}
         for name in ens.members:
-            sampling = self.config.member(name).sampling
-            out[name] = MemberRequest(
-                messages=[dict(m) for m in messages],
-                max_tokens=request.max_tokens or sampling.max_tokens,
-                temperature=request.temperature if request.temperature is not None else sampling.temperature,
-                top_p=request.top_p if request.top_p is not None else sampling.top_p,
-                seed=request.seed if request.seed is not None else sampling.seed,
-                extensions=extensions,
-            )
+            member = self.config.member(name)
+            sampling = member.sampling
+            seed = request.seed if request.seed is not None else sampling.seed
+            for i in range(member.samples):
+                key = name if member.samples == 1 else f"{name}#{i + 1}"
+                out[key] = MemberRequest(
+                    messages=[dict(m) for m in messages],
+                    max_tokens=request.max_tokens or sampling.max_tokens,
+                    temperature=request.temperature if request.temperature is not None else sampling.temperature,
+                    top_p=request.top_p if request.top_p is not None else sampling.top_p,
+                    seed=None if seed is None else seed + i,
+                    extensions=extensions,
+                )
         return out
+
+    def candidates_of(self, ens: EnsembleConfig) -> int:
+        """The candidates an ensemble's request can have: a candidate per member sample."""
+        return sum(self.config.member(name).samples for name in ens.members)
 
     def _degrade(self, staged: Staged, stage: str, model: str, error: BaseException) -> None:
         detail = error.message if isinstance(error, GatewayError) else f"{type(error).__name__}: {error}"
@@ -249,9 +257,9 @@ class Pipeline:
         deadline_at = time.monotonic() + self.deadline_s(ens, request)
         asked, field = request.candidates_fused
         top_k = asked or ens.top_k
-        if asked is not None and asked > len(ens.members):
+        if asked is not None and asked > self.candidates_of(ens):
             raise RequestError(
-                f"{field}={asked} exceeds the {len(ens.members)} members of ensemble {name!r}", param=field
+                f"{field}={asked} exceeds the {self.candidates_of(ens)} candidates of ensemble {name!r}", param=field
             )
         instruction = request.instruction if request.instruction is not None else ens.instruction
         fan_out_until = time.monotonic() + (deadline_at - time.monotonic()) * ens.members_share
@@ -264,7 +272,7 @@ class Pipeline:
         ]
         if len(ok) < ens.min_candidates:
             detail = "; ".join(f"{f.member}: {f.error}" for f in failed)
-            msg = f"{len(ok)} of {len(ens.members)} members answered, {ens.min_candidates} needed ({detail})"
+            msg = f"{len(ok)} of {len(outcomes)} members answered, {ens.min_candidates} needed ({detail})"
             if any(f.kind in ("timeout", "deadline") for f in failed):
                 raise DeadlineExceeded(msg, code="no_quorum")
             raise NoQuorumError(msg, code="no_quorum")

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from service.members.base import Completion
+from service.members.fanout import member_of
 from service.models.fusion import Fuser
 from service.protocol import Candidate, FailedMember, GenerateRequest, GenerateResponse, Timings, TokenCounts, Usage
 from service.telemetry.book import StatusBook
@@ -62,12 +63,12 @@ def respond(
     """The response, and the per-member ranking metrics and status-page record of an answered request.
     ``output_tokens``: the answer's tokens, the completion a client accounts for."""
     t_end = time.perf_counter()
-    members = staged.members
+    members = staged.members  # candidates: a member's name, or name#i for its i-th sample
     for member in members:
-        metrics.candidates.labels(staged.name, member).inc()
-    metrics.ranked_first.labels(staged.name, members[staged.order[0]]).inc()
+        metrics.candidates.labels(staged.name, member_of(member)).inc()
+    metrics.ranked_first.labels(staged.name, member_of(members[staged.order[0]])).inc()
     for i in staged.selected:
-        metrics.selected.labels(staged.name, members[i]).inc()
+        metrics.selected.labels(staged.name, member_of(members[i])).inc()
     completions = staged.completions
     prompt_tokens = sum(c.prompt_tokens for c in completions)
     candidates = None

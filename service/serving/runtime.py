@@ -86,6 +86,12 @@ class Runtime:
                 f"no client API key is configured and the gateway listens on {self.host}: anyone who can "
                 "reach it can use it (set auth.api_keys_env, default GATEWAY_API_KEYS)"
             )
+        for m in self.config.members:
+            if m.samples > 1 and m.sampling.temperature == 0:
+                out.append(
+                    f"member {m.name} gives {m.samples} samples at temperature 0: greedy samples are identical "
+                    "unless a request sets a temperature"
+                )
         return out
 
     async def probe_members(self) -> dict[str, str | None]:

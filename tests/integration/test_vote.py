@@ -39,3 +39,23 @@ def test_vote_outcomes_are_counted(demo: Gateway) -> None:
     text = httpx.get(f"{demo.url}/metrics", timeout=10).text
     counted = [line for line in text.splitlines() if line.startswith('gateway_votes_total{ensemble="vote"')]
     assert counted and sum(float(line.rsplit(" ", 1)[1]) for line in counted) >= 1
+
+
+def test_samples_are_candidates_named_by_number_and_counted_under_their_member(demo: Gateway) -> None:
+    before = httpx.get(f"{demo.url}/metrics", timeout=10).text
+    r = httpx.post(
+        f"{demo.url}/generate",
+        json={"prompt": "Reverse the word planet.", "ensemble": "self-moa", "return_candidates": True},
+        timeout=120,
+    ).json()
+    names = sorted(c["member"] for c in r["candidates"])
+    assert names == ["base-b-samples#1", "base-b-samples#2", "base-b-samples#3"]
+    # Base B knows only sums: at temperature 1 with seeds 7, 8, 9 its letters differ.
+    assert len({c["text"] for c in r["candidates"]}) > 1, r["candidates"]
+    assert r["fused"] and len(r["selected"]) == 3
+
+    def counted(text: str) -> float:
+        key = 'gateway_member_candidates_total{ensemble="self-moa",member="base-b-samples"}'
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
+
+    assert counted(httpx.get(f"{demo.url}/metrics", timeout=10).text) - counted(before) == 3
