@@ -42,10 +42,14 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_eval(dataset: Path, target: list[str], out: Path, concurrency: int) -> dict[str, Any]:
+def _run_eval(
+    dataset: Path, target: list[str], out: Path, concurrency: int, ensemble: str | None = None
+) -> dict[str, Any]:
     from service.cli import main
 
     argv = ["--log-level", "warning", "eval", str(dataset), *target, "--out", str(out)]
+    if ensemble is not None:
+        argv += ["--ensemble", ensemble]
     rc = main([*argv, "--concurrency", str(concurrency)])
     if rc != 0:
         raise SystemExit(f"ensemble-gateway eval exited with {rc}")
@@ -164,6 +168,7 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str) -> str:
         "candidate's lead over the best candidate that says something else; members that all agree skip "
         "fusion): the share of requests that would skip the fuser at each margin, and the accuracy then.",
         "",
+        *_self_moa_section(result),
         "## Reproduce",
         "",
         "```",
@@ -180,6 +185,54 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str) -> str:
     return "\n".join(lines)
 
 
+def _self_moa_section(result: dict[str, Any]) -> list[str]:
+    """Samples of the best member (the `self-moa` ensemble) beside the mixed ensemble."""
+    moa = result.get("self_moa")
+    if not moa:
+        return []
+    mixed = result["report"]["scores"]["overall"]
+    own = moa["scores"]["overall"]
+    best = result["report"]["best_member"]
+    rows = [
+        ("mixed ensemble, its policy (five members, PairRM first)", mixed["ensemble (policy)"], result["report"]),
+        (f"{best} alone, greedy (the best single member)", mixed[f"member {best}"], None),
+        ("samples, PairRM's first (best of n)", own["ranker first"], moa),
+        ("samples, majority vote (self-consistency)", own["vote"], None),
+        ("samples, fused by GenFuser (Self-MoA)", own["fused (always)"], None),
+        ("samples, oracle (any sample right)", own["oracle"], None),
+    ]
+    members = [m for m in moa["members"]]
+    lines = [
+        "## Self-MoA: samples of the best member",
+        "",
+        f"The `self-moa` ensemble asks one member for {len(members)} samples per request ({', '.join(members)}; "
+        "temperature 1.0, seeds 7, 8, 9), ranks them with PairRM and fuses the top 3 with GenFuser; the same "
+        "held-out suite, fusion forced on for the eval as above.",
+        "",
+        "| method | exact match (%) | median ms per request (8 in flight) |",
+        "|---|---|---|",
+    ]
+    for name, row, rep_ in rows:
+        ms = f"{rep_['latency_ms_p50']:.0f}" if rep_ is not None and rep_.get("latency_ms_p50") else ""
+        lines.append(f"| {name} | {row['exact_match']:.1f} | {ms} |")
+    best_samples = max(own["ranker first"]["exact_match"], own["fused (always)"]["exact_match"])
+    verdict = (
+        "the mixed ensemble wins: the members here are specialists (a sorter, an adder, ...), so samples of one "
+        "of them cannot cover the other skills; Self-MoA's setting is the opposite, one generalist whose samples "
+        "each beat a weaker model's answer"
+        if best_samples < mixed["ensemble (policy)"]["exact_match"]
+        else "the samples of one member match or beat the mixed ensemble, as Self-MoA reports"
+    )
+    lines += [
+        "",
+        f"Samples of the best member score {own['ranker first']['exact_match']:.1f}% by PairRM's pick and "
+        f"{own['fused (always)']['exact_match']:.1f}% fused, against {mixed['ensemble (policy)']['exact_match']:.1f}% "
+        f"for the mixed ensemble: {verdict}.",
+        "",
+    ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "demo.yaml", help="served in process")
@@ -191,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "quality", help="suite and raw report")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "QUALITY.md", help="'-' to skip the doc")
+    parser.add_argument(
+        "--self-moa", default="self-moa", help="the ensemble of one member's samples to compare ('-' to skip)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -208,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     suite.write_jsonl(dataset, suite.eval_suite(args.seed, args.per_skill))
     target = ["--url", args.url] if args.url else ["--config", str(args.config)]
     report = _run_eval(dataset, target, args.work / "report", args.concurrency)
+    self_moa = None
+    if args.self_moa != "-":
+        self_moa = _run_eval(dataset, target, args.work / "self-moa", args.concurrency, args.self_moa)
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "commit": commit(),
@@ -219,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": manifest,
         "goals": goals(report),
         "report": report,
+        "self_moa": self_moa,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

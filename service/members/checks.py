@@ -111,7 +111,10 @@ def startup_lora_args(config: GatewayConfig) -> dict[str, list[str]]:
     extra: dict[str, list[str]] = {}
     for m in config.members:
         if m.kind == "lora" and m.load == "startup" and m.server is not None:
-            extra.setdefault(m.server, []).append(f"{m.served_name}={m.adapter}")
+            module = f"{m.served_name}={m.adapter}"
+            mods = extra.setdefault(m.server, [])
+            if module not in mods:  # two members on one adapter (e.g. one of them sampled): loaded once
+                mods.append(module)
     return {server: ["--lora-modules", *mods] for server, mods in extra.items()}
 
 

@@ -45,17 +45,18 @@ def test_samples_are_candidates_named_by_number_and_counted_under_their_member(d
     before = httpx.get(f"{demo.url}/metrics", timeout=10).text
     r = httpx.post(
         f"{demo.url}/generate",
-        json={"prompt": "Reverse the word planet.", "ensemble": "self-moa", "return_candidates": True},
+        json={"prompt": "What is 37 plus 48?", "ensemble": "self-moa", "return_candidates": True, "temperature": 2.0},
         timeout=120,
     ).json()
     names = sorted(c["member"] for c in r["candidates"])
-    assert names == ["base-b-samples#1", "base-b-samples#2", "base-b-samples#3"]
-    # Base B knows only sums: at temperature 1 with seeds 7, 8, 9 its letters differ.
+    assert names == ["lora-sort-samples#1", "lora-sort-samples#2", "lora-sort-samples#3"]
+    # The sorter asked to add (not its skill), at temperature 2 with seeds 7, 8, 9: its samples differ.
+    # (At the demo's temperature 1 it is sure of its letters and the three samples agree.)
     assert len({c["text"] for c in r["candidates"]}) > 1, r["candidates"]
     assert r["fused"] and len(r["selected"]) == 3
 
     def counted(text: str) -> float:
-        key = 'gateway_member_candidates_total{ensemble="self-moa",member="base-b-samples"}'
+        key = 'gateway_member_candidates_total{ensemble="self-moa",member="lora-sort-samples"}'
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
 
     assert counted(httpx.get(f"{demo.url}/metrics", timeout=10).text) - counted(before) == 3

@@ -163,3 +163,11 @@ def test_llm_fuser_template_fields_are_checked() -> None:
         parse_config(base + 'fusers: {f: {kind: llm, endpoint: "http://h/v1", model: m, template: "hi"}}')
     cfg = parse_config(base + 'fusers: {f: {kind: llm, endpoint: "http://h/v1", model: m}}')
     assert cfg.fusers["f"].kind == "llm"
+
+
+def test_two_members_on_one_startup_adapter_load_it_once(tmp_path: Path) -> None:
+    d = lora_dir(tmp_path, 4)
+    twin = f'{{name: v2, kind: lora, server: s, model: v, adapter: "{d}", load: startup, samples: 2}}'
+    text = config(f'{{name: v, kind: lora, server: s, adapter: "{d}", load: startup}}', env="{}")
+    cfg = parse_config(text.replace("ensembles:", f"  - {twin}\nensembles:"))
+    assert startup_lora_args(cfg) == {"s": ["--lora-modules", f"v={d}"]}
