@@ -43,13 +43,19 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_eval(
-    dataset: Path, target: list[str], out: Path, concurrency: int, ensemble: str | None = None
+    dataset: Path,
+    target: list[str],
+    out: Path,
+    concurrency: int,
+    ensemble: str | None = None,
+    temperature: float = 0.0,
 ) -> dict[str, Any]:
     from service.cli import main
 
     argv = ["--log-level", "warning", "eval", str(dataset), *target, "--out", str(out)]
     if ensemble is not None:
         argv += ["--ensemble", ensemble]
+    argv += ["--temperature", str(temperature)]  # the eval's default is greedy
     rc = main([*argv, "--concurrency", str(concurrency)])
     if rc != 0:
         raise SystemExit(f"ensemble-gateway eval exited with {rc}")
@@ -206,8 +212,8 @@ def _self_moa_section(result: dict[str, Any]) -> list[str]:
         "## Self-MoA: samples of the best member",
         "",
         f"The `self-moa` ensemble asks one member for {len(members)} samples per request ({', '.join(members)}; "
-        "temperature 1.0, seeds 7, 8, 9), ranks them with PairRM and fuses the top 3 with GenFuser; the same "
-        "held-out suite, fusion forced on for the eval as above.",
+        f"temperature {moa.get('temperature', 1.0):g}, seeds 7, 8, 9), ranks them with PairRM and fuses the top 3 "
+        "with GenFuser; the same held-out suite, fusion forced on for the eval as above.",
         "",
         "| method | exact match (%) | median ms per request (8 in flight) |",
         "|---|---|---|",
@@ -247,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--self-moa", default="self-moa", help="the ensemble of one member's samples to compare ('-' to skip)"
     )
+    parser.add_argument(
+        "--self-moa-temperature",
+        type=float,
+        default=1.0,
+        help="its samples' temperature (default 1.0; greedy samples would be identical)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -266,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     report = _run_eval(dataset, target, args.work / "report", args.concurrency)
     self_moa = None
     if args.self_moa != "-":
-        self_moa = _run_eval(dataset, target, args.work / "self-moa", args.concurrency, args.self_moa)
+        self_moa = _run_eval(
+            dataset, target, args.work / "self-moa", args.concurrency, args.self_moa, args.self_moa_temperature
+        )
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "commit": commit(),
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": manifest,
         "goals": goals(report),
         "report": report,
-        "self_moa": self_moa,
+        "self_moa": None if self_moa is None else {**self_moa, "temperature": args.self_moa_temperature},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
