@@ -207,7 +207,7 @@ def _self_moa_section(result: dict[str, Any]) -> list[str]:
         ("samples, fused by GenFuser (Self-MoA)", own["fused (always)"], None),
         ("samples, oracle (any sample right)", own["oracle"], None),
     ]
-    members = [m for m in moa["members"]]
+    members = sorted(moa["members"])
     lines = [
         "## Self-MoA: samples of the best member",
         "",
