@@ -1,9 +1,22 @@
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from service.cli import main
 from tests.fakes import FAKE_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`main` sets up logging on the stream of the moment (pytest's capture, closed after the test):
+    put the root logger back, or later tests' log calls fail on a closed file."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,7 +45,8 @@ def make(fuser: JoinFuser | None = None, config: str | None = None, delay: float
         rankers={"length": LengthRanker()},
         fusers={"join": fuser or JoinFuser()},
     )
-    cfg = fake_config() if config is None else fake_config(config)
+    # The fake ensemble's 1 s deadline is for the fault tests: a loaded machine must not make a 504 here.
+    cfg = fake_config((FAKE_CONFIG if config is None else config).replace("deadline_s: 1", "deadline_s: 30"))
     return TestClient(create_app(cfg, parts=parts), raise_server_exceptions=False)
 
 
