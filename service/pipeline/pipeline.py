@@ -257,10 +257,8 @@ class Pipeline:
         deadline_at = time.monotonic() + self.deadline_s(ens, request)
         asked, field = request.candidates_fused
         top_k = asked or ens.top_k
-        if asked is not None and asked > self.candidates_of(ens):
-            raise RequestError(
-                f"{field}={asked} exceeds the {self.candidates_of(ens)} candidates of ensemble {name!r}", param=field
-            )
+        if asked is not None and asked > (most := self.candidates_of(ens)):
+            raise RequestError(f"{field}={asked} exceeds the {most} candidates of ensemble {name!r}", param=field)
         instruction = request.instruction if request.instruction is not None else ens.instruction
         fan_out_until = time.monotonic() + (deadline_at - time.monotonic()) * ens.members_share
         wait = Wait(fan_out_until, ens.effective_quorum, ens.straggler_ratio, ens.straggler_min_s)

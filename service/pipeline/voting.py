@@ -47,15 +47,12 @@ def vote(texts: Sequence[str], scores: Sequence[float | None] | None = None) -> 
         return (-counts[i], -tie_scores[i], i)
 
     order = sorted(range(len(texts)), key=rank_key)
-    top = sorted(tally.values(), reverse=True)
-    n = len(texts)
-    if not top:
-        outcome = "tie"
-    elif top[0] == n:
+    top = sorted(tally.values(), reverse=True)  # at least one candidate: the pipeline needs one to answer
+    if top[0] == len(texts):
         outcome = "unanimous"
-    elif top[0] * 2 > n:
+    elif top[0] * 2 > len(texts):
         outcome = "majority"
-    elif len(top) == 1 or top[0] > top[1]:
+    elif top[0] > top[1]:  # not unanimous, so a second answer exists
         outcome = "plurality"
     else:
         outcome = "tie"

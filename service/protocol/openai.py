@@ -10,7 +10,6 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
-    ValidationError,
     field_serializer,
     model_serializer,
 )
@@ -83,11 +82,29 @@ class EnsembleOptions(Wire):
     instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Task instruction.")
     deadline_s: float | None = Field(None, ge=1.0, le=3600, description="Answer within this many seconds.")
 
+    def request_fields(self, instruction: str | None = None, deadline_s: float | None = None) -> dict[str, Any]:
+        """These knobs as ``GenerateRequest`` fields; ``instruction`` and ``deadline_s``: values set
+        elsewhere in the request, which these override."""
+        return {
+            "instruction": self.instruction if self.instruction is not None else instruction,
+            "deadline_s": self.deadline_s if self.deadline_s is not None else deadline_s,
+            "fuse_top_k": self.fuse_top_k,
+            "fusion": self.fusion,
+            "return_candidates": self.return_candidates,
+        }
 
-class _OpenAIRequest(Wire):
+
+def refuse(field: str | None) -> None:
+    """A 400 naming the first field set that an ensemble cannot honour (None: nothing to refuse)."""
+    if field is not None:
+        raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
+
+
+class _OpenAIRequest(SamplingExtensions):
     """Fields shared by chat and text completions; ``model`` names an ensemble. vLLM's sampling
-    extensions (``top_k``, ``min_p``, ``ignore_eos``, ...) are accepted as vLLM takes them and passed
-    to the members; the ensemble's own knobs are in ``ensemble``."""
+    extensions (``top_k``, ``min_p``, ``ignore_eos``, ...; inherited from ``SamplingExtensions``) are
+    accepted at the top level as vLLM takes them and passed to the members; the ensemble's own knobs
+    are in ``ensemble``."""
 
     model: str = Field(description="An ensemble name (see GET /v1/models).")
     max_tokens: int | None = Field(None, ge=1, le=32768, description="Per-member token limit; bounds the answer.")
@@ -102,17 +119,6 @@ class _OpenAIRequest(Wire):
     frequency_penalty: float | None = Field(None, description="Only 0.")
     logprobs: Any = Field(None, description="Not supported.")
     top_logprobs: Any = Field(None, description="Not supported.")
-    # vLLM's sampling extensions (SamplingExtensions' fields, validated there).
-    top_k: int | None = Field(None, description="vLLM extension: top-k sampling, passed to the members.")
-    min_p: float | None = Field(None, description="vLLM extension.")
-    repetition_penalty: float | None = Field(None, description="vLLM extension.")
-    min_tokens: int | None = Field(None, description="vLLM extension.")
-    ignore_eos: bool | None = Field(None, description="vLLM extension.")
-    stop_token_ids: list[int] | None = Field(None, description="vLLM extension.")
-    bad_words: list[str] | None = Field(None, description="vLLM extension.")
-    skip_special_tokens: bool | None = Field(None, description="vLLM extension.")
-    spaces_between_special_tokens: bool | None = Field(None, description="vLLM extension.")
-    truncate_prompt_tokens: int | None = Field(None, description="vLLM extension.")
     # Extensions of this gateway.
     ensemble: EnsembleOptions | None = Field(None, description="Extension: the ensemble's own knobs.")
     instruction: str | None = Field(
@@ -123,22 +129,16 @@ class _OpenAIRequest(Wire):
     )
 
     def _generate(self, **fields: Any) -> GenerateRequest:
-        field = self.unsupported()
-        if field is not None:
-            raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
-        opts = self.ensemble or EnsembleOptions()
+        refuse(self.unsupported())
+        extensions = self.model_dump(include=set(SAMPLING_EXTENSIONS), exclude_none=True)
         request = GenerateRequest(
             ensemble=self.model,
-            instruction=opts.instruction if opts.instruction is not None else self.instruction,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
-            fuse_top_k=opts.fuse_top_k,
-            fusion=opts.fusion,
-            return_candidates=opts.return_candidates,
-            deadline_s=opts.deadline_s if opts.deadline_s is not None else self.deadline_s,
             stream=self.stream,
-            sampling_extensions=sampling_extensions(self),
+            sampling_extensions=SamplingExtensions(**extensions) if extensions else None,
+            **(self.ensemble or EnsembleOptions()).request_fields(self.instruction, self.deadline_s),
             **fields,
         )
         return request.named_by("model")
@@ -215,22 +215,12 @@ class CompletionRequest(_OpenAIRequest):
         return self._generate(prompt=prompt, max_tokens=self.max_tokens)
 
 
-def sampling_extensions(body: BaseModel) -> SamplingExtensions | None:
-    """vLLM's extensions set on a request body, validated (a bad value is a 400 naming its field)."""
-    values = {f: getattr(body, f) for f in SAMPLING_EXTENSIONS if getattr(body, f, None) is not None}
-    if not values:
-        return None
-    try:
-        return SamplingExtensions.model_validate(values)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise RequestError(f"{param}: {first['msg']}", param=param, code="invalid_request") from e
-
-
-def evidence(response: GenerateResponse) -> dict[str, Any]:
+def evidence(response: GenerateResponse) -> dict[str, Any] | None:
     """What ``ensemble.return_candidates`` adds to an OpenAI-shaped response as ``ensemble``: the
-    /generate response's evidence (candidates, selection, failures, timings)."""
+    /generate response's evidence (candidates, selection, failures, timings); None when the request
+    did not ask for it (its response has no candidates)."""
+    if response.candidates is None:
+        return None
     return response.model_dump(exclude_none=True, exclude={"id", "output", "usage", "ensemble"})
 
 

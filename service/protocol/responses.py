@@ -15,9 +15,10 @@ from service.protocol.generate import (
     ChatMessage,
     GenerateRequest,
     GenerateResponse,
+    TokenCounts,
     Wire,
 )
-from service.protocol.openai import EnsembleOptions, evidence
+from service.protocol.openai import EnsembleOptions, evidence, refuse
 
 # Part types of an input message that carry text; any other (images, files, audio) is a 400.
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -97,22 +98,15 @@ class ResponsesRequest(Wire):
 
     def to_generate(self) -> GenerateRequest:
         """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
-        field = self.unsupported()
-        if field is not None:
-            raise RequestError(f"`{field}` is not supported by an ensemble", param=field, code="unsupported_field")
-        opts = self.ensemble or EnsembleOptions()
+        refuse(self.unsupported())
         request = GenerateRequest(
             messages=self.messages(),
             ensemble=self.model,
-            instruction=opts.instruction,
             max_tokens=self.max_output_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            fuse_top_k=opts.fuse_top_k,
-            fusion=opts.fusion,
-            return_candidates=opts.return_candidates,
-            deadline_s=opts.deadline_s,
             stream=self.stream,
+            **(self.ensemble or EnsembleOptions()).request_fields(),
         )
         return request.named_by("model")
 
@@ -172,7 +166,7 @@ class ResponseUsage(BaseModel):
     output_tokens: int
     output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
     total_tokens: int
-    members: dict[str, Any] = Field(default_factory=dict, description="Each answering member's own counts.")
+    members: dict[str, TokenCounts] = Field(default_factory=dict, description="Each answering member's own counts.")
 
 
 class ResponseObject(BaseModel):
@@ -234,14 +228,12 @@ class Responder:
         usage = None
         if r is not None:
             u = r.usage
-            members = {k: v.model_dump() for k, v in u.members.items()}
             usage = ResponseUsage(
                 input_tokens=u.prompt_tokens,
                 output_tokens=u.completion_tokens,
                 total_tokens=u.total_tokens,
-                members=members,
+                members=u.members,
             )
-        want_evidence = b.ensemble is not None and b.ensemble.return_candidates
         return ResponseObject(
             id=self.id,
             created_at=self.created_at,
@@ -257,7 +249,7 @@ class Responder:
             top_p=b.top_p,
             metadata=b.metadata or {},
             user=b.user,
-            ensemble=evidence(r) if want_evidence and r is not None else None,
+            ensemble=evidence(r) if r is not None else None,
         )
 
     def message(self, text: str, status: str) -> OutputMessage:

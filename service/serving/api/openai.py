@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -43,11 +42,6 @@ async def list_models(request: Request) -> ModelList:
 Chunk = ChatCompletionChunk | CompletionChunk
 
 
-def _evidence(body: ChatCompletionRequest | CompletionRequest, r: GenerateResponse) -> dict[str, Any] | None:
-    """The ensemble's evidence, when the request asked for it (``ensemble.return_candidates``)."""
-    return evidence(r) if body.ensemble is not None and body.ensemble.return_candidates else None
-
-
 def _closing_chunks(
     body: ChatCompletionRequest | CompletionRequest, last: Chunk
 ) -> Callable[[GenerateResponse], list[Chunk]]:
@@ -56,7 +50,7 @@ def _closing_chunks(
 
     def make(response: GenerateResponse) -> list[Chunk]:
         out: list[Chunk] = []
-        proof = _evidence(body, response)
+        proof = evidence(response)
         if proof is not None:
             out.append(last.model_copy(update={"choices": [], "ensemble": proof}))
         if body.stream_options is not None and body.stream_options.include_usage:
@@ -83,7 +77,7 @@ async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -
             model=r.ensemble,
             choices=[choice],
             usage=r.usage,
-            ensemble=_evidence(body, r),
+            ensemble=evidence(r),
         )
         return JSONResponse(plain.model_dump())
     stream = await pipeline.answer_stream(request)
@@ -118,7 +112,7 @@ async def completions(body: CompletionRequest, pipeline: PipelineDep) -> JSONRes
             model=r.ensemble,
             choices=[choice],
             usage=r.usage,
-            ensemble=_evidence(body, r),
+            ensemble=evidence(r),
         )
         return JSONResponse(plain.model_dump())
     stream = await pipeline.answer_stream(request)
