@@ -1,4 +1,4 @@
-"""Command line: ``ensemble-gateway serve | check-config | make-tiny-models | train | suite | eval | train-ranker``."""
+"""Command line: ``ensemble-gateway serve | check-config | merge | make-tiny-models | train | suite | eval | train-ranker``."""
 
 from __future__ import annotations
 
@@ -53,17 +53,18 @@ class _DrainingServer(uvicorn.Server):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.members.checks import check_members, startup_lora_args
+    from service.members.checks import startup_lora_args
+    from service.models.artifacts import materialize
     from service.ops.launcher import Launcher
     from service.serving.app import create_app
 
     try:
         config = load_config(args.config)
-        check_members(config)
+        setup_logging(config.logging.level, config.logging.json_logs)
+        config = materialize(config)  # merges and soups built (or found in the cache), adapters checked
     except ConfigError as e:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 2
-    setup_logging(config.logging.level, config.logging.json_logs)
     launcher = Launcher(Path(args.log_dir))
     # SIGTERM/SIGINT unwind through the finally below. While serving, uvicorn handles them (it
     # drains requests), then restores this handler and re-raises the signal, which lands here too.
@@ -142,15 +143,31 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from service.members.checks import check_members
+    from service.models.artifacts import materialize
 
     try:
         config = load_config(args.config)
-        check_members(config)
+        materialize(config, build=False)  # recipes checked, nothing built
     except ConfigError as e:
         print(f"ensemble-gateway: {e}", file=sys.stderr)
         return 2
     print(f"ok: {len(config.members)} members, {len(config.ensembles)} ensembles (default {config.default})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from service.models.merges import read_recipe, run_merge_recipe
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"ensemble-gateway merge: {out} exists and is not empty", file=sys.stderr)
+        return 2
+    try:
+        run_merge_recipe(read_recipe(args.recipe, args.recipe), out, device=args.device)
+    except ConfigError as e:
+        print(f"ensemble-gateway merge: {e}", file=sys.stderr)
+        return 2
+    print(f"merged: {out}")
     return 0
 
 
@@ -258,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", help="YAML configuration file")
     check.set_defaults(func=cmd_check_config)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge models with mergekit from a recipe (linear, task_arithmetic, ties, dare_ties, slerp, ...)",
+        description="Run a mergekit recipe (YAML: merge_method, models, base_model, parameters, dtype) and write the "
+        "merged model with the tokenizer and generation config of its base (else first) model into OUT, ready for "
+        "vLLM. A server may name the same recipe as `merge:` instead of `model:`; `serve` then builds it into its "
+        "cache itself.",
+    )
+    merge.add_argument("recipe", help="mergekit recipe (YAML)")
+    merge.add_argument("out", help="output directory (new or empty)")
+    merge.add_argument("--device", default="cpu", help="where mergekit computes: cpu (default) or cuda")
+    merge.set_defaults(func=cmd_merge)
 
     ev = sub.add_parser(
         "eval",

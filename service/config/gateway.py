@@ -98,6 +98,12 @@ class GatewayConfig(Strict):
         description="Transport under the members' httpx client: aiohttp's pool (fast under concurrency) "
         "or httpx's own.",
     )
+    cache_dir: str | None = Field(
+        None,
+        description="Where the gateway writes what it builds (adapter soups, merged models), one folder per recipe "
+        "and inputs, reused while they are unchanged. Default: $XDG_CACHE_HOME/ensemble-gateway "
+        "(~/.cache/ensemble-gateway).",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and admission.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log format and level.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,6 +17,52 @@ class Sampling(Strict):
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     seed: int | None = Field(None, description="Sampling seed, if the member should be repeatable.")
+
+
+SoupMethod = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
+# PEFT's add_weighted_adapter combines A and B matrices one by one for these, so ranks must match.
+EQUAL_RANK_METHODS = frozenset({"linear", "ties", "dare_linear", "dare_ties"})
+
+
+class SoupPart(Strict):
+    """One adapter of a soup and its weight."""
+
+    adapter: str | None = Field(None, description="A PEFT LoRA directory.")
+    member: Name | None = Field(None, description="Instead of `adapter`: a `lora` member of this file, by name.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="Its weight in the soup (finite; may be negative).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SoupPart:
+        if (self.adapter is None) == (self.member is None):
+            raise ValueError("set exactly one of `adapter` or `member`")
+        return self
+
+
+class SoupConfig(Strict):
+    """A LoRA adapter built as a weighted merge of others (AdapterSoup), with PEFT's
+    ``add_weighted_adapter``; the gateway builds it into its cache and serves it like any LoRA."""
+
+    method: SoupMethod = Field(
+        "linear",
+        description="PEFT's combination_type. linear, ties, dare_linear, dare_ties: the adapters' A and B matrices "
+        "are combined one by one (ranks must be equal); cat: the rank is the sum, the product exactly the weighted "
+        "sum; svd: the weighted sum of products, cut to `svd_rank` by SVD.",
+    )
+    adapters: list[SoupPart] = Field(min_length=2, description="The adapters and their weights.")
+    density: float | None = Field(
+        None, gt=0, le=1, description="ties, dare_linear, dare_ties: the share of each adapter's values kept."
+    )
+    majority_sign_method: Literal["total", "frequency"] = Field("total", description="ties, dare_ties: sign election.")
+    svd_rank: int | None = Field(None, ge=1, description="svd: the result's rank (default: the largest input rank).")
+    seed: int = Field(0, description="dare_*: the seed of the random drop mask (the soup is cached per recipe).")
+
+    @model_validator(mode="after")
+    def _density(self) -> SoupConfig:
+        if self.method in ("ties", "dare_linear", "dare_ties") and self.density is None:
+            raise ValueError(f"method {self.method} needs `density`")
+        if self.svd_rank is not None and self.method != "svd":
+            raise ValueError("`svd_rank` is only for method svd")
+        return self
 
 
 class MemberConfig(Strict):
@@ -38,6 +84,13 @@ class MemberConfig(Strict):
     )
     adapter: str | None = Field(
         None, description="`lora`: the PEFT LoRA directory; `soft_prompt`: the prompt-tuning directory."
+    )
+    soup: SoupConfig | None = Field(
+        None,
+        description="`lora` only, instead of `adapter`: a weighted merge of LoRA adapters, built by the gateway at "
+        "start-up or reload into its cache (one folder per recipe and inputs, reused), then served like any LoRA. "
+        "Its name on the server defaults to the member name plus the recipe's digest, so a changed recipe is "
+        "served beside the old one until the swap.",
     )
     load: Literal["runtime", "startup"] = Field(
         "runtime",
@@ -81,8 +134,12 @@ class MemberConfig(Strict):
             raise ValueError("`model` is required")
         if self.kind == "model" and self.adapter is not None:
             raise ValueError("`adapter` is only for kinds lora and soft_prompt")
-        if self.kind in ("lora", "soft_prompt") and self.adapter is None:
-            raise ValueError(f"a {self.kind} member needs `adapter`")
+        if self.soup is not None and self.kind != "lora":
+            raise ValueError("`soup` is only for kind lora")
+        if self.kind == "lora" and self.soup is not None and self.adapter is not None:
+            raise ValueError("set `adapter` or `soup`, not both")
+        if self.kind in ("lora", "soft_prompt") and self.adapter is None and self.soup is None:
+            raise ValueError(f"a {self.kind} member needs `adapter`" + (" or `soup`" if self.kind == "lora" else ""))
         if self.kind == "soft_prompt" and self.model is None:
             raise ValueError("a soft_prompt member needs `model`: the base model's name on its server")
         if self.kind == "soft_prompt" and self.endpoint is not None and self.base_checkpoint is None:
@@ -101,12 +158,31 @@ class ServerConfig(Strict):
     """A vLLM server the gateway starts and supervises itself (single-node mode)."""
 
     name: Name = Field(description="Unique server name; members point at it with `server`.")
-    model: str = Field(description="Model directory or hub id served by this server.")
+    model: str | None = Field(None, description="Model directory or hub id served by this server.")
+    merge: str | dict[str, Any] | None = Field(
+        None,
+        description="Instead of `model`: a mergekit recipe (a YAML file, or the recipe inline), merged by the "
+        "gateway with mergekit at start-up or reload into its cache (one folder per recipe and inputs, reused), "
+        "then served.",
+    )
     served_model_names: list[str] = Field(
-        default_factory=list, description="Names the server answers to (default: the model)."
+        default_factory=list, description="Names the server answers to (default: the model; a merge: the server name)."
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int | None = Field(None, ge=1, le=65535, description="Port; a free one when unset.")
     args: list[str] = Field(default_factory=list, description="Extra vLLM arguments.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     startup_timeout_s: float = Field(600.0, gt=0, description="How long to wait for /health.")
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ServerConfig:
+        if (self.model is None) == (self.merge is None):
+            raise ValueError("set exactly one of `model` or `merge`")
+        return self
+
+    @property
+    def checkpoint(self) -> str:
+        """The directory (or hub id) the server serves; for a merge, set once it is built."""
+        if self.model is None:
+            raise ValueError(f"server {self.name}: its merge is not built yet")
+        return self.model

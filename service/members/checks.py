@@ -32,26 +32,36 @@ def _arg_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-def read_adapter_config(member: MemberConfig) -> dict[str, Any]:
-    """The adapter's ``adapter_config.json``; a ``ConfigError`` naming the member if unreadable."""
-    assert member.adapter is not None  # guaranteed by MemberConfig
-    path = Path(member.adapter) / "adapter_config.json"
+def read_adapter_dir(adapter: str, field: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` of the PEFT adapter at ``adapter``; a ``ConfigError`` naming ``field``."""
+    path = Path(adapter) / "adapter_config.json"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ConfigError(f"members.{member.name}.adapter: no adapter at {member.adapter} ({path} missing)") from e
+        raise ConfigError(f"{field}: no adapter at {adapter} ({path} missing)") from e
     except (OSError, ValueError) as e:
-        raise ConfigError(f"members.{member.name}.adapter: cannot read {path}: {e}") from e
+        raise ConfigError(f"{field}: cannot read {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"members.{member.name}.adapter: {path} is not a JSON object")
+        raise ConfigError(f"{field}: {path} is not a JSON object")
     return data
+
+
+def read_adapter_config(member: MemberConfig) -> dict[str, Any]:
+    """The member's ``adapter_config.json``; a ``ConfigError`` naming the member if unreadable."""
+    assert member.adapter is not None  # guaranteed by MemberConfig
+    return read_adapter_dir(member.adapter, f"members.{member.name}.adapter")
 
 
 def check_lora(member: MemberConfig, server: ServerConfig | None) -> dict[str, Any]:
     cfg = read_adapter_config(member)
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"members.{member.name}.adapter: peft_type is {cfg.get('peft_type')!r}, not LORA")
-    rank = int(cfg.get("r", 0))
+    check_lora_server(member, int(cfg.get("r", 0)), server)
+    return cfg
+
+
+def check_lora_server(member: MemberConfig, rank: int, server: ServerConfig | None) -> None:
+    """A LoRA of ``rank`` can be served by ``server`` as ``member`` asks (LoRA enabled, rank, load)."""
     if server is not None:
         if "--enable-lora" not in server.args:
             raise ConfigError(f"members.{member.name}: server {server.name!r} is not started with --enable-lora")
@@ -69,14 +79,13 @@ def check_lora(member: MemberConfig, server: ServerConfig | None) -> dict[str, A
                 f"members.{member.name}: load: runtime needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
                 f"in server {server.name!r}'s env (or use load: startup)"
             )
-    return cfg
 
 
 def base_checkpoint(config: GatewayConfig, member: MemberConfig) -> str:
     if member.base_checkpoint is not None:
         return member.base_checkpoint
     server = next(s for s in config.servers if s.name == member.server)
-    return server.model
+    return server.checkpoint
 
 
 def check_soft_prompt(config: GatewayConfig, member: MemberConfig, server: ServerConfig | None) -> None:
@@ -86,6 +95,8 @@ def check_soft_prompt(config: GatewayConfig, member: MemberConfig, server: Serve
     if server is not None and "--enable-prompt-embeds" not in server.args:
         raise ConfigError(f"members.{member.name}: server {server.name!r} is not started with --enable-prompt-embeds")
     prompt = load_prompt_embeddings(member)
+    if member.base_checkpoint is None and server is not None and server.model is None:
+        return  # its server serves a merge not built yet (check-config): its hidden size is checked at start-up
     base = base_checkpoint(config, member)
     hidden = _base_hidden_size(base)
     if hidden is not None and prompt.shape[1] != hidden:
@@ -100,7 +111,7 @@ def check_members(config: GatewayConfig) -> None:
     servers = {s.name: s for s in config.servers}
     for m in config.members:
         server = servers.get(m.server) if m.server else None
-        if m.kind == "lora":
+        if m.kind == "lora" and m.adapter is not None:  # a soup is checked where it is built (service.models.soups)
             check_lora(m, server)
         elif m.kind == "soft_prompt":
             check_soft_prompt(config, m, server)

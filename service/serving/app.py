@@ -82,7 +82,7 @@ def create_app(
     port: int | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up.
-    ``members_checked``: the caller ran ``check_members`` on this config already (``serve`` does,
+    ``members_checked``: the caller ran ``materialize`` on this config already (``serve`` does,
     before it starts any server). ``host`` and ``port``: where it will listen, for the start-up
     warnings and summary (printed to stderr once ready, when the port is known)."""
     metrics = Metrics()

@@ -21,11 +21,12 @@ from service.config import GatewayConfig, load_config
 from service.errors import ConfigError, MemberFailure
 from service.members.base import Member
 from service.members.breakers import OPEN, Guards
-from service.members.checks import check_members, startup_lora_args
+from service.members.checks import startup_lora_args
 from service.members.gate import ClassGate
 from service.members.http import make_http_client
 from service.members.openai import LoRAMember
 from service.members.soft_prompt import BaseModelCache
+from service.models.artifacts import materialize
 from service.ops.launcher import Launcher, RunningServer
 from service.pipeline.admission import Admission
 from service.pipeline.pipeline import Pipeline
@@ -117,7 +118,7 @@ class Runtime:
 
     async def start(self) -> Pipeline:
         if not self._members_checked:
-            await asyncio.to_thread(check_members, self.config)
+            self.config = await asyncio.to_thread(materialize, self.config)
         self.client = make_http_client(self.config.max_connections, self.config.member_http)
         try:
             built = await build_pipeline(
@@ -250,7 +251,8 @@ class Runtime:
             start = time.perf_counter()
             old = self.pipeline
             if not self.parts.members:
-                await asyncio.to_thread(check_members, new)
+                # Merges and soups the new file asks for are built now, while the old configuration serves.
+                new = await asyncio.to_thread(materialize, new)
             use, started, retired = await self._servers_for(new)
             urls = {name: srv.base_url for name, srv in use.items()}
             await self._unload_replaced_adapters(old, new, urls)

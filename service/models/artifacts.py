@@ -1,0 +1,131 @@
+"""What the gateway builds from recipes before it serves: merged models (``servers[].merge``) and
+adapter soups (``members[].soup``), in a content-addressed cache.
+
+``materialize`` turns a configuration with recipes into one that names built directories (a
+merge server's ``model``, a soup member's ``adapter``), building what the cache lacks. A folder's
+name is a digest of the recipe, the library that builds it and its inputs' files, so an unchanged
+recipe is reused across restarts and reloads, and a changed one is built beside the old one, which
+keeps serving until the swap. Blocking: ``serve`` calls it before the event loop starts, a reload
+from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from service.config import GatewayConfig, MemberConfig, ServerConfig
+from service.members.checks import check_lora_server, check_members
+from service.models.merges import build_merge, merge_inputs
+from service.models.soups import build_soup, soup_inputs, soup_rank
+
+logger = logging.getLogger(__name__)
+
+# Files up to this size are identified by their content; larger ones (a big model's weight shards)
+# by size and modification time, so that a restart does not read gigabytes to find its cache entry.
+CONTENT_LIMIT = 64 * 1024 * 1024
+
+
+def cache_root(config: GatewayConfig) -> Path:
+    if config.cache_dir:
+        return Path(os.path.expanduser(config.cache_dir))
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(xdg) / "ensemble-gateway"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def tree_fingerprint(path: str) -> str:
+    """A digest of the files under ``path``: names, sizes, and contents (size and mtime above ``CONTENT_LIMIT``)."""
+    h = hashlib.sha256()
+    root = Path(os.path.expanduser(path))
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0".encode())
+        if st.st_size > CONTENT_LIMIT:
+            h.update(str(st.st_mtime_ns).encode())
+            continue
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _merge_server(server: ServerConfig, root: Path, build: bool) -> ServerConfig:
+    inputs = merge_inputs(server)
+    if not build:
+        return server
+    digest = _digest(
+        {
+            "mergekit": _version("mergekit"),
+            "recipe": inputs.recipe,
+            "models": {m: tree_fingerprint(m) for m in inputs.models},
+        }
+    )
+    out = root / "merges" / digest
+    if (out / "config.json").exists():
+        logger.info("server %s: merge %s from the cache (%s)", server.name, digest, out)
+    else:
+        start = time.perf_counter()
+        logger.info("server %s: merging with mergekit into %s", server.name, out)
+        build_merge(inputs, out)
+        logger.info("server %s: merged in %.1fs", server.name, time.perf_counter() - start)
+    return server.model_copy(update={"model": str(out), "served_model_names": server.served_model_names or [server.name]})
+
+
+def _soup_member(config: GatewayConfig, member: MemberConfig, root: Path, build: bool) -> MemberConfig:
+    inputs = soup_inputs(config, member)
+    server = next((s for s in config.servers if s.name == member.server), None)
+    check_lora_server(member, soup_rank(inputs), server)
+    if not build:
+        return member
+    digest = _digest(
+        {
+            "peft": _version("peft"),
+            **inputs.describe(),
+            "parts": [(tree_fingerprint(p.adapter), p.weight) for p in inputs.parts],
+        }
+    )
+    out = root / "soups" / digest
+    if (out / "adapter_config.json").exists():
+        logger.info("member %s: soup %s from the cache (%s)", member.name, digest, out)
+    else:
+        start = time.perf_counter()
+        logger.info("member %s: building its %s soup of %d adapters into %s", member.name, inputs.recipe.method,
+                    len(inputs.parts), out)
+        build_soup(inputs, out)
+        logger.info("member %s: soup built in %.1fs", member.name, time.perf_counter() - start)
+    # The digest in the served name: a changed soup loads beside the old one, which serves until the swap.
+    return member.model_copy(update={"adapter": str(out), "model": member.model or f"{member.name}-{digest[:10]}"})
+
+
+def materialize(config: GatewayConfig, build: bool = True) -> GatewayConfig:
+    """``config`` with every merge and soup built (or found in the cache) and every member's files
+    checked (``check_members``). ``build=False`` checks the recipes without building (check-config).
+    A ``ConfigError`` names the server or member at fault. Idempotent: what is built stays built."""
+    root = cache_root(config)
+    servers = [
+        _merge_server(s, root, build) if s.merge is not None and s.model is None else s for s in config.servers
+    ]
+    config = config.model_copy(update={"servers": servers})
+    members = [
+        _soup_member(config, m, root, build) if m.soup is not None and m.adapter is None else m for m in config.members
+    ]
+    config = config.model_copy(update={"members": members})
+    check_members(config)
+    return config
