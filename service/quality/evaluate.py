@@ -135,12 +135,12 @@ async def gateway_client(
         return
     assert config_path is not None
     from service.config import load_config
-    from service.members.checks import check_members, startup_lora_args
+    from service.members.checks import startup_lora_args
+    from service.models.artifacts import materialize
     from service.ops.launcher import Launcher
     from service.serving.app import create_app
 
-    config = load_config(config_path)
-    await asyncio.to_thread(check_members, config)
+    config = await asyncio.to_thread(materialize, load_config(config_path))  # merges and soups built
     with tempfile.TemporaryDirectory(prefix="ensemble-eval-") as logs:
         launcher = Launcher(Path(logs))
         try:

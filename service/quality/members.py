@@ -61,6 +61,15 @@ class AdapterRecipe:
     virtual_tokens: int = 16
 
 
+@dataclass(frozen=True)
+class FineTuneRecipe:
+    """Every weight of the base named ``base`` trained further (a full fine-tune): a model of the same
+    architecture and tokenizer, so that mergekit can merge it with its siblings."""
+
+    base: str
+    training: Training
+
+
 def _tokenizer(recipe: BaseRecipe) -> Any:
     if recipe.tokenizer == "char":
         return vocab.char_tokenizer()
@@ -135,9 +144,22 @@ def train_adapter(recipe: AdapterRecipe, base_dir: Path, out: Path, exclude: fro
     return loss
 
 
-def load_member(root: Path, name: str, recipe: BaseRecipe | AdapterRecipe) -> tuple[Any, Any]:
-    """Model and tokenizer of the member ``name`` written under ``root`` (a base or an adapter)."""
-    base_dir = root / (recipe.base if isinstance(recipe, AdapterRecipe) else name)
+def train_finetune(recipe: FineTuneRecipe, base_dir: Path, out: Path, exclude: frozenset[str], desc: str) -> float:
+    """Fine-tune every weight of the base in ``base_dir``; save model, tokenizer and generation config in ``out``."""
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    t = recipe.training
+    torch.manual_seed(t.seed)
+    data = lm.batches(tok, lm.examples(t.seed, t.mix, exclude), t.batch)
+    loss = lm.train_loop(model, data, t.steps, t.lr, desc, t.warmup)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return loss
+
+
+def load_member(root: Path, name: str, recipe: BaseRecipe | AdapterRecipe | FineTuneRecipe) -> tuple[Any, Any]:
+    """Model and tokenizer of the member ``name`` written under ``root`` (a base, a fine-tune or an adapter)."""
+    base_dir = root / (recipe.base if isinstance(recipe, AdapterRecipe) else name)  # a fine-tune is whole
     tok = AutoTokenizer.from_pretrained(base_dir)
     model: Any = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if isinstance(recipe, AdapterRecipe):

@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 
 from service.quality import fuser, lm, ranker, suite, vocab
-from service.quality.members import AdapterRecipe, BaseRecipe, Training, load_member, train_adapter, train_base
+from service.quality.members import (
+    AdapterRecipe,
+    BaseRecipe,
+    FineTuneRecipe,
+    Training,
+    load_member,
+    train_adapter,
+    train_base,
+    train_finetune,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +69,9 @@ class Recipe:
     fuser: fuser.FuserRecipe
     eval_seed: int = suite.DEFAULT_EVAL_SEED
     eval_per_skill: int = 100
+    # Trained after the members, for the other ways to combine models (more soft prompts for a prompt
+    # ensemble, full fine-tunes to merge); their answers do not train the ranker or the fuser.
+    variants: dict[str, AdapterRecipe | FineTuneRecipe] = field(default_factory=dict)
 
     def scaled(self, scale: float) -> Recipe:
         """The same recipe with ``scale`` times the steps and training prompts (the CI's small mode)."""
@@ -70,9 +82,13 @@ class Recipe:
         def steps(n: int) -> int:
             return max(4, round(n * scale))
 
+        def variant(r: AdapterRecipe | FineTuneRecipe) -> AdapterRecipe | FineTuneRecipe:
+            return replace(r, training=r.training.scaled(scale))
+
         return replace(
             self,
             members={name: member(r) for name, r in self.members.items()},
+            variants={name: variant(r) for name, r in self.variants.items()},
             candidates=replace(self.candidates, per_skill=steps(self.candidates.per_skill)),
             ranker=replace(self.ranker, steps=steps(self.ranker.steps), warmup=steps(self.ranker.warmup)),
             fuser=replace(self.fuser, steps=steps(self.fuser.steps), warmup=steps(self.fuser.warmup)),
@@ -115,6 +131,19 @@ def default_recipe() -> Recipe:
             "soft-reverse": AdapterRecipe(
                 "base-a", "prompt", Training(mix=(S("reverse"),), steps=200, lr=1e-1, seed=5), virtual_tokens=16
             ),
+        },
+        variants={
+            # Two more soft prompts for the reverse skill, other seeds (and one shorter): with soft-reverse,
+            # Lester et al.'s prompt ensemble of three, combined by majority vote.
+            "soft-reverse-2": AdapterRecipe(
+                "base-a", "prompt", Training(mix=(S("reverse"),), steps=200, lr=1e-1, seed=21), virtual_tokens=16
+            ),
+            "soft-reverse-3": AdapterRecipe(
+                "base-a", "prompt", Training(mix=(S("reverse"),), steps=200, lr=1e-1, seed=22), virtual_tokens=8
+            ),
+            # Two full fine-tunes of base A on different skills: the parents of the merged models.
+            "ft-sort": FineTuneRecipe("base-a", Training(mix=(S("sort"),), steps=150, lr=5e-4, seed=23)),
+            "ft-capital": FineTuneRecipe("base-a", Training(mix=(S("capital"),), steps=150, lr=5e-4, seed=24)),
         },
         candidates=CandidateRecipe(per_skill=1500, seed=500),
         ranker=ranker.RankerRecipe(hidden=128, layers=2, intermediate=256, steps=1000, lr=5e-4, seed=7, hard_weight=4),
@@ -308,6 +337,13 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         else:
             build = functools.partial(train_adapter, member, root / member.base, exclude=exclude, desc=name)
             steps.run(name, spec, [member.base], build)
+    for name, variant in recipe.variants.items():
+        spec = {"member": asdict(variant), **spec_exclude}
+        if isinstance(variant, FineTuneRecipe):
+            build = functools.partial(train_finetune, variant, root / variant.base, exclude=exclude, desc=name)
+        else:
+            build = functools.partial(train_adapter, variant, root / variant.base, exclude=exclude, desc=name)
+        steps.run(name, spec, [variant.base], build)
     members = list(recipe.members)
     items = suite.training_items(recipe.candidates.seed, recipe.candidates.per_skill, exclude=exclude)
     cands = steps.run(
