@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import combinations
 from bench.common import ROOT, commit, machine
 
 logger = logging.getLogger("bench.quality")
@@ -63,7 +64,7 @@ def _run_eval(
     return report
 
 
-def _doc(result: dict[str, Any], markdown_table: str, chart_name: str) -> str:
+def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: list[str] | None = None) -> str:
     report, g = result["report"], result["goals"]
     em = {name: row["exact_match"] for name, row in report["scores"]["overall"].items()}
     policy = report["policy"]
@@ -175,12 +176,15 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str) -> str:
         "fusion): the share of requests that would skip the fuser at each margin, and the accuracy then.",
         "",
         *_self_moa_section(result),
+        *(combos or []),
         "## Reproduce",
         "",
         "```",
         "make quality            # trains if needed, serves the demo config, evaluates, writes this page",
         "ensemble-gateway suite suite.jsonl --seed 1000001 --per-skill 100",
         "ensemble-gateway eval suite.jsonl --config config/demo.yaml --concurrency 8",
+        "ensemble-gateway eval suite.jsonl --config config/demo.yaml --ensemble prompt-ensemble   # or soups",
+        "ensemble-gateway eval suite.jsonl --config config/merges.yaml",
         "```",
         "",
         f"Training from nothing: {train_total:.0f} s of steps on {training.get('threads', '?')} torch threads "
@@ -259,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="its samples' temperature (default 1.0; greedy samples would be identical)",
     )
+    parser.add_argument(
+        "--no-combinations",
+        action="store_true",
+        help="skip the prompt-ensemble, soups and merges passes",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -281,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         self_moa = _run_eval(
             dataset, target, args.work / "self-moa", args.concurrency, args.self_moa, args.self_moa_temperature
         )
+    combos = None
+    if not args.no_combinations and not args.url:
+        combos = combinations.run_passes(dataset, args.work, args.concurrency, _run_eval)
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "commit": commit(),
@@ -293,13 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goals(report),
         "report": report,
         "self_moa": None if self_moa is None else {**self_moa, "temperature": args.self_moa_temperature},
+        "combinations": combos,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     if str(args.doc) != "-":
         chart = args.doc.parent / "quality.png"
         shutil.copyfile(args.work / "report" / "chart.png", chart)
-        args.doc.write_text(_doc(result, markdown(report), chart.name))
+        sections = combinations.section(combos, args.doc.parent, args.work)
+        args.doc.write_text(_doc(result, markdown(report), chart.name, sections))
     for name, goal in result["goals"].items():
         print(f"{name}: {goal['value']} (goal {goal['goal']}): {'met' if goal['met'] else 'MISSED'}")
     return 0

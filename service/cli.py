@@ -1,4 +1,5 @@
-"""Command line: ``ensemble-gateway serve | check-config | merge | make-tiny-models | train | suite | eval | train-ranker``."""
+"""Command line: ``ensemble-gateway serve | check-config | merge | make-tiny-models | train | suite | eval |
+train-ranker``."""
 
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ def _merge_server(server: ServerConfig, root: Path, build: bool) -> ServerConfig
         logger.info("server %s: merging with mergekit into %s", server.name, out)
         build_merge(inputs, out)
         logger.info("server %s: merged in %.1fs", server.name, time.perf_counter() - start)
-    return server.model_copy(update={"model": str(out), "served_model_names": server.served_model_names or [server.name]})
+    names = server.served_model_names or [server.name]
+    return server.model_copy(update={"model": str(out), "served_model_names": names})
 
 
 def _soup_member(config: GatewayConfig, member: MemberConfig, root: Path, build: bool) -> MemberConfig:
@@ -106,8 +107,13 @@ def _soup_member(config: GatewayConfig, member: MemberConfig, root: Path, build:
         logger.info("member %s: soup %s from the cache (%s)", member.name, digest, out)
     else:
         start = time.perf_counter()
-        logger.info("member %s: building its %s soup of %d adapters into %s", member.name, inputs.recipe.method,
-                    len(inputs.parts), out)
+        logger.info(
+            "member %s: building its %s soup of %d adapters into %s",
+            member.name,
+            inputs.recipe.method,
+            len(inputs.parts),
+            out,
+        )
         build_soup(inputs, out)
         logger.info("member %s: soup built in %.1fs", member.name, time.perf_counter() - start)
     # The digest in the served name: a changed soup loads beside the old one, which serves until the swap.
@@ -119,9 +125,7 @@ def materialize(config: GatewayConfig, build: bool = True) -> GatewayConfig:
     checked (``check_members``). ``build=False`` checks the recipes without building (check-config).
     A ``ConfigError`` names the server or member at fault. Idempotent: what is built stays built."""
     root = cache_root(config)
-    servers = [
-        _merge_server(s, root, build) if s.merge is not None and s.model is None else s for s in config.servers
-    ]
+    servers = [_merge_server(s, root, build) if s.merge is not None and s.model is None else s for s in config.servers]
     config = config.model_copy(update={"servers": servers})
     members = [
         _soup_member(config, m, root, build) if m.soup is not None and m.adapter is None else m for m in config.members

@@ -71,7 +71,8 @@ def soup_inputs(config: GatewayConfig, member: MemberConfig) -> SoupInputs:
         cfg = read_adapter_dir(path, f"{field}.{'member' if part.member else 'adapter'}")
         if cfg.get("peft_type") != "LORA":
             raise ConfigError(f"{field}: {label} is a {cfg.get('peft_type')} adapter, not LORA")
-        parts.append(SoupPartInput(label, path, part.weight, int(cfg.get("r", 0)), str(cfg.get("base_model_name_or_path"))))
+        base = str(cfg.get("base_model_name_or_path"))
+        parts.append(SoupPartInput(label, path, part.weight, int(cfg.get("r", 0)), base))
     first = parts[0]
     for p in parts[1:]:
         if not _same_path(p.base, first.base):
@@ -109,7 +110,8 @@ def build_soup(inputs: SoupInputs, out: Path) -> None:
     try:
         from peft import PeftModel
     except ImportError as e:
-        raise ConfigError(f"members.{inputs.member}.soup: PEFT is not installed (pip install 'ensemble-gateway[combine]')") from e
+        hint = "pip install 'ensemble-gateway[combine]'"
+        raise ConfigError(f"members.{inputs.member}.soup: PEFT is not installed ({hint})") from e
 
     recipe = inputs.recipe
     try:

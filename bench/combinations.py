@@ -1,0 +1,129 @@
+"""The other ways to combine models, for ``python -m bench.quality``: a prompt ensemble of three soft
+prompts by vote, adapter soups against their parts, merged models against their parents. Each pass is
+``ensemble-gateway eval`` of one ensemble on the skills it concerns (the same held-out suite), with
+its servers started as ``serve`` starts them; QUALITY.md gets one section and one chart per pass.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT
+
+
+@dataclass(frozen=True)
+class Pass:
+    key: str
+    config: Path
+    ensemble: str
+    skills: tuple[str, ...]
+    title: str
+
+
+PASSES = (
+    Pass("prompt_ensemble", ROOT / "config" / "demo.yaml", "prompt-ensemble", ("reverse",), "Prompt ensemble"),
+    Pass("soups", ROOT / "config" / "demo.yaml", "soups", ("sort", "capital"), "Adapter soups"),
+    Pass("merges", ROOT / "config" / "merges.yaml", "merges", ("sort", "capital"), "Merged models"),
+)
+
+RunEval = Callable[[Path, list[str], Path, int, str], dict[str, Any]]
+
+
+def run_passes(dataset: Path, work: Path, concurrency: int, run_eval: RunEval) -> dict[str, Any]:
+    """Each pass's report, evaluated on the lines of ``dataset`` tagged with its skills."""
+    lines = dataset.read_text().splitlines()
+    out: dict[str, Any] = {}
+    for p in PASSES:
+        subset = work / f"suite-{p.key}.jsonl"
+        subset.write_text("".join(line + "\n" for line in lines if any(f'"tag": "{s}"' in line for s in p.skills)))
+        out[p.key] = run_eval(subset, ["--config", str(p.config)], work / p.key, concurrency, p.ensemble)
+    return out
+
+
+def _em(report: dict[str, Any], tag: str, row: str) -> float:
+    return float(report["scores"][tag][row]["exact_match"])
+
+
+def _table(report: dict[str, Any], skills: tuple[str, ...], rows: list[tuple[str, str]]) -> list[str]:
+    out = ["| " + " | ".join(["model", *(f"{s} (%)" for s in skills)]) + " |", "|---" * (len(skills) + 1) + "|"]
+    for label, row in rows:
+        out.append("| " + " | ".join([label, *(f"{_em(report, s, row):.1f}" for s in skills)]) + " |")
+    return out
+
+
+def section(combos: dict[str, Any] | None, doc_dir: Path, work: Path) -> list[str]:
+    """QUALITY.md's sections for the passes that ran (their charts copied next to the doc)."""
+    if not combos:
+        return []
+    lines: list[str] = []
+    for p in PASSES:
+        report = combos.get(p.key)
+        if report is None:
+            continue
+        chart = f"quality-{p.key.replace('_', '-')}.png"
+        if (work / p.key / "chart.png").exists():
+            shutil.copyfile(work / p.key / "chart.png", doc_dir / chart)
+        members = [r.removeprefix("member ") for r in report["scores"]["overall"] if r.startswith("member ")]
+        lines += [f"## {p.title}", ""]
+        lines += _explain(p, report, members)
+        lines += ["", f"![{p.title}]({chart})", ""]
+    return lines
+
+
+def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
+    n = report["items"]
+    if p.key == "prompt_ensemble":
+        rows = [(m, f"member {m}") for m in members]
+        rows += [("majority vote of the three (the ensemble's answer)", "ensemble (policy)"), ("oracle", "oracle")]
+        vote = _em(report, "reverse", "ensemble (policy)")
+        best = max(_em(report, "reverse", f"member {m}") for m in members)
+        return [
+            f"Three soft prompts over the frozen base A (`prompt-ensemble`: soft-reverse, and soft-reverse-2 and -3 "
+            f"trained with other seeds, 16 and 8 virtual tokens), their answers combined by majority vote, ties to "
+            f"member order (Lester et al.); {n} held-out reverse prompts.",
+            "",
+            *_table(report, p.skills, rows),
+            "",
+            f"The vote scores {vote:.1f}% against {best:.1f}% for the best soft prompt alone "
+            f"({vote - best:+.1f} points): "
+            + (
+                "the prompts err on different words, so the majority corrects some of each one's mistakes."
+                if vote > best
+                else "the prompts' mistakes coincide too often for a majority to correct them."
+            ),
+        ]
+    rows = [(m, f"member {m}") for m in members]
+    table = _table(report, p.skills, rows)
+    parts, made = members[:2], members[2:]
+    best_made = {s: max(_em(report, s, f"member {m}") for m in made) for s in p.skills}
+    parent_best = {s: max(_em(report, s, f"member {m}") for m in parts) for s in p.skills}
+    both = ", ".join(f"{s} {best_made[s]:.1f}% (best part {parent_best[s]:.1f}%)" for s in p.skills)
+    if p.key == "soups":
+        intro = (
+            f"Soups of the two skill LoRAs over base A (`soups`), built by the gateway with PEFT's "
+            f"`add_weighted_adapter` (weights 0.5 and 0.5): `linear` (A and B matrices combined one by one, rank 8) "
+            f"and `cat` (stacked, rank 16: exactly the average of the two updates); {n} held-out prompts."
+        )
+    else:
+        intro = (
+            f"Two full fine-tunes of base A, one per skill (ft-sort, ft-capital), and three merges of them built by "
+            f"the gateway with mergekit (`config/merges.yaml`): linear (0.5 each), task_arithmetic (base A plus both "
+            f"differences) and ties (density 0.5), each served by its own vLLM server; {n} held-out prompts."
+        )
+    return [
+        intro,
+        "",
+        *table,
+        "",
+        f"Best of the combined models per skill: {both}. "
+        + (
+            "No combination keeps both skills: each fine-tune's change to the shared weights undoes much of the "
+            "other's (these models are narrow and tiny; capitals are recalled facts, which averaging blurs)."
+            if all(best_made[s] < parent_best[s] - 20 for s in p.skills)
+            else "Where a combined model comes close to its best part on a skill, it keeps that skill."
+        ),
+    ]
