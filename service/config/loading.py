@@ -58,9 +58,23 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            parts = [str(p) for p in err["loc"]]
+            # members.3 -> members.3 (soup-x): the member's or server's name, where the file gives one
+            if len(parts) >= 2 and parts[0] in ("members", "servers") and parts[1].isdigit():
+                name = _name_at(data, parts[0], int(parts[1]))
+                if name:
+                    parts[1] = f"{parts[1]} ({name})"
+            loc = ".".join(parts) or "(top level)"
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(lines)) from e
+
+
+def _name_at(data: dict[str, Any], section: str, index: int) -> str | None:
+    items = data.get(section)
+    if isinstance(items, list) and index < len(items) and isinstance(items[index], dict):
+        name = items[index].get("name")
+        return name if isinstance(name, str) else None
+    return None
 
 
 def load_config(path: str | Path) -> GatewayConfig:

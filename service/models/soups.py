@@ -114,23 +114,24 @@ def build_soup(inputs: SoupInputs, out: Path) -> None:
         raise ConfigError(f"members.{inputs.member}.soup: PEFT is not installed ({hint})") from e
 
     recipe = inputs.recipe
-    try:
-        base = AutoModelForCausalLM.from_pretrained(inputs.base, dtype="auto")
-        names = [f"part{i}" for i in range(len(inputs.parts))]
-        model = PeftModel.from_pretrained(base, inputs.parts[0].adapter, adapter_name=names[0])
-        for name, part in zip(names[1:], inputs.parts[1:], strict=True):
-            model.load_adapter(part.adapter, adapter_name=name)
-        kwargs: dict[str, Any] = {"combination_type": recipe.method}
-        if recipe.density is not None:
-            kwargs.update(density=recipe.density, majority_sign_method=recipe.majority_sign_method)
-        if recipe.method == "svd":
-            kwargs["svd_rank"] = recipe.svd_rank
-        # dare draws its drop mask from torch's global generator: seeded here, restored afterwards.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
+    # Loading the base and the adapters draws from torch's global generator, and dare draws its drop
+    # mask from it: seeded here, restored afterwards (the gateway's own sampling is not disturbed).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(inputs.base, dtype="auto")
+            names = [f"part{i}" for i in range(len(inputs.parts))]
+            model = PeftModel.from_pretrained(base, inputs.parts[0].adapter, adapter_name=names[0])
+            for name, part in zip(names[1:], inputs.parts[1:], strict=True):
+                model.load_adapter(part.adapter, adapter_name=name)
+            kwargs: dict[str, Any] = {"combination_type": recipe.method}
+            if recipe.density is not None:
+                kwargs.update(density=recipe.density, majority_sign_method=recipe.majority_sign_method)
+            if recipe.method == "svd":
+                kwargs["svd_rank"] = recipe.svd_rank
             model.add_weighted_adapter(names, [p.weight for p in inputs.parts], SOUP_NAME, **kwargs)
-    except (ValueError, TypeError, RuntimeError, OSError) as e:
-        raise ConfigError(f"members.{inputs.member}.soup: PEFT could not build it: {e}") from e
+        except (ValueError, TypeError, RuntimeError, OSError) as e:
+            raise ConfigError(f"members.{inputs.member}.soup: PEFT could not build it: {e}") from e
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
