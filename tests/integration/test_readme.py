@@ -6,7 +6,8 @@ the demo's own config (config/demo.yaml), its top-level keys replacing the demo'
 members but no ensembles gets one ensemble of all its members; the demo's servers go when the
 snippet brings members of its own. Paths that only exist on the reader's machine are replaced by
 the demo's trained checkpoints of the same role (a server's model by base A, a LoRA adapter by
-lora-sort, a soft prompt by soft-reverse), so that check-config's adapter checks run for real.
+lora-sort or lora-capital, a soft prompt by soft-reverse, a merge's models by the fine-tunes of base
+A), so that check-config's adapter and recipe checks run for real.
 """
 
 from __future__ import annotations
@@ -104,11 +105,22 @@ def complete(snippet: dict[str, Any], trained: Path) -> dict[str, Any]:
             config["ensembles"] = {"default": {"members": [m["name"] for m in snippet["members"]]}}
             config["default_ensemble"] = "default"
     for server in config.get("servers", []):
-        if not Path(server["model"]).exists():
+        if "model" in server and not Path(server["model"]).exists():
             server["model"] = str(trained / "base-a")
+        recipe = server.get("merge")
+        if isinstance(recipe, dict):  # a merge's base is base A, the models it merges the two fine-tunes
+            if "base_model" in recipe and not Path(recipe["base_model"]).exists():
+                recipe["base_model"] = str(trained / "base-a")
+            for i, model in enumerate(recipe.get("models", [])):
+                if not Path(model["model"]).exists():
+                    model["model"] = str(trained / ("ft-sort", "ft-capital")[i % 2])
+    loras = iter(["lora-sort", "lora-capital"] * 4)
     for member in config.get("members", []):
         if member.get("adapter") and not Path(member["adapter"]).exists():
-            member["adapter"] = str(trained / ("soft-reverse" if member.get("kind") == "soft_prompt" else "lora-sort"))
+            member["adapter"] = str(trained / ("soft-reverse" if member.get("kind") == "soft_prompt" else next(loras)))
+        for part in (member.get("soup") or {}).get("adapters", []):
+            if part.get("adapter") and not Path(part["adapter"]).exists():
+                part["adapter"] = str(trained / next(loras))
     return config
 
 
