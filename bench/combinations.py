@@ -26,6 +26,13 @@ class Pass:
 
 PASSES = (
     Pass("prompt_ensemble", ROOT / "config" / "demo.yaml", "prompt-ensemble", ("reverse",), "Prompt ensemble"),
+    Pass(
+        "prompt_ensemble_brief",
+        ROOT / "config" / "demo.yaml",
+        "prompt-ensemble-brief",
+        ("reverse",),
+        "Prompt ensemble, briefly trained prompts",
+    ),
     Pass("soups", ROOT / "config" / "demo.yaml", "soups", ("sort", "capital"), "Adapter soups"),
     Pass("merges", ROOT / "config" / "merges.yaml", "merges", ("sort", "capital"), "Merged models"),
 )
@@ -76,15 +83,19 @@ def section(combos: dict[str, Any] | None, doc_dir: Path, work: Path) -> list[st
 
 def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
     n = report["items"]
-    if p.key == "prompt_ensemble":
+    if p.key.startswith("prompt_ensemble"):
         rows = [(m, f"member {m}") for m in members]
         rows += [("majority vote of the three (the ensemble's answer)", "ensemble (policy)"), ("oracle", "oracle")]
         vote = _em(report, "reverse", "ensemble (policy)")
         best = max(_em(report, "reverse", f"member {m}") for m in members)
+        who = (
+            "soft-reverse, and soft-reverse-2 and -3 trained as long with other seeds, 16 and 8 virtual tokens"
+            if p.key == "prompt_ensemble"
+            else "three prompts of 16 virtual tokens, each trained for 40 steps where soft-reverse had 200"
+        )
         return [
-            f"Three soft prompts over the frozen base A (`prompt-ensemble`: soft-reverse, and soft-reverse-2 and -3 "
-            f"trained with other seeds, 16 and 8 virtual tokens), their answers combined by majority vote, ties to "
-            f"member order (Lester et al.); {n} held-out reverse prompts.",
+            f"Three soft prompts over the frozen base A (`{p.ensemble}`: {who}), their answers combined by majority "
+            f"vote, ties to member order (Lester et al.); {n} held-out reverse prompts.",
             "",
             *_table(report, p.skills, rows),
             "",
@@ -93,7 +104,10 @@ def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
             + (
                 "the prompts err on different words, so the majority corrects some of each one's mistakes."
                 if vote > best
-                else "the prompts' mistakes coincide too often for a majority to correct them."
+                else "at the ceiling there is nothing to correct."
+                if best >= 99.0
+                else "where two prompts agree on a wrong answer, the majority keeps the mistake, and that happens "
+                "about as often as it corrects one."
             ),
         ]
     rows = [(m, f"member {m}") for m in members]
@@ -114,16 +128,23 @@ def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
             f"the gateway with mergekit (`config/merges.yaml`): linear (0.5 each), task_arithmetic (base A plus both "
             f"differences) and ties (density 0.5), each served by its own vLLM server; {n} held-out prompts."
         )
-    return [
-        intro,
-        "",
-        *table,
-        "",
-        f"Best of the combined models per skill: {both}. "
-        + (
-            "No combination keeps both skills: each fine-tune's change to the shared weights undoes much of the "
-            "other's (these models are narrow and tiny; capitals are recalled facts, which averaging blurs)."
-            if all(best_made[s] < parent_best[s] - 20 for s in p.skills)
-            else "Where a combined model comes close to its best part on a skill, it keeps that skill."
-        ),
-    ]
+    kept = [s for s in p.skills if best_made[s] >= parent_best[s] - 5]
+    if p.key == "soups":
+        note = (
+            "`cat`'s update is exactly 0.5 ΔW_sort + 0.5 ΔW_capital; `linear` mixes the two adapters' A and B "
+            "matrices, so its update also has cross terms. AdapterSoup averages adapters of nearby domains, whose "
+            "updates point the same way; these two skills are unrelated, so half of each update is what each skill "
+            "gets."
+        )
+    else:
+        note = (
+            "linear averages the two fine-tunes' weights; task_arithmetic and ties add both fine-tunes' differences "
+            "from base A (ties keeps the larger half of each and elects signs where they disagree)."
+        )
+    verdict = (
+        f"A combined model comes within 5 points of its best part on {', '.join(kept)}."
+        if kept
+        else "No combined model comes within 5 points of its best part on either skill: combining trades most of "
+        "each skill away for a share of the other."
+    )
+    return [intro, "", *table, "", f"Best of the combined models per skill: {both}. {verdict} {note}"]

@@ -22,7 +22,9 @@ from service.models.artifacts import materialize
 from service.quality import lm, suite
 from tests.integration.conftest import ADMIN_KEY, Gateway, serve
 
-PROMPTS = [it.prompt for skill in suite.SKILLS for it in suite.eval_suite(suite.DEFAULT_EVAL_SEED, 3) if it.tag == skill]
+PROMPTS = [
+    it.prompt for skill in suite.SKILLS for it in suite.eval_suite(suite.DEFAULT_EVAL_SEED, 3) if it.tag == skill
+]
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
@@ -56,7 +58,12 @@ def _config(trained: Path, cache: Path, recipe: Path, method: str = "linear") ->
                 },
                 "sampling": {"max_tokens": 16, "temperature": 0.0},
             },
-            {"name": "merged", "server": "merged", "model": "merged", "sampling": {"max_tokens": 16, "temperature": 0.0}},
+            {
+                "name": "merged",
+                "server": "merged",
+                "model": "merged",
+                "sampling": {"max_tokens": 16, "temperature": 0.0},
+            },
         ],
         "ensembles": {
             "soup": {"members": ["soup"], "deadline_s": 60},
@@ -118,7 +125,9 @@ def test_soup_served_by_vllm_answers_as_pefts_soup_in_transformers(combo: Gatewa
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    part = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(trained_models / "base-a"), str(trained_models / "lora-sort"))
+    part = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(trained_models / "base-a"), str(trained_models / "lora-sort")
+    )
     assert lm.generate(part, AutoTokenizer.from_pretrained(trained_models / "base-a"), PROMPTS, 16) != expected
 
 

@@ -34,7 +34,7 @@ def _base(path: Path, seed: int) -> Path:
         num_key_value_heads=1,
         max_position_embeddings=64,
     )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    LlamaForCausalLM(cfg).save_pretrained(path)  # type: ignore[no-untyped-call]
     return path
 
 
@@ -88,7 +88,10 @@ def build(text: str, check_only: bool = False) -> GatewayConfig:
     ("soup", "error"),
     [
         ({"method": "average", "adapters": []}, r"members\.1 \(mix\)\.soup\.method"),
-        ({"adapters": [{"adapter": "x", "weight": ".nan"}]}, r"members\.1 \(mix\)\.soup\.adapters\.0\.weight: .*finite"),
+        (
+            {"adapters": [{"adapter": "x", "weight": ".nan"}]},
+            r"members\.1 \(mix\)\.soup\.adapters\.0\.weight: .*finite",
+        ),
         ({"adapters": [{"adapter": "x", "weight": ".inf"}, {"adapter": "y"}]}, r"adapters\.0\.weight: .*finite"),
         ({"adapters": [{"adapter": "x"}]}, r"mix\)\.soup\.adapters: .*at least 2"),
         ({"method": "ties", "adapters": [{"adapter": "x"}, {"adapter": "y"}]}, r"mix\)\.soup: .*ties needs `density`"),
@@ -104,13 +107,17 @@ def test_bad_recipe_fields_name_the_member(files: dict[str, Path], tmp_path: Pat
 @pytest.mark.parametrize(
     ("make", "error"),
     [
-        (lambda f: linear(f, "a", "a") | {"adapters": [{"adapter": "/nowhere/x"}, {"adapter": str(f["a"])}]},
-         r"members\.mix\.soup\.adapters\.0\.adapter: no adapter at /nowhere/x"),
+        (
+            lambda f: linear(f, "a", "a") | {"adapters": [{"adapter": "/nowhere/x"}, {"adapter": str(f["a"])}]},
+            r"members\.mix\.soup\.adapters\.0\.adapter: no adapter at /nowhere/x",
+        ),
         (lambda f: linear(f, "a", "other"), r"members\.mix\.soup: adapters of different bases"),
         (lambda f: linear(f, "a", "r8"), r"members\.mix\.soup: method linear needs adapters of equal rank .*r=4.*r=8"),
         (lambda f: linear(f, "a", "r8", method="dare_ties", density=0.5), r"dare_ties needs adapters of equal rank"),
-        (lambda f: linear(f, "a", "b") | {"adapters": [{"member": "nope"}, {"member": "la"}]},
-         r"members\.mix\.soup\.adapters\.0\.member: 'nope' is not a lora member"),
+        (
+            lambda f: linear(f, "a", "b") | {"adapters": [{"member": "nope"}, {"member": "la"}]},
+            r"members\.mix\.soup\.adapters\.0\.member: 'nope' is not a lora member",
+        ),
         (lambda f: linear(f, "a", "r8", method="cat"), r"members\.mix: adapter rank 12 exceeds server 's'"),
     ],
 )
@@ -127,7 +134,8 @@ def test_bad_recipes_name_the_member_before_anything_is_built(
 def test_a_soup_is_pefts_own_merge_cached_by_content(
     files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    soup = {"method": "linear", "adapters": [{"member": "la", "weight": 0.7}, {"adapter": str(files["b"]), "weight": 0.3}]}
+    parts: list[dict[str, Any]] = [{"member": "la", "weight": 0.7}, {"adapter": str(files["b"]), "weight": 0.3}]
+    soup = {"method": "linear", "adapters": parts}
     cfg = build(config(files, tmp_path, soup))
     mix = cfg.member("mix")
     assert mix.adapter is not None and Path(mix.adapter).parent == tmp_path / "soups"
@@ -135,7 +143,9 @@ def test_a_soup_is_pefts_own_merge_cached_by_content(
     built = load_file(Path(mix.adapter) / "adapter_model.safetensors")
 
     # The same merge done here with PEFT directly.
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(files["base"]), str(files["a"]), adapter_name="a")
+    model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(files["base"]), str(files["a"]), adapter_name="a"
+    )
     model.load_adapter(str(files["b"]), adapter_name="b")
     model.add_weighted_adapter(["a", "b"], [0.7, 0.3], "ref", combination_type="linear")
     model.save_pretrained(str(tmp_path / "ref"), selected_adapters=["ref"])
@@ -143,7 +153,9 @@ def test_a_soup_is_pefts_own_merge_cached_by_content(
     assert built.keys() == ref.keys() and len(built) > 0
     for key in ref:
         torch.testing.assert_close(built[key], ref[key], rtol=0, atol=0)
-    assert not torch.equal(built[next(iter(built))], load_file(files["a"] / "adapter_model.safetensors")[next(iter(built))])
+    assert not torch.equal(
+        built[next(iter(built))], load_file(files["a"] / "adapter_model.safetensors")[next(iter(built))]
+    )
 
     # Unchanged recipe and inputs: found in the cache, nothing built.
     def no_build(*_: Any) -> None:
@@ -153,7 +165,7 @@ def test_a_soup_is_pefts_own_merge_cached_by_content(
     assert build(config(files, tmp_path, soup)).member("mix").adapter == mix.adapter
     # A changed weight is another soup, in another folder; the old one stays.
     monkeypatch.undo()
-    soup["adapters"][1]["weight"] = 0.4
+    parts[1]["weight"] = 0.4
     again = build(config(files, tmp_path, soup)).member("mix")
     assert again.adapter != mix.adapter and again.served_name != mix.served_name
     assert Path(mix.adapter).exists() and Path(str(again.adapter)).exists()
@@ -191,7 +203,11 @@ def merge_config(recipe: Any, cache: Path) -> str:
 def test_a_server_is_a_model_or_a_merge() -> None:
     for server in ({"name": "x"}, {"name": "x", "model": "m", "merge": {"merge_method": "linear"}}):
         text = yaml.safe_dump(
-            {"servers": [server], "members": [{"name": "m", "server": "x", "model": "x"}], "ensembles": {"e": {"members": ["m"]}}}
+            {
+                "servers": [server],
+                "members": [{"name": "m", "server": "x", "model": "x"}],
+                "ensembles": {"e": {"members": ["m"]}},
+            }
         )
         with pytest.raises(ConfigError, match=r"servers\.0 \(x\): .*exactly one of `model` or `merge`"):
             parse_config(text)
@@ -200,11 +216,15 @@ def test_a_server_is_a_model_or_a_merge() -> None:
 @pytest.mark.parametrize(
     ("recipe", "error"),
     [
-        ({"merge_method": "average", "models": [{"model": "{a}"}, {"model": "{b}"}]},
-         r"servers\.merged\.merge\.merge_method: unknown method 'average'; mergekit knows \[.*'task_arithmetic'"),
+        (
+            {"merge_method": "average", "models": [{"model": "{a}"}, {"model": "{b}"}]},
+            r"servers\.merged\.merge\.merge_method: unknown method 'average'; mergekit knows \[.*'task_arithmetic'",
+        ),
         ({"merge_method": "linear"}, r"servers\.merged\.merge: not a valid mergekit recipe"),
-        ({"merge_method": "linear", "models": [{"model": "/nowhere/m"}, {"model": "{b}"}]},
-         r"servers\.merged\.merge: model /nowhere/m not found"),
+        (
+            {"merge_method": "linear", "models": [{"model": "/nowhere/m"}, {"model": "{b}"}]},
+            r"servers\.merged\.merge: model /nowhere/m not found",
+        ),
         ("/nowhere/recipe.yaml", r"servers\.merged\.merge: cannot read the recipe /nowhere/recipe\.yaml"),
     ],
 )
