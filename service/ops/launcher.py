@@ -49,6 +49,7 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     started: float = field(default_factory=time.monotonic)
+    requested_port: int | None = None  # the configured port, when another instance held it at launch
 
     @property
     def name(self) -> str:
@@ -66,7 +67,7 @@ class RunningServer:
         """Would this instance serve ``cfg`` unchanged? (An unset port matches any.)"""
         mine = self.config.model_copy(update={"port": None})
         theirs = cfg.model_copy(update={"port": None})
-        return mine == theirs and self.extra_args == extra_args and cfg.port in (None, self.port)
+        return mine == theirs and self.extra_args == extra_args and cfg.port in (None, self.port, self.requested_port)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -99,6 +100,17 @@ class Launcher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._generation += 1
         port = cfg.port or free_port(cfg.host)
+        requested = None
+        if any(srv.port == port and srv.process.poll() is None for srv in self._all):
+            # A reload replacing a server with a fixed port: the old instance serves on it until the swap, so
+            # the new one cannot bind it (and /health there would answer from the old one).
+            requested, port = port, free_port(cfg.host)
+            logger.warning(
+                "server %s: port %d is held by the instance being replaced; the new one listens on %d",
+                cfg.name,
+                requested,
+                port,
+            )
         log_path = self.log_dir / f"{cfg.name}.{self._generation}.log"
         env = {**os.environ, **cfg.env}
         cmd = vllm_command(cfg, port) + extra_args
@@ -113,7 +125,7 @@ class Launcher:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        srv = RunningServer(cfg, list(extra_args), port, proc, log_path)
+        srv = RunningServer(cfg, list(extra_args), port, proc, log_path, requested_port=requested)
         self._all.append(srv)
         return srv
 
@@ -122,7 +134,9 @@ class Launcher:
         _signal_group(srv.process.pid, signal.SIGKILL)
         if srv in self._all:
             self._all.remove(srv)
-        return self.launch(srv.config.model_copy(update={"port": srv.port}), srv.extra_args)
+        new = self.launch(srv.config.model_copy(update={"port": srv.port}), srv.extra_args)
+        new.requested_port = srv.requested_port
+        return new
 
     def start(self, servers: list[ServerConfig], extra_args: dict[str, list[str]] | None = None) -> None:
         """Start every server and wait for all of them (single-node start-up)."""
