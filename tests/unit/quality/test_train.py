@@ -12,10 +12,11 @@ from service.quality.train import default_recipe, read_manifest, train_all
 def test_small_training_writes_every_checkpoint_and_reruns_nothing(tmp_path: Path) -> None:
     report = train_all(tmp_path, small=True)
     recipe = default_recipe()
-    steps = [*recipe.members, "candidates", "pairrm", "genfuser"]
+    steps = [*recipe.members, *recipe.variants, "candidates", "pairrm", "genfuser"]
     assert set(report.seconds) == set(steps) and report.skipped == []
-    for name, member in recipe.members.items():
-        kind = "adapter_config.json" if hasattr(member, "base") else "config.json"
+    for name, member in [*recipe.members.items(), *recipe.variants.items()]:
+        # adapters (LoRA, prompt tuning) write an adapter; bases and full fine-tunes a whole model
+        kind = "adapter_config.json" if hasattr(member, "kind") else "config.json"
         assert (tmp_path / name / kind).exists(), name
     assert json.loads((tmp_path / "pairrm" / "config.json").read_text())["model_type"] == "deberta-v2"
     assert json.loads((tmp_path / "genfuser" / "config.json").read_text())["model_type"] == "t5"
