@@ -74,7 +74,7 @@ def section(combos: dict[str, Any] | None, doc_dir: Path, work: Path) -> list[st
         chart = f"quality-{p.key.replace('_', '-')}.png"
         if (work / p.key / "chart.png").exists():
             shutil.copyfile(work / p.key / "chart.png", doc_dir / chart)
-        members = [r.removeprefix("member ") for r in report["scores"]["overall"] if r.startswith("member ")]
+        members = sorted(r.removeprefix("member ") for r in report["scores"]["overall"] if r.startswith("member "))
         lines += [f"## {p.title}", ""]
         lines += _explain(p, report, members)
         lines += ["", f"![{p.title}]({chart})", ""]
@@ -88,11 +88,22 @@ def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
         rows += [("majority vote of the three (the ensemble's answer)", "ensemble (policy)"), ("oracle", "oracle")]
         vote = _em(report, "reverse", "ensemble (policy)")
         best = max(_em(report, "reverse", f"member {m}") for m in members)
+        mean = _em(report, "reverse", "random member")
         who = (
             "soft-reverse, and soft-reverse-2 and -3 trained as long with other seeds, 16 and 8 virtual tokens"
             if p.key == "prompt_ensemble"
             else "three prompts of 16 virtual tokens, each trained for 40 steps where soft-reverse had 200"
         )
+        if best >= 99.0:
+            verdict = "at the ceiling there is nothing to correct."
+        elif vote > best:
+            verdict = "the prompts err on different words, so the majority corrects some of each one's mistakes."
+        else:
+            verdict = (
+                f"the vote beats the average prompt ({mean:.1f}%) but not the best one: where two prompts agree on "
+                "a wrong answer the majority keeps the mistake. One of the three is right on "
+                f"{_em(report, 'reverse', 'oracle'):.1f}% of the prompts: what a better chooser could reach."
+            )
         return [
             f"Three soft prompts over the frozen base A (`{p.ensemble}`: {who}), their answers combined by majority "
             f"vote, ties to member order (Lester et al.); {n} held-out reverse prompts.",
@@ -100,15 +111,7 @@ def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
             *_table(report, p.skills, rows),
             "",
             f"The vote scores {vote:.1f}% against {best:.1f}% for the best soft prompt alone "
-            f"({vote - best:+.1f} points): "
-            + (
-                "the prompts err on different words, so the majority corrects some of each one's mistakes."
-                if vote > best
-                else "at the ceiling there is nothing to correct."
-                if best >= 99.0
-                else "where two prompts agree on a wrong answer, the majority keeps the mistake, and that happens "
-                "about as often as it corrects one."
-            ),
+            f"({vote - best:+.1f} points): {verdict}",
         ]
     rows = [(m, f"member {m}") for m in members]
     table = _table(report, p.skills, rows)
@@ -141,10 +144,14 @@ def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
             "linear averages the two fine-tunes' weights; task_arithmetic and ties add both fine-tunes' differences "
             "from base A (ties keeps the larger half of each and elects signs where they disagree)."
         )
+    share = {s: best_made[s] / parent_best[s] if parent_best[s] else 0.0 for s in p.skills}
+    strong, weak = sorted(p.skills, key=share.__getitem__, reverse=True)[:2]
     verdict = (
         f"A combined model comes within 5 points of its best part on {', '.join(kept)}."
         if kept
-        else "No combined model comes within 5 points of its best part on either skill: combining trades most of "
-        "each skill away for a share of the other."
+        else "No combined model comes within 5 points of its best part on either skill;"
+    ) + (
+        f" {strong} survives the combination better ({100 * share[strong]:.0f}% of its best part's score) than "
+        f"{weak} ({100 * share[weak]:.0f}%)."
     )
     return [intro, "", *table, "", f"Best of the combined models per skill: {both}. {verdict} {note}"]

@@ -48,13 +48,16 @@ class Workload:
     repeats: int
     cand_words: tuple[int, int] = (40, 120)
     fuser: dict[str, Any] | None = None  # FuserConfig overrides for this project's side
+    device: str = "cpu"  # both sides
+    dtype: str = "float32"
 
 
 def run(w: Workload) -> dict[str, Any]:
     prompts = fuse_prompts(w.prompts, seed=5, cand_words=w.cand_words)
     logger.info("fuser %s: loading", w.label)
-    blender = blender_fuser(w.checkpoint)
-    ours = GenFuser("bench", FuserConfig.model_validate({"checkpoint": str(w.checkpoint), **(w.fuser or {})}))
+    blender = blender_fuser(w.checkpoint, w.device, w.dtype)
+    settings = {"checkpoint": str(w.checkpoint), "device": w.device, "dtype": w.dtype, **(w.fuser or {})}
+    ours = GenFuser("bench", FuserConfig.model_validate(settings))
     try:
         ours_text = [ours.fuse_sync(p.instruction, p.input_text, p.candidates) for p in prompts]
         ref_text = [blender_fuse(blender, p.instruction, p.input_text, p.candidates) for p in prompts]
@@ -89,6 +92,7 @@ def run(w: Workload) -> dict[str, Any]:
             "model": f"T5 d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} layers, "
             f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.3g} M parameters",
             "identical_text": identical,
+            "identical_share": sum(a == b for a, b in zip(ours_text, ref_text, strict=True)) / len(prompts),
             "mismatches": [i for i, (a, b) in enumerate(zip(ours_text, ref_text, strict=True)) if a != b],
             "output_words_mean": sum(words) / len(words),
             "p50_ms": {"ours": ours_s * 1000, "llm_blender": ref_s * 1000},

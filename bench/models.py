@@ -22,6 +22,8 @@ PAIRRM_SHAPES: dict[str, dict[str, int]] = {
 FUSER_SHAPES: dict[str, dict[str, int]] = {
     # Flan-T5-base (GenFuser is Flan-T5-XL, far beyond these CPUs).
     "t5-base": {"d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12},
+    # Flan-T5-XL, GenFuser's own shape (2.85 B parameters): for a GPU (python -m bench.gpu).
+    "t5-xl": {"d_model": 2048, "d_kv": 64, "d_ff": 5120, "num_layers": 24, "num_decoder_layers": 24, "num_heads": 32},
     "mini": {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
 }
 
@@ -61,12 +63,13 @@ def make_pairrm_shaped(out: Path, tiny: Path, shape: str, seed: int = 1234) -> P
     return out
 
 
-def make_fuser_shaped(out: Path, tiny: Path, shape: str, seed: int = 4321) -> Path:
-    """A T5 GenFuser with ``shape`` dimensions, gated-GELU like Flan-T5, the tiny fuser's tokenizer."""
+def make_fuser_shaped(out: Path, tiny: Path, shape: str, seed: int = 4321, dtype: str = "float32") -> Path:
+    """A T5 GenFuser with ``shape`` dimensions, gated-GELU like Flan-T5, the tiny fuser's tokenizer,
+    saved in ``dtype`` (a 3 B model in bfloat16 is half the disk and load time of float32)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig, T5ForConditionalGeneration
 
-    stamp = {"kind": "fuser", "shape": shape, "seed": seed}
+    stamp = {"kind": "fuser", "shape": shape, "seed": seed, **({"dtype": dtype} if dtype != "float32" else {})}
     if _fresh(out, stamp):
         return out
     config = AutoConfig.from_pretrained(tiny)
@@ -83,7 +86,7 @@ def make_fuser_shaped(out: Path, tiny: Path, shape: str, seed: int = 4321) -> Pa
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id
     )
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / _DONE).write_text(json.dumps(stamp, sort_keys=True))
     return out

@@ -243,6 +243,18 @@ def _self_moa_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _write_doc(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    from service.quality.report import markdown
+
+    if str(args.doc) == "-":
+        return
+    chart = args.doc.parent / "quality.png"
+    if (args.work / "report" / "chart.png").exists():
+        shutil.copyfile(args.work / "report" / "chart.png", chart)
+    sections = combinations.section(result.get("combinations"), args.doc.parent, args.work)
+    args.doc.write_text(_doc(result, markdown(result["report"]), chart.name, sections))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "demo.yaml", help="served in process")
@@ -268,13 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the prompt-ensemble, soups and merges passes",
     )
+    parser.add_argument(
+        "--from-json",
+        action="store_true",
+        help="rewrite the doc from the last run's --json (and the charts left in --work), evaluating nothing",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from service.quality import suite
-    from service.quality.report import markdown
     from service.quality.train import read_manifest
 
+    if args.from_json:
+        _write_doc(args, json.loads(args.json.read_text()))
+        return 0
     models = args.models or Path(os.environ.get("TINY_MODELS") or ROOT / ".cache" / "tiny-models") / "trained"
     manifest = read_manifest(models)
     if manifest is None:
@@ -309,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
-    if str(args.doc) != "-":
-        chart = args.doc.parent / "quality.png"
-        shutil.copyfile(args.work / "report" / "chart.png", chart)
-        sections = combinations.section(combos, args.doc.parent, args.work)
-        args.doc.write_text(_doc(result, markdown(report), chart.name, sections))
+    _write_doc(args, result)
     for name, goal in result["goals"].items():
         print(f"{name}: {goal['value']} (goal {goal['goal']}): {'met' if goal['met'] else 'MISSED'}")
     return 0

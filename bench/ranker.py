@@ -42,6 +42,8 @@ class Workload:
     blender_c8: tuple[str, ...]  # which llm-blender serving variants to measure
     schemes_requests: int  # requests for the opt-in schemes' agreement share (0: skip)
     flops: bool  # measure FLOP/s against the machine's matmul peak
+    device: str = "cpu"  # both sides
+    dtype: str = "float32"
 
 
 def _ours_c1(ranker: PairRMRanker, reqs: list[RankRequest]) -> list[float]:
@@ -180,13 +182,17 @@ def run(w: Workload) -> dict[str, Any]:
         rank_requests(w.c8_rounds, seed=100 + c, source_words=w.source_words, cand_words=w.cand_words)
         for c in range(CLIENTS)
     ]
-    blender = blender_ranker(write_blender_ranker(w.checkpoint, CACHE / f"{w.checkpoint.name}-llm-blender-format"))
-    ours = PairRMRanker("bench", RankerConfig(checkpoint=str(w.checkpoint)))
+    blender_dir = write_blender_ranker(w.checkpoint, CACHE / f"{w.checkpoint.name}-llm-blender-format")
+    blender = blender_ranker(blender_dir, w.device, w.dtype)
+    ours = PairRMRanker("bench", RankerConfig(checkpoint=str(w.checkpoint), device=w.device, dtype=w.dtype))
     try:
         # Warm-up, and the parity of the two on this workload.
         ours_scores = [ours.rank_sync(r.source, r.candidates).scores for r in reqs]
         ref_scores = [blender_rank_scores(blender, [r.source], [r.candidates])[0] for r in reqs]
         diff = float(np.max(np.abs(np.array(ours_scores) - np.array(ref_scores))))
+        same_first = float(
+            np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(ours_scores, ref_scores, strict=True)])
+        )
         tokens = [
             len(t.source) + len(t.cand1[i]) + len(t.cand2[j])
             for t in (ours._encode(r.source, r.candidates) for r in reqs)
@@ -215,6 +221,8 @@ def run(w: Workload) -> dict[str, Any]:
             f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.3g} M parameters",
             "pair_tokens_mean": float(np.mean(tokens)),
             "max_abs_score_diff_vs_llm_blender": diff,
+            "same_first_share": same_first,
+            "pairs_per_request": len(reqs[0].candidates) * (len(reqs[0].candidates) - 1),
             "c1_p50_ms": {"ours": ours_c1 * 1000, "llm_blender": blender_c1 * 1000},
             "speedup_c1": blender_c1 / ours_c1,
         }

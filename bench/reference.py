@@ -55,18 +55,24 @@ def _restore_batch_encode_plus(tokenizer: Any) -> None:
         tokenizer.batch_encode_plus = lambda texts, **kw: tokenizer(texts, **kw)
 
 
-def blender_ranker(blender_format_dir: Path) -> Any:
+def blender_ranker(blender_format_dir: Path, device: str = "cpu", dtype: str = "float32") -> Any:
+    """``Blender.loadranker`` on ``device``. It loads float32 (float16 only with its own fp16 flag);
+    another ``dtype`` is a cast of the loaded ranker, so that both sides compute in the same precision."""
+    import torch
+
     blender = import_llm_blender("llm_blender.blender.blender").Blender()
     blender.blender_config.use_tqdm = False
-    blender.loadranker(str(blender_format_dir), device="cpu")
+    blender.loadranker(str(blender_format_dir), device=device)
+    if dtype != "float32":
+        blender.ranker = blender.ranker.to(getattr(torch, dtype))
     _restore_batch_encode_plus(blender.ranker_tokenizer)
     return blender
 
 
-def blender_fuser(checkpoint: Path) -> Any:
+def blender_fuser(checkpoint: Path, device: str = "cpu", dtype: str = "float32") -> Any:
     blender = import_llm_blender("llm_blender.blender.blender").Blender()
     blender.blender_config.use_tqdm = False
-    blender.loadfuser(str(checkpoint), device="cpu", torch_dtype="float32")
+    blender.loadfuser(str(checkpoint), device=device, torch_dtype=dtype)
     return blender
 
 

@@ -42,3 +42,25 @@ def test_quick_bench_writes_every_figure_and_keeps_parity(tmp_path: Path) -> Non
     text = doc.read_text()
     assert "Hand-written analysis stays." in text and BEGIN in text and END in text
     assert all(f"`{key}`" in text for key in GOALS)
+
+
+def test_gpu_bench_runs_its_code_on_the_cpu_with_tiny_shapes(tmp_path: Path) -> None:
+    """`python -m bench.gpu --smoke`: the GPU run's code, on the CPU in float32 with mini shapes."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["smoke"] is True and data["device"] == "cpu" and data["dtype"] == "float32"
+    ranker, fuser = data["parts"]["ranker"], data["parts"]["fuser"]
+    assert ranker["max_abs_score_diff_vs_llm_blender"] <= 1e-4 and ranker["same_first_share"] == 1.0
+    assert 400 <= ranker["pair_tokens_mean"] <= 650, ranker["pair_tokens_mean"]  # pairs of about 512 tokens
+    for figures in (ranker["pairs_per_s_c1"], ranker["pairs_per_s_c8"], fuser["p50_ms"]):
+        assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
+    assert fuser["identical_share"] == 1.0, fuser["mismatches"]
+    assert "| PairRM pairs/s, 1 request at a time |" in proc.stdout
