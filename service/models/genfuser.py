@@ -19,6 +19,7 @@ import time
 import types
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from service.config import FuserConfig
@@ -137,15 +138,32 @@ def genfuser_input(tokenizer: object, instruction: str, input_text: str, candida
 class GenFuser:
     """A seq2seq fuser (GenFuser, e.g. ``llm-blender/gen_fuser_3b``) from a directory or hub id."""
 
-    def __init__(self, name: str, config: FuserConfig):
+    def __init__(self, name: str, config: FuserConfig, cache: Path | None = None):
         import torch
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.name = name
         self.config = config
         self._torch = torch
         start = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
+        self.model_config = AutoConfig.from_pretrained(config.checkpoint)
+        self._lean: Any = None
+        self._ct2: Any = None
+        self.model: Any = None  # transformers' model; None with the CTranslate2 engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fuser-{name}")
+        self._counter = self._counting_tokenizer()
+        if config.engine == "ctranslate2":
+            from service.models.ct2fuser import CT2Engine
+
+            cache = cache or Path.home() / ".cache" / "ensemble-gateway"
+            threads = torch.get_num_threads()
+            self._ct2 = CT2Engine(config.checkpoint, config.device, config.compute_type, threads, cache, self.tokenizer)
+            self.model = None
+            logger.info(
+                "fuser %s loaded in %.1fs (CTranslate2, %s)", name, time.perf_counter() - start, config.compute_type
+            )
+            return
         self.model = AutoModelForSeq2SeqLM.from_pretrained(config.checkpoint, dtype=torch_dtype(config.dtype)).to(
             config.device
         )
@@ -155,7 +173,6 @@ class GenFuser:
             for module in [*self.model.get_decoder().modules(), self.model.get_output_embeddings()]:
                 if isinstance(module, torch.nn.Linear) and module.weight.numel() >= SKINNY_MIN_WEIGHTS:
                     module.forward = types.MethodType(_skinny_linear, module)  # type: ignore[method-assign]
-        self._lean: Any = None
         if config.lean_decode:
             from service.models.t5decode import LeanT5
 
@@ -164,17 +181,15 @@ class GenFuser:
                 self._lean = LeanT5(self.model, SKINNY_MIN_WEIGHTS if skinny else None, SKINNY_ROWS)
             else:
                 logger.info("fuser %s: transformers' generate, no lean decode (%s)", name, reason)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fuser-{name}")
-        # Counting an answer's tokens must not queue behind beam searches on the fuser's thread, nor
-        # share its tokenizer (which sets truncation per call: a Rust tokenizer used from two
-        # threads while one changes its settings raises "Already borrowed"): a copy that never truncates.
-        self._counter = self._counting_tokenizer()
         logger.info("fuser %s loaded in %.1fs", name, time.perf_counter() - start)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _counting_tokenizer(self) -> Any:
+        """Counting an answer's tokens must not queue behind beam searches on the fuser's thread, nor
+        share its tokenizer (which sets truncation per call: a Rust tokenizer used from two threads
+        while one changes its settings raises "Already borrowed"): a copy that never truncates."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return None
@@ -248,7 +263,11 @@ class GenFuser:
         input_ids, attention_mask = enc["input_ids"].to(cfg.device), enc["attention_mask"].to(cfg.device)
         limit = cfg.max_new_tokens or cfg.candidate_max_length
         max_new_tokens = min(limit, max_new_tokens) if max_new_tokens else limit
-        out = self._lean_generate(input_ids, attention_mask, max_new_tokens, watcher)
+        out: Any
+        if self._ct2 is not None:  # no per-step hook: a stream gets the text in one piece at the end
+            out = [self._ct2.generate(enc["input_ids"][0].tolist(), cfg.num_beams, max_new_tokens)]
+        else:
+            out = self._lean_generate(input_ids, attention_mask, max_new_tokens, watcher)
         if out is None:
             extra: dict[str, Any] = {}
             if cfg.shared_cross_cache and self.model.config.is_encoder_decoder:

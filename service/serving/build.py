@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -17,6 +18,7 @@ from service.members.checks import base_checkpoint
 from service.members.gate import ClassGate
 from service.members.openai import LoRAMember, OpenAIMember
 from service.members.soft_prompt import BaseModelCache, SoftPromptMember, load_prompt_embeddings
+from service.models.artifacts import cache_root
 from service.models.fusion import Fuser, LLMFuser
 from service.models.genfuser import GenFuser
 from service.models.pairrm import PairRMRanker
@@ -107,11 +109,12 @@ async def build_fuser(
     client: httpx.AsyncClient,
     server_urls: dict[str, str],
     gates: dict[str, ClassGate] | None = None,
+    cache: Path | None = None,
 ) -> Fuser:
     if isinstance(cfg, LLMFuserConfig):
         url = target_url(f"fusers.{name}", cfg.endpoint, cfg.server, server_urls)
         return LLMFuser(name, cfg, url, client, (gates or {}).get(url.rstrip("/")))
-    return await asyncio.to_thread(GenFuser, name, cfg)
+    return await asyncio.to_thread(GenFuser, name, cfg, cache)
 
 
 @dataclass
@@ -199,7 +202,7 @@ async def build_pipeline(
                 if same_url:
                     fusers[name] = previous.fusers[name]
                     continue
-            fuser = await build_fuser(name, fcfg, client, server_urls, gates)
+            fuser = await build_fuser(name, fcfg, client, server_urls, gates, cache_root(config))
             fusers[name] = fuser
             new_fusers.append(fuser)
     except BaseException:

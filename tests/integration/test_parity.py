@@ -91,3 +91,33 @@ async def test_streamed_fusion_equals_blender_fuse(
         fuser.close()
     assert "".join(pieces) == reference_fuse(ckpt, instruction, input_text, candidates)
     assert len([p for p in pieces if p]) > 1
+
+
+def test_ctranslate2_engine_answers_as_transformers_beam_search_with_early_stopping(
+    trained_models: Path, tmp_path: Path
+) -> None:
+    """The CTranslate2 engine on the trained fuser and the members' own candidates: the same tokens as
+    transformers' beam search with ``early_stopping=True`` (CTranslate2's stopping rule), on every prompt."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from service.models.genfuser import genfuser_input
+
+    pytest.importorskip("ctranslate2")
+    ckpt = trained_models / "genfuser"
+    rows = [json.loads(line) for line in (trained_models / "candidates" / "candidates.jsonl").open()][:40]
+    fuser = GenFuser("ct2", FuserConfig(checkpoint=str(ckpt), engine="ctranslate2", max_new_tokens=16), tmp_path)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForSeq2SeqLM.from_pretrained(ckpt).eval()
+    try:
+        for row in rows:
+            text = genfuser_input(tok, "", row["prompt"], row["candidates"][:3], 128)
+            enc = tok(text, max_length=1024, truncation=True, add_special_tokens=False, return_tensors="pt")
+            with torch.inference_mode():
+                out = model.generate(**enc, num_beams=4, max_new_tokens=16, early_stopping=True)
+            expected = tok.batch_decode(out, skip_special_tokens=True)[0]
+            assert fuser.fuse_sync("", row["prompt"], row["candidates"][:3]) == expected, row["prompt"]
+    finally:
+        fuser.close()

@@ -1,0 +1,89 @@
+"""CTranslate2 as the GenFuser's engine (opt-in: ``fusers.<name>.engine: ctranslate2``).
+
+The T5 checkpoint is converted once with CTranslate2's own converter into the gateway's cache (one
+folder per checkpoint contents and CTranslate2 version) and run by its ``Translator``: beam search in
+C++ on the CPU or GPU, ``compute_type`` (int8, float16, ...) chosen at load. The fuser's input is the
+same token sequence the torch path feeds ``generate``; CTranslate2's beam search stops once the best
+finished hypothesis cannot be beaten (transformers' ``early_stopping=True``), where ``Blender.fuse``'s
+transformers defaults keep searching, so a few fused texts differ from ``Blender.fuse``'s (measured in
+``make bench``); the token ids equal transformers' ``generate`` with ``early_stopping=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _checkpoint_digest(checkpoint: str, version: str) -> str:
+    h = hashlib.sha256(version.encode())
+    root = Path(checkpoint)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:24]
+
+
+def converted(checkpoint: str, cache: Path) -> Path:
+    """``checkpoint`` in CTranslate2's format under ``cache`` (converted once; an atomic rename)."""
+    try:
+        import ctranslate2
+    except ImportError as e:
+        raise ConfigError(
+            "engine ctranslate2: CTranslate2 is not installed (pip install 'ensemble-gateway[ct2]')"
+        ) from e
+    if not Path(checkpoint).is_dir():
+        raise ConfigError(f"engine ctranslate2: {checkpoint} is not a local directory (convert needs the files)")
+    version = metadata.version("ctranslate2")
+    out = cache / "ct2" / _checkpoint_digest(checkpoint, version)
+    if (out / "model.bin").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    start = time.perf_counter()
+    try:
+        ctranslate2.converters.TransformersConverter(checkpoint).convert(str(tmp / "model"), force=True)
+        try:
+            (tmp / "model").rename(out)
+        except OSError:
+            if not (out / "model.bin").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s for CTranslate2 in %.1fs: %s", checkpoint, time.perf_counter() - start, out)
+    return out
+
+
+class CT2Engine:
+    """A converted T5 in a ``ctranslate2.Translator``: token ids in, the best beam's token ids out."""
+
+    def __init__(self, checkpoint: str, device: str, compute_type: str, threads: int, cache: Path, tokenizer: Any):
+        import ctranslate2
+
+        kind, _, index = device.partition(":")
+        self.tokenizer = tokenizer
+        self.translator = ctranslate2.Translator(
+            str(converted(checkpoint, cache)),
+            device=kind,
+            device_index=int(index or 0),
+            compute_type=compute_type,
+            intra_threads=threads if kind == "cpu" else 0,
+        )
+
+    def generate(self, ids: list[int], num_beams: int, max_new_tokens: int) -> list[int]:
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        result = self.translator.translate_batch(
+            [tokens], beam_size=num_beams, max_decoding_length=max_new_tokens, num_hypotheses=1
+        )
+        out: list[int] = self.tokenizer.convert_tokens_to_ids(result[0].hypotheses[0])
+        return out
