@@ -128,6 +128,10 @@ def keys(parts: dict[str, Any]) -> dict[str, Any]:
         "ranker_throughput_ratio_c8_real": get("ranker_real", "throughput_ratio_c8"),
         "ranker_flop_efficiency_real": get("ranker_real", "flop_efficiency"),
         "fuser_speedup": get("fuser_real", "speedup"),
+        "fuser_ct2_speedup": (get("fuser_real", "ct2") or {}).get("ct2_default", {}).get("speedup_vs_ours"),
+        "fuser_ct2_identical_share": (get("fuser_real", "ct2") or {})
+        .get("ct2_default", {})
+        .get("identical_share_vs_llm_blender"),
         "e2e_p50_speedup_c1": get("e2e", "p50_speedup_c1"),
         "e2e_throughput_ratio_c8": get("e2e", "throughput_ratio_c8"),
         "gateway_overhead_p50_ms": get("gateway", "overhead_p50_ms"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import alternate, median, text
+from bench.common import CACHE, alternate, median, text
 from bench.reference import blender_fuse, blender_fuser
 from service.config import FuserConfig
 from service.models.genfuser import GenFuser
@@ -50,6 +50,8 @@ class Workload:
     fuser: dict[str, Any] | None = None  # FuserConfig overrides for this project's side
     device: str = "cpu"  # both sides
     dtype: str = "float32"
+    # The opt-in CTranslate2 engine, A/B beside the default (lean decoder), per compute type.
+    ct2: tuple[str, ...] = ("default", "int8")
 
 
 def run(w: Workload) -> dict[str, Any]:
@@ -58,10 +60,19 @@ def run(w: Workload) -> dict[str, Any]:
     blender = blender_fuser(w.checkpoint, w.device, w.dtype)
     settings = {"checkpoint": str(w.checkpoint), "device": w.device, "dtype": w.dtype, **(w.fuser or {})}
     ours = GenFuser("bench", FuserConfig.model_validate(settings))
+    engines: dict[str, GenFuser] = {}
+    for ct in w.ct2:
+        engine = _ct2_fuser(settings, ct)
+        if engine is not None:
+            engines[f"ct2_{ct}"] = engine
     try:
         ours_text = [ours.fuse_sync(p.instruction, p.input_text, p.candidates) for p in prompts]
         ref_text = [blender_fuse(blender, p.instruction, p.input_text, p.candidates) for p in prompts]
         identical = ours_text == ref_text
+        engine_text = {
+            name: [f.fuse_sync(p.instruction, p.input_text, p.candidates) for p in prompts]
+            for name, f in engines.items()
+        }
 
         def timed_all(fuse: Any) -> list[float]:
             out = []
@@ -72,23 +83,36 @@ def run(w: Workload) -> dict[str, Any]:
             return out
 
         logger.info("fuser %s: %d prompts x %d", w.label, len(prompts), w.repeats)
-        runs = alternate(
-            {
-                "ours": lambda: timed_all(lambda p: ours.fuse_sync(p.instruction, p.input_text, p.candidates)),
-                "llm_blender": lambda: timed_all(
-                    lambda p: blender_fuse(blender, p.instruction, p.input_text, p.candidates)
-                ),
-            },
-            w.repeats,
-        )
+        contenders = {
+            "ours": lambda: timed_all(lambda p: ours.fuse_sync(p.instruction, p.input_text, p.candidates)),
+            "llm_blender": lambda: timed_all(
+                lambda p: blender_fuse(blender, p.instruction, p.input_text, p.candidates)
+            ),
+        }
+        for name, f in engines.items():
+            contenders[name] = lambda f=f: timed_all(  # type: ignore[misc]
+                lambda p: f.fuse_sync(p.instruction, p.input_text, p.candidates)
+            )
+        runs = alternate(contenders, w.repeats)
         # Per prompt, the median over repeats; then the median over prompts.
         per_prompt = {
             name: [median([run[i] for run in results]) for i in range(len(prompts))] for name, results in runs.items()
         }
         ours_s, ref_s = median(per_prompt["ours"]), median(per_prompt["llm_blender"])
         words = [len(t.split()) for t in ours_text]
-        mc = ours.model.config
+        mc = ours.model_config
+        ct2 = {
+            name: {
+                "p50_ms": median(per_prompt[name]) * 1000,
+                "speedup_vs_ours": ours_s / median(per_prompt[name]),
+                "speedup_vs_llm_blender": ref_s / median(per_prompt[name]),
+                "identical_share_vs_llm_blender": sum(a == b for a, b in zip(texts, ref_text, strict=True))
+                / len(prompts),
+            }
+            for name, texts in engine_text.items()
+        }
         return {
+            "ct2": ct2,
             "model": f"T5 d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} layers, "
             f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.3g} M parameters",
             "identical_text": identical,
@@ -100,3 +124,16 @@ def run(w: Workload) -> dict[str, Any]:
         }
     finally:
         ours.close()
+        for f in engines.values():
+            f.close()
+
+
+def _ct2_fuser(settings: dict[str, Any], compute_type: str) -> GenFuser | None:
+    """This project's GenFuser on the CTranslate2 engine (None where CTranslate2 is not installed)."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        logger.warning("fuser: CTranslate2 not installed; its engine is not measured")
+        return None
+    config = FuserConfig.model_validate({**settings, "engine": "ctranslate2", "compute_type": compute_type})
+    return GenFuser(f"ct2-{compute_type}", config, CACHE)

@@ -36,6 +36,7 @@ def test_quick_bench_writes_every_figure_and_keeps_parity(tmp_path: Path) -> Non
         assert parts[ranker]["max_abs_score_diff_vs_llm_blender"] <= 1e-4
     for fuser in ("fuser_tiny", "fuser_real"):
         assert parts[fuser]["identical_text"], parts[fuser]["mismatches"]
+        assert set(parts[fuser]["ct2"]) == {"ct2_default", "ct2_int8"}  # the opt-in engine, A/B
     assert parts["e2e"]["same_output_share"] == 1.0
     assert parts["gateway"]["c1_errors"] == dict.fromkeys(parts["gateway"]["c1_errors"], 0)
     assert parts["ranker_tiny"]["schemes"]["tournament"]["pairs_per_request"] == 8
