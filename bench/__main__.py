@@ -109,7 +109,7 @@ def run(parts: list[str], quick: bool, real_shape: str) -> dict[str, Any]:
             "gateway",
             gateway.run,
             gateway.Workload(
-                c1_requests=20, blocks=1, load_seconds=1.0, clients=("httpx_aiohttp",), gateways=("shipped",)
+                c1_requests=20, blocks=1, load_seconds=1.0, clients=("httpx_aiohttp", "aiohttp"), gateways=("shipped",)
             )
             if quick
             else gateway.Workload(c1_requests=100, blocks=3, load_seconds=5.0),
@@ -137,7 +137,18 @@ def keys(parts: dict[str, Any]) -> dict[str, Any]:
         "gateway_overhead_p50_ms": get("gateway", "overhead_p50_ms"),
         "gateway_floor_ratio": get("gateway", "floor_ratio"),
         "gateway_rps": get("gateway", "rps"),
+        "fuse_in_e2e_ratio": _ratio(
+            ((get("e2e", "c1_stage_p50_ms") or {}).get("gateway") or {}).get("fuse"),
+            (get("fuser_tiny", "p50_ms") or {}).get("ours"),
+        ),
+        "gateway_rps_floor_share": _ratio(
+            get("gateway", "rps"), ((get("gateway", "load") or {}).get("floor_aiohttp") or {}).get("rps")
+        ),
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def main(argv: list[str] | None = None) -> int:
