@@ -55,6 +55,15 @@ class RankerConfig(Strict):
         "padding computed, only the relative positions that occur); false, or a checkpoint it does not "
         "support: transformers' forward on padded batches.",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Intra-op CPU threads of this model's own worker thread, set there when it starts (each "
+        "model's budget explicit: a worker otherwise inherits whatever another set last). Default: the gateway's "
+        "torch_threads, else torch's default (one per core). With members on the same CPU, budgets that add up "
+        "to the cores the members leave free avoid the models' thread teams waiting on each other.",
+    )
     max_wait_ms: float = Field(
         2.0,
         ge=0,
@@ -88,6 +97,15 @@ class FuserConfig(Strict):
         "weight x input^T, which streams each weight from memory once: about 3x the bandwidth of the "
         "plain product. Their results differ from it in the last bits; the text was identical to "
         "Blender.fuse's on the parity prompts. False: the plain products.",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Intra-op CPU threads of this model's own worker thread, set there when it starts (each "
+        "model's budget explicit: a worker otherwise inherits whatever another set last). Default: the gateway's "
+        "torch_threads, else torch's default (one per core). With members on the same CPU, budgets that add up "
+        "to the cores the members leave free avoid the models' thread teams waiting on each other.",
     )
     engine: Literal["torch", "ctranslate2"] = Field(
         "torch",

@@ -151,14 +151,22 @@ class GenFuser:
         self._lean: Any = None
         self._ct2: Any = None
         self.model: Any = None  # transformers' model; None with the CTranslate2 engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fuser-{name}")
+        # The worker's thread budget, set in it when it starts (see FuserConfig.threads).
+        self.threads = config.threads or torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"fuser-{name}",
+            initializer=torch.set_num_threads,
+            initargs=(self.threads,),
+        )
         self._counter = self._counting_tokenizer()
         if config.engine == "ctranslate2":
             from service.models.ct2fuser import CT2Engine
 
             cache = cache or Path.home() / ".cache" / "ensemble-gateway"
-            threads = torch.get_num_threads()
-            self._ct2 = CT2Engine(config.checkpoint, config.device, config.compute_type, threads, cache, self.tokenizer)
+            self._ct2 = CT2Engine(
+                config.checkpoint, config.device, config.compute_type, self.threads, cache, self.tokenizer
+            )
             self.model = None
             logger.info(
                 "fuser %s loaded in %.1fs (CTranslate2, %s)", name, time.perf_counter() - start, config.compute_type

@@ -141,7 +141,9 @@ class PairRMRanker:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
-        # One thread owns the model: torch work never runs on the event loop, nor concurrently.
+        # One thread owns the model: torch work never runs on the event loop, nor concurrently. Its thread
+        # budget is set there, explicitly (a new thread otherwise inherits what another thread set last).
+        self._threads = config.threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name=f"ranker-{name}", daemon=True)
         self._thread.start()
         logger.info("ranker %s loaded in %.1fs", name, time.perf_counter() - start)
@@ -212,6 +214,7 @@ class PairRMRanker:
     # -- the worker -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._torch.set_num_threads(self._threads)
         active: list[_Job] = []
         stopping = False
         while not stopping:

@@ -139,3 +139,18 @@ async def test_count_tokens_is_the_fusers_own_count_while_it_fuses(fusers: dict[
     counts = await asyncio.gather(*(fuser.count_tokens(text) for _ in range(8)))
     assert counts == [expected] * 8
     assert await fusing == text
+
+
+def test_the_worker_runs_with_its_own_thread_budget(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import torch
+
+    out = tmp_path_factory.mktemp("genfuser-threads")
+    make_genfuser(out)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    fuser = GenFuser("threads", FuserConfig(checkpoint=str(out), threads=want))
+    try:
+        assert fuser._executor.submit(torch.get_num_threads).result() == want
+        assert torch.get_num_threads() == before
+    finally:
+        fuser.close()

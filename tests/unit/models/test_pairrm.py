@@ -179,3 +179,22 @@ async def test_a_single_candidate_needs_no_model(make_ranker: Any) -> None:
     ranker = make_ranker()
     assert (await ranker.rank(SOURCE, ["only"])).ranks == [1]
     assert ranker.forwards == 0
+
+
+def test_the_worker_runs_with_its_own_thread_budget(make_ranker: Any) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    ranker = make_ranker(threads=want)
+    seen: list[int] = []
+    forward = ranker._forward
+
+    def spy(items: Any) -> None:
+        seen.append(torch.get_num_threads())  # on the ranker's worker thread
+        forward(items)
+
+    ranker._forward = spy
+    ranker.rank_sync("source", ["a", "b"])
+    assert seen and set(seen) == {want}
+    assert torch.get_num_threads() == before  # the caller's budget is untouched
