@@ -137,10 +137,7 @@ def keys(parts: dict[str, Any]) -> dict[str, Any]:
         "gateway_overhead_p50_ms": get("gateway", "overhead_p50_ms"),
         "gateway_floor_ratio": get("gateway", "floor_ratio"),
         "gateway_rps": get("gateway", "rps"),
-        "fuse_in_e2e_ratio": _ratio(
-            ((get("e2e", "c1_stage_p50_ms") or {}).get("gateway") or {}).get("fuse"),
-            (get("fuser_tiny", "p50_ms") or {}).get("ours"),
-        ),
+        "fuse_in_e2e_ratio": get("e2e", "fuse_in_e2e_ratio"),
         "gateway_rps_floor_share": _ratio(
             get("gateway", "rps"), ((get("gateway", "load") or {}).get("floor_aiohttp") or {}).get("rps")
         ),

@@ -208,17 +208,20 @@ class GatewayClient:
         self.port = int(port)
         self.conns: list[Connection] = []
         self.stages: list[dict[str, float]] = []  # the gateway's own timings_ms, in seconds
+        self.fused: list[tuple[str, list[str]]] = []  # each request's prompt and the candidates it fused
 
     async def open(self, n: int) -> None:
         self.conns = [await Connection.open(self.host, self.port) for _ in range(n)]
 
     async def ask(self, prompt: str, conn: int = 0) -> str:
-        raw = post_request(self.host, self.port, "/generate", json.dumps({"prompt": prompt}).encode())
-        status, body = await self.conns[conn].send(raw)
+        body_in = json.dumps({"prompt": prompt, "return_candidates": True}).encode()
+        status, body = await self.conns[conn].send(post_request(self.host, self.port, "/generate", body_in))
         if status != 200:
             raise RuntimeError(f"gateway answered {status}: {body[:300]!r}")
         data = json.loads(body)
         self.stages.append({k: data["timings_ms"][k] / 1000 for k in STAGES})
+        texts = {c["member"]: c["text"] for c in data.get("candidates") or []}
+        self.fused.append((prompt, [texts[m] for m in data.get("selected") or [] if m in texts]))
         return str(data["output"])
 
     def close(self) -> None:
@@ -242,6 +245,7 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
 
     c1: dict[str, list[float]] = {"gateway": [], "sequential": []}
     gw.stages.clear()
+    gw.fused.clear()
     seq.stages.clear()
     same = 0
     for i, p in enumerate(prompts(w.requests_c1, seed=1)):
@@ -279,6 +283,9 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
                 f.result()
         return total / (time.perf_counter() - t)
 
+    # The same fusions (each c1 request's prompt and fused candidates) by the same fuser alone, in this
+    # process while nothing else runs: the denominator of fuse_in_e2e_ratio.
+    alone = await loop.run_in_executor(None, _fuse_alone, w, list(gw.fused))
     rps_seq = await loop.run_in_executor(None, sequential_c8)
     rps_gw = await gateway_c8()
     p50 = {n: median(v) * 1000 for n, v in c1.items()}
@@ -291,7 +298,26 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
         "p50_speedup_c1": p50["sequential"] / p50["gateway"],
         "throughput_ratio_c8": rps_gw / rps_seq,
         "same_output_share": same / w.requests_c1,
+        "fuse_alone_p50_ms": alone * 1000,
+        "fuse_in_e2e_ratio": stages_c1["gateway"]["fuse"] / (alone * 1000),
     }
+
+
+def _fuse_alone(w: Workload, fused: list[tuple[str, list[str]]]) -> float:
+    """Median seconds of the gateway's fusions replayed by the same GenFuser, alone, one at a time."""
+    from service.config import FuserConfig
+    from service.models.genfuser import GenFuser
+
+    fuser = GenFuser("alone", FuserConfig(checkpoint=str(w.tiny / "genfuser"), max_new_tokens=w.fuse_max_new_tokens))
+    try:
+        times = []
+        for prompt, cands in fused:
+            t = time.perf_counter()
+            fuser.fuse_sync("", prompt, cands)
+            times.append(time.perf_counter() - t)
+        return median(times)
+    finally:
+        fuser.close()
 
 
 def run(w: Workload) -> dict[str, Any]:
