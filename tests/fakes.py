@@ -102,6 +102,17 @@ class JoinFuser(Fuser):
         pass
 
 
+# Three members a, b, c (nothing listens: the fakes answer), the length ranker and the join fuser;
+# a test adds its own `ensembles:` below.
+THREE_MEMBERS = """
+members:
+  - {name: a, endpoint: "http://127.0.0.1:9/v1", model: m}
+  - {name: b, endpoint: "http://127.0.0.1:9/v1", model: m}
+  - {name: c, endpoint: "http://127.0.0.1:9/v1", model: m}
+rankers: {length: {checkpoint: unused}}
+fusers: {join: {checkpoint: unused}}
+"""
+
 FAKE_CONFIG = """
 members:
   - {name: a, endpoint: "http://127.0.0.1:9/v1", model: m-a, sampling: {max_tokens: 8, temperature: 0.5}}

@@ -18,6 +18,17 @@ Device = Annotated[
     ),
 ]
 DType = Literal["float32", "float16", "bfloat16"]
+ThreadBudget = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        le=512,
+        description="Intra-op CPU threads of this model's own worker thread, set there when it starts (each "
+        "model's budget explicit: a worker otherwise inherits whatever another set last). Default: the gateway's "
+        "torch_threads, else torch's default (one per core). With members on the same CPU, budgets that add up "
+        "to the cores the members leave free avoid the models' thread teams waiting on each other.",
+    ),
+]
 
 
 class RankerConfig(Strict):
@@ -55,15 +66,7 @@ class RankerConfig(Strict):
         "padding computed, only the relative positions that occur); false, or a checkpoint it does not "
         "support: transformers' forward on padded batches.",
     )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        le=512,
-        description="Intra-op CPU threads of this model's own worker thread, set there when it starts (each "
-        "model's budget explicit: a worker otherwise inherits whatever another set last). Default: the gateway's "
-        "torch_threads, else torch's default (one per core). With members on the same CPU, budgets that add up "
-        "to the cores the members leave free avoid the models' thread teams waiting on each other.",
-    )
+    threads: ThreadBudget = None
     max_wait_ms: float = Field(
         2.0,
         ge=0,
@@ -98,15 +101,7 @@ class FuserConfig(Strict):
         "plain product. Their results differ from it in the last bits; the text was identical to "
         "Blender.fuse's on the parity prompts. False: the plain products.",
     )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        le=512,
-        description="Intra-op CPU threads of this model's own worker thread, set there when it starts (each "
-        "model's budget explicit: a worker otherwise inherits whatever another set last). Default: the gateway's "
-        "torch_threads, else torch's default (one per core). With members on the same CPU, budgets that add up "
-        "to the cores the members leave free avoid the models' thread teams waiting on each other.",
-    )
+    threads: ThreadBudget = None
     engine: Literal["torch", "ctranslate2"] = Field(
         "torch",
         description="torch: transformers' model (with lean_decode, skinny_products), fused texts identical to "

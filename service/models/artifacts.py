@@ -21,22 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from service.config import GatewayConfig, MemberConfig, ServerConfig
-from service.members.checks import check_lora_server, check_members
+from service.members.checks import check_members
+from service.models.cache import default_cache_root, tree_fingerprint
 from service.models.merges import build_merge, merge_inputs
-from service.models.soups import build_soup, soup_inputs, soup_rank
+from service.models.soups import build_soup, soup_inputs
 
 logger = logging.getLogger(__name__)
 
-# Files up to this size are identified by their content; larger ones (a big model's weight shards)
-# by size and modification time, so that a restart does not read gigabytes to find its cache entry.
-CONTENT_LIMIT = 64 * 1024 * 1024
-
 
 def cache_root(config: GatewayConfig) -> Path:
-    if config.cache_dir:
-        return Path(os.path.expanduser(config.cache_dir))
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(xdg) / "ensemble-gateway"
+    return Path(os.path.expanduser(config.cache_dir)) if config.cache_dir else default_cache_root()
 
 
 def _version(dist: str) -> str:
@@ -44,22 +38,6 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "absent"
-
-
-def tree_fingerprint(path: str) -> str:
-    """A digest of the files under ``path``: names, sizes, and contents (size and mtime above ``CONTENT_LIMIT``)."""
-    h = hashlib.sha256()
-    root = Path(os.path.expanduser(path))
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0".encode())
-        if st.st_size > CONTENT_LIMIT:
-            h.update(str(st.st_mtime_ns).encode())
-            continue
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _digest(obj: Any) -> str:
@@ -91,14 +69,12 @@ def _merge_server(server: ServerConfig, root: Path, build: bool) -> ServerConfig
 
 def _soup_member(config: GatewayConfig, member: MemberConfig, root: Path, build: bool) -> MemberConfig:
     inputs = soup_inputs(config, member)
-    server = next((s for s in config.servers if s.name == member.server), None)
-    check_lora_server(member, soup_rank(inputs), server)
     if not build:
         return member
     digest = _digest(
         {
             "peft": _version("peft"),
-            **inputs.describe(),
+            "recipe": inputs.recipe.model_dump(exclude={"adapters"}),
             "parts": [(tree_fingerprint(p.adapter), p.weight) for p in inputs.parts],
         }
     )

@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from service.errors import ConfigError
+from service.models.cache import publish, staging, tree_fingerprint
 
 logger = logging.getLogger(__name__)
-
-
-def _checkpoint_digest(checkpoint: str, version: str) -> str:
-    h = hashlib.sha256(version.encode())
-    root = Path(checkpoint)
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()[:24]
 
 
 def converted(checkpoint: str, cache: Path) -> Path:
@@ -44,22 +34,14 @@ def converted(checkpoint: str, cache: Path) -> Path:
         ) from e
     if not Path(checkpoint).is_dir():
         raise ConfigError(f"engine ctranslate2: {checkpoint} is not a local directory (convert needs the files)")
-    version = metadata.version("ctranslate2")
-    out = cache / "ct2" / _checkpoint_digest(checkpoint, version)
+    digest = hashlib.sha256(f"{metadata.version('ctranslate2')}\0{tree_fingerprint(checkpoint)}".encode())
+    out = cache / "ct2" / digest.hexdigest()[:24]
     if (out / "model.bin").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     start = time.perf_counter()
-    try:
+    with staging(out) as tmp:
         ctranslate2.converters.TransformersConverter(checkpoint).convert(str(tmp / "model"), force=True)
-        try:
-            (tmp / "model").rename(out)
-        except OSError:
-            if not (out / "model.bin").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp / "model", out, "model.bin")
     logger.info("converted %s for CTranslate2 in %.1fs: %s", checkpoint, time.perf_counter() - start, out)
     return out
 

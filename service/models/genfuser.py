@@ -147,10 +147,10 @@ class GenFuser:
         self._torch = torch
         start = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
-        self.model_config = AutoConfig.from_pretrained(config.checkpoint)
         self._lean: Any = None
         self._ct2: Any = None
         self.model: Any = None  # transformers' model; None with the CTranslate2 engine
+        self.model_config: Any = None  # the checkpoint's config, either way
         # The worker's thread budget, set in it when it starts (see FuserConfig.threads).
         self.threads = config.threads or torch.get_num_threads()
         self._executor = ThreadPoolExecutor(
@@ -161,13 +161,14 @@ class GenFuser:
         )
         self._counter = self._counting_tokenizer()
         if config.engine == "ctranslate2":
+            from service.models.cache import default_cache_root
             from service.models.ct2fuser import CT2Engine
 
-            cache = cache or Path.home() / ".cache" / "ensemble-gateway"
+            cache = cache or default_cache_root()
             self._ct2 = CT2Engine(
                 config.checkpoint, config.device, config.compute_type, self.threads, cache, self.tokenizer
             )
-            self.model = None
+            self.model_config = AutoConfig.from_pretrained(config.checkpoint)
             logger.info(
                 "fuser %s loaded in %.1fs (CTranslate2, %s)", name, time.perf_counter() - start, config.compute_type
             )
@@ -176,6 +177,7 @@ class GenFuser:
             config.device
         )
         self.model.eval()
+        self.model_config = self.model.config
         skinny = config.skinny_products and config.device == "cpu"
         if skinny and self.model.config.is_encoder_decoder:
             for module in [*self.model.get_decoder().modules(), self.model.get_output_embeddings()]:

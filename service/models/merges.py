@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 
 from service.config import ServerConfig
 from service.errors import ConfigError
+from service.models.cache import publish, staging
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,7 @@ def _carry_generation_config(cfg: Any, out: Path) -> None:
 def build_merge(inputs: MergeInputs, out: Path, timeout_s: float = 3600.0) -> None:
     """Merge into ``out`` through ``ensemble-gateway merge`` in a child process; ``out`` appears only
     complete. Blocking: call it from a worker thread."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         recipe_path = tmp / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(inputs.recipe, sort_keys=False))
         model_dir = tmp / "model"
@@ -128,10 +126,4 @@ def build_merge(inputs: MergeInputs, out: Path, timeout_s: float = 3600.0) -> No
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
             raise ConfigError(f"servers.{inputs.server}.merge: mergekit failed (exit {proc.returncode}):\n{tail}")
         shutil.copyfile(recipe_path, model_dir / "merge-recipe.yaml")
-        try:
-            model_dir.rename(out)
-        except OSError:
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(model_dir, out, "config.json")

@@ -9,8 +9,6 @@ once, in its own dtype) and writes a PEFT adapter directory that vLLM loads like
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,8 @@ from typing import Any
 from service.config import GatewayConfig, MemberConfig
 from service.config.members import EQUAL_RANK_METHODS, SoupConfig
 from service.errors import ConfigError
-from service.members.checks import read_adapter_dir
+from service.members.checks import check_lora_server, read_adapter_dir
+from service.models.cache import publish, staging
 
 SOUP_NAME = "soup"
 
@@ -40,11 +39,6 @@ class SoupInputs:
     recipe: SoupConfig
     parts: tuple[SoupPartInput, ...]
     base: str  # the base model PEFT loads to build the soup
-
-    def describe(self) -> dict[str, Any]:
-        """What determines the soup, for its digest (the parts by path: the caller adds their content)."""
-        recipe = self.recipe.model_dump(exclude={"adapters"})
-        return {"recipe": recipe, "parts": [(p.adapter, p.weight) for p in self.parts]}
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -84,11 +78,12 @@ def soup_inputs(config: GatewayConfig, member: MemberConfig) -> SoupInputs:
         ranks = ", ".join(f"{p.label} r={p.rank}" for p in parts)
         raise ConfigError(f"{where}: method {method} needs adapters of equal rank ({ranks}); cat and svd take any")
     base = first.base
-    if member.server is not None:
-        server = next(s for s in config.servers if s.name == member.server)
-        if server.model is not None:
-            base = server.model  # what the server runs: the adapters' recorded base may be another machine's path
-    return SoupInputs(member.name, member.soup, tuple(parts), base)
+    server = next((s for s in config.servers if s.name == member.server), None)
+    if server is not None and server.model is not None:
+        base = server.model  # what the server runs: the adapters' recorded base may be another machine's path
+    inputs = SoupInputs(member.name, member.soup, tuple(parts), base)
+    check_lora_server(member, soup_rank(inputs), server)  # the rank the soup will have, before it is built
+    return inputs
 
 
 def soup_rank(inputs: SoupInputs) -> int:
@@ -132,19 +127,6 @@ def build_soup(inputs: SoupInputs, out: Path) -> None:
             model.add_weighted_adapter(names, [p.weight for p in inputs.parts], SOUP_NAME, **kwargs)
         except (ValueError, TypeError, RuntimeError, OSError) as e:
             raise ConfigError(f"members.{inputs.member}.soup: PEFT could not build it: {e}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=[SOUP_NAME])
-        _publish(tmp / SOUP_NAME, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(built: Path, out: Path) -> None:
-    """Move a finished build into place; another process that got there first wins (same content)."""
-    try:
-        built.rename(out)
-    except OSError:
-        if not (out / "adapter_config.json").exists():
-            raise
+        publish(tmp / SOUP_NAME, out, "adapter_config.json")

@@ -16,17 +16,17 @@ from bench.report import BEGIN, END, GOALS
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_module(*argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGV...`` from the repository root; fails the test with its stderr unless it exits 0."""
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_quick_bench_writes_every_figure_and_keeps_parity(tmp_path: Path) -> None:
     out, doc = tmp_path / "quick.json", tmp_path / "PERFORMANCE.md"
     doc.write_text("# Performance\n\nHand-written analysis stays.\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--doc", str(doc)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_module("bench", "--quick", "--out", str(out), "--doc", str(doc), timeout=240)
     data = json.loads(out.read_text())
     for key in GOALS:
         assert isinstance(data[key], float) and math.isfinite(data[key]), key
@@ -48,14 +48,7 @@ def test_quick_bench_writes_every_figure_and_keeps_parity(tmp_path: Path) -> Non
 def test_gpu_bench_runs_its_code_on_the_cpu_with_tiny_shapes(tmp_path: Path) -> None:
     """`python -m bench.gpu --smoke`: the GPU run's code, on the CPU in float32 with mini shapes."""
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_module("bench.gpu", "--smoke", "--out", str(out), timeout=300)
     data = json.loads(out.read_text())
     assert data["smoke"] is True and data["device"] == "cpu" and data["dtype"] == "float32"
     ranker, fuser = data["parts"]["ranker"], data["parts"]["fuser"]

@@ -7,7 +7,7 @@ from service.pipeline.inputs import input_text, member_messages
 from service.pipeline.pipeline import Pipeline
 from service.protocol import ChatMessage, GenerateRequest
 from service.telemetry.metrics import Metrics
-from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config, sample
+from tests.fakes import THREE_MEMBERS, FakeMember, JoinFuser, LengthRanker, fake_config, sample
 
 
 def pipeline(members: list[FakeMember], ranker: LengthRanker | None = None, fuser: JoinFuser | None = None) -> Pipeline:
@@ -177,17 +177,14 @@ def test_message_rendering_rule() -> None:
     assert member_messages(GenerateRequest(prompt="p"), "") == [{"role": "user", "content": "p"}]
 
 
-ADAPTIVE = """
-members:
-  - {name: a, endpoint: "http://127.0.0.1:9/v1", model: m}
-  - {name: b, endpoint: "http://127.0.0.1:9/v1", model: m}
-  - {name: c, endpoint: "http://127.0.0.1:9/v1", model: m}
-rankers: {length: {checkpoint: unused}}
-fusers: {join: {checkpoint: unused}}
+ADAPTIVE = (
+    THREE_MEMBERS
+    + """
 ensembles:
   main: {members: [a, b, c], ranker: length, fuser: join, top_k: 2, quorum: 3, fusion: adaptive, fusion_margin: MARGIN}
   never: {members: [a, b, c], ranker: length, fuser: join, fusion: never}
 """
+)
 
 
 @pytest.mark.parametrize(("margin", "fused"), [(1.0, False), (1.5, True)])

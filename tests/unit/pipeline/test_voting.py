@@ -8,7 +8,7 @@ from service.pipeline.pipeline import Pipeline
 from service.pipeline.voting import normalize_answer, vote
 from service.protocol import GenerateRequest
 from service.telemetry.metrics import Metrics
-from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config, sample
+from tests.fakes import THREE_MEMBERS, FakeMember, JoinFuser, LengthRanker, fake_config, sample
 
 
 def test_answers_are_compared_in_normal_form() -> None:
@@ -42,18 +42,15 @@ def test_ties_are_broken_by_the_rankers_score() -> None:
     assert vote(["a", "b"], [None, 3.0]).winner == 0
 
 
-VOTE_CONFIG = """
-members:
-  - {name: a, endpoint: "http://127.0.0.1:9/v1", model: m}
-  - {name: b, endpoint: "http://127.0.0.1:9/v1", model: m}
-  - {name: c, endpoint: "http://127.0.0.1:9/v1", model: m}
-rankers: {length: {checkpoint: unused}}
-fusers: {join: {checkpoint: unused}}
+VOTE_CONFIG = (
+    THREE_MEMBERS
+    + """
 ensembles:
   ranked: {members: [a, b, c], ranker: length, vote: true, fuser: join, fusion: never}
   plain: {members: [a, b, c], vote: true}
   fused: {members: [a, b, c], ranker: length, vote: true, fuser: join, top_k: 2}
 """
+)
 
 
 def voting(texts: dict[str, str]) -> tuple[Pipeline, JoinFuser]:
