@@ -125,6 +125,19 @@ class FuserConfig(Strict):
         "module, cache and bookkeeping overhead. Settings it does not implement fall back to "
         "transformers' generate. False: transformers' generate always.",
     )
+    max_batch_requests: int = Field(
+        8,
+        ge=1,
+        description="Lean decode: fusions that share the decoder's steps at most (continuous batching: one that "
+        "arrives joins at the next step, one that ends leaves). Each keeps the tokens it gets alone. 1: one "
+        "fusion at a time.",
+    )
+    max_batch_tokens: int = Field(
+        16384,
+        ge=16,
+        description="Lean decode: no fusion joins while the input tokens of those decoding reach this many "
+        "(their cross-attention keys and values are held per beam).",
+    )
 
 
 DEFAULT_AGGREGATION_TEMPLATE = """\

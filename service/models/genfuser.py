@@ -20,10 +20,14 @@ import types
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.config import FuserConfig
 from service.models.compat import torch_dtype
+
+if TYPE_CHECKING:
+    from service.models.fusebatch import FusionBatcher
+    from service.models.t5decode import Decode
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +152,7 @@ class GenFuser:
         start = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
         self._lean: Any = None
+        self._batcher: FusionBatcher | None = None
         self._ct2: Any = None
         self.model: Any = None  # transformers' model; None with the CTranslate2 engine
         self.model_config: Any = None  # the checkpoint's config, either way
@@ -189,6 +194,12 @@ class GenFuser:
             reason = LeanT5.unsupported_model(self.model)
             if reason is None:
                 self._lean = LeanT5(self.model, SKINNY_MIN_WEIGHTS if skinny else None, SKINNY_ROWS)
+                if config.max_batch_requests > 1:
+                    from service.models.fusebatch import FusionBatcher
+
+                    self._batcher = FusionBatcher(
+                        self._lean, self._executor, config.max_batch_requests, config.max_batch_tokens
+                    )
             else:
                 logger.info("fuser %s: transformers' generate, no lean decode (%s)", name, reason)
         logger.info("fuser %s loaded in %.1fs", name, time.perf_counter() - start)
@@ -219,6 +230,9 @@ class GenFuser:
     async def fuse(
         self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
     ) -> str:
+        if self._batcher is not None:
+            start, finish = self._fusion(instruction, input_text, list(candidates), None, None, max_new_tokens)
+            return await asyncio.wrap_future(self._batcher.submit(start, finish))
         loop = asyncio.get_running_loop()
         work = functools.partial(self.fuse_sync, instruction, input_text, candidates, max_new_tokens=max_new_tokens)
         return await loop.run_in_executor(self._executor, work)
@@ -233,15 +247,23 @@ class GenFuser:
         def push(piece: str | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, piece)
 
-        def work() -> str:
-            try:
-                return self.fuse_sync(
-                    instruction, input_text, candidates, on_text=push, cancel=cancel, max_new_tokens=max_new_tokens
-                )
-            finally:
-                push(None)
+        future: asyncio.Future[str]
+        if self._batcher is not None:
+            start, finish = self._fusion(instruction, input_text, list(candidates), push, cancel, max_new_tokens)
+            done = self._batcher.submit(start, finish)
+            done.add_done_callback(lambda _: push(None))
+            future = asyncio.wrap_future(done)
+        else:
 
-        future = loop.run_in_executor(self._executor, work)
+            def work() -> str:
+                try:
+                    return self.fuse_sync(
+                        instruction, input_text, candidates, on_text=push, cancel=cancel, max_new_tokens=max_new_tokens
+                    )
+                finally:
+                    push(None)
+
+            future = loop.run_in_executor(self._executor, work)
         try:
             while (piece := await queue.get()) is not None:
                 yield piece
@@ -258,63 +280,92 @@ class GenFuser:
         cancel: threading.Event | None = None,
         max_new_tokens: int | None = None,
     ) -> str:
+        """One fusion on the calling thread, alone."""
+        start, finish = self._fusion(instruction, input_text, list(candidates), on_text, cancel, max_new_tokens)
+        got = start()
+        if not isinstance(got, list):  # a lean Decode
+            while not got.done:
+                self._lean.step([got])
+            got = got.result()
+        return finish(got)
+
+    def _fusion(
+        self,
+        instruction: str,
+        input_text: str,
+        candidates: list[str],
+        on_text: Callable[[str], None] | None,
+        cancel: threading.Event | None,
+        max_new_tokens: int | None,
+    ) -> tuple[Callable[[], Decode | list[int]], Callable[[list[int]], str]]:
+        """One fusion as two calls for the model's thread: ``start`` (the input, the encoder: a lean
+        ``Decode`` to step, or the finished token ids by CTranslate2 or transformers' generate) and
+        ``finish`` (token ids to the fused text, the rest of a stream sent)."""
         cfg = self.config
-        text = genfuser_input(self.tokenizer, instruction, input_text, list(candidates), cfg.candidate_max_length)
-        enc = self.tokenizer(
-            text,
-            max_length=cfg.max_length,
-            truncation=True,
-            add_special_tokens=False,
-            return_tensors="pt",
-        )
         watcher = None
         if on_text is not None or cancel is not None:
             watcher = _FinalPrefix(self.tokenizer, on_text, cancel)
-        input_ids, attention_mask = enc["input_ids"].to(cfg.device), enc["attention_mask"].to(cfg.device)
-        limit = cfg.max_new_tokens or cfg.candidate_max_length
-        max_new_tokens = min(limit, max_new_tokens) if max_new_tokens else limit
-        out: Any
-        if self._ct2 is not None:  # no per-step hook: a stream gets the text in one piece at the end
-            out = [self._ct2.generate(enc["input_ids"][0].tolist(), cfg.num_beams, max_new_tokens)]
-        else:
-            out = self._lean_generate(input_ids, attention_mask, max_new_tokens, watcher)
-        if out is None:
-            extra: dict[str, Any] = {}
-            if cfg.shared_cross_cache and self.model.config.is_encoder_decoder:
-                extra["past_key_values"] = _shared_cross_cache()
-            if watcher is not None:
-                from transformers import StoppingCriteriaList
 
-                extra["stopping_criteria"] = StoppingCriteriaList([watcher])
-            with self._torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    num_beams=cfg.num_beams,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=1,
-                    **extra,
-                )
-        text = str(self.tokenizer.batch_decode(out, skip_special_tokens=True)[0])
-        if watcher is not None and on_text is not None:
-            if not text.startswith(watcher.sent):
-                # Cannot happen if the prefix rule holds; logged loudly rather than hidden.
-                logger.error("streamed text is not a prefix of the fused text; sending the rest as is")
-                on_text(text[len(watcher.sent) :])
-            else:
-                on_text(text[len(watcher.sent) :])
-        return text
+        def start() -> Decode | list[int]:
+            text = genfuser_input(self.tokenizer, instruction, input_text, candidates, cfg.candidate_max_length)
+            enc = self.tokenizer(
+                text, max_length=cfg.max_length, truncation=True, add_special_tokens=False, return_tensors="pt"
+            )
+            limit = cfg.max_new_tokens or cfg.candidate_max_length
+            new_tokens = min(limit, max_new_tokens) if max_new_tokens else limit
+            if self._ct2 is not None:  # no per-step hook: a stream gets the text in one piece at the end
+                return list(self._ct2.generate(enc["input_ids"][0].tolist(), cfg.num_beams, new_tokens))
+            input_ids, attention_mask = enc["input_ids"].to(cfg.device), enc["attention_mask"].to(cfg.device)
+            decode = self._lean_start(input_ids, attention_mask, new_tokens, watcher)
+            return decode if decode is not None else self._generate(input_ids, attention_mask, new_tokens, watcher)
 
-    def _lean_generate(
+        def finish(ids: list[int]) -> str:
+            text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+            if watcher is not None and on_text is not None:
+                if not text.startswith(watcher.sent):
+                    # Cannot happen if the prefix rule holds; logged loudly rather than hidden.
+                    logger.error("streamed text is not a prefix of the fused text; sending the rest as is")
+                    on_text(text[len(watcher.sent) :])
+                else:
+                    on_text(text[len(watcher.sent) :])
+            return text
+
+        return start, finish
+
+    def _generate(
         self, input_ids: Any, attention_mask: Any, max_new_tokens: int, watcher: _FinalPrefix | None
-    ) -> list[list[int]] | None:
-        """``generate``'s output by the lean decode path (``service.t5decode``), or None where it
-        does not apply (then transformers' ``generate`` runs)."""
+    ) -> list[int]:
+        cfg = self.config
+        extra: dict[str, Any] = {}
+        if cfg.shared_cross_cache and self.model.config.is_encoder_decoder:
+            extra["past_key_values"] = _shared_cross_cache()
+        if watcher is not None:
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList([watcher])
+        with self._torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                num_beams=cfg.num_beams,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=1,
+                **extra,
+            )
+        return list(out[0].tolist())
+
+    def _lean_start(
+        self, input_ids: Any, attention_mask: Any, max_new_tokens: int, watcher: _FinalPrefix | None
+    ) -> Decode | None:
+        """The lean decode path's decode (``service.models.t5decode``), or None where it does not
+        apply (then transformers' ``generate`` runs)."""
         if self._lean is None:
             return None
         plan = self._lean.prepare(self.config.num_beams, max_new_tokens, num_return_sequences=1)
         if isinstance(plan, str):
             logger.debug("fuser %s: transformers' generate (%s)", self.name, plan)
             return None
-        ids = self._lean.generate(input_ids, attention_mask, plan, on_step=watcher.step if watcher else None)
-        return None if ids is None else [ids]
+        decode: Decode | None = self._lean.start(
+            input_ids, attention_mask, plan, on_step=watcher.step if watcher else None
+        )
+        return decode

@@ -13,10 +13,13 @@ the same step with raw torch ops on the model's own weights:
   of q.k, cross-attention without a bias, the gated or plain feed-forward, the final norm and
   ``lm_head`` (with ``scale_decoder_outputs`` as the model applies it). Attention uses the
   model's own implementation, ``sdpa`` or ``eager``, with the same arguments as transformers;
-- the search is transformers 5's ``_beam_search`` for one prompt: log-softmax, the top
-  2 x num_beams continuations, end-of-sequence and max-length stops, the running beams, the
-  finished beams with the length penalty, the early-stop heuristic, the best finished sequence.
-  One beam is ``_sample``'s greedy search.
+- the search is transformers 5's ``_beam_search`` for one prompt (``service.models.t5search``).
+  One beam is ``_sample``'s greedy search;
+- several prompts' searches can share a step (``LeanT5.step``, batched fusion): their beams'
+  rows go through the norms and products together (``F.linear`` gives every row the same floats
+  whatever the rows around it; the tests check the logits bit for bit), while attention and the
+  search run per prompt with the shapes they have alone. A model with skinny products steps each
+  prompt on its own (see ``_step_many``). A prompt's tokens are the same alone and batched.
 
 It refuses (``prepare`` returns a reason) whatever generation setting it does not implement; the
 caller then uses ``generate``. What must match ``Blender.fuse`` is the text; the tests check the
@@ -26,70 +29,15 @@ on the tiny and the T5-base-shaped fuser (same kernels, same layouts, same row c
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-# Generation settings it implements, by their name in ``GenerationConfig.to_diff_dict()``; any
-# other setting that differs from transformers' default makes it refuse.
-_ALLOWED = {
-    "transformers_version",
-    "decoder_start_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "max_length",
-    "max_new_tokens",
-    "num_beams",
-    "num_return_sequences",
-    "length_penalty",
-    "early_stopping",
-    "use_cache",
-    "do_sample",
-    "min_length",
-    "min_new_tokens",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size",
-    "encoder_repetition_penalty",
-    "num_beam_groups",
-    "diversity_penalty",
-    "temperature",
-    "top_k",
-    "top_p",
-    "output_scores",
-    "output_logits",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict_in_generate",
-}
-# Of those, the ones that must keep a neutral value.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "num_return_sequences": (None, 1),
-    "use_cache": (None, True),
-    "do_sample": (None, False),
-    "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
-    "repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "encoder_repetition_penalty": (None, 1.0),
-    "num_beam_groups": (None, 1),
-    "diversity_penalty": (None, 0.0),
-    "output_scores": (None, False),
-    "output_logits": (None, False),
-    "output_attentions": (None, False),
-    "output_hidden_states": (None, False),
-    "return_dict_in_generate": (None, False),
-}
+from service.models.t5search import Beams, Greedy, Plan, StepHook, plan_for
 
-StepHook = Callable[[list[list[int]]], bool]
-"""Called each step with the sequences transformers hands its stopping criteria (decoder start
-token first); True stops the search as a stopping criterion would."""
+__all__ = ["Decode", "LeanT5", "Plan", "StepHook"]
 
 
 @dataclass
@@ -120,16 +68,28 @@ class _Buffers:
     cross_bias: torch.Tensor
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What one ``generate`` call would do, once ``LeanT5.prepare`` accepted it."""
+@dataclass(eq=False)
+class Decode:
+    """One prompt's decode in progress: its buffers, its search, the next position."""
 
-    num_beams: int
-    max_new_tokens: int
-    start: int
-    eos: int
-    length_penalty: float
-    early_stopping: bool | str
+    buf: _Buffers
+    search: Greedy | Beams
+    pos: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.search.done
+
+    @property
+    def rows(self) -> int:
+        return self.buf.keys[0].shape[0]
+
+    @property
+    def source_tokens(self) -> int:
+        return int(self.buf.cross_bias.shape[-1])
+
+    def result(self) -> list[int]:
+        return self.search.result()
 
 
 class LeanT5:
@@ -182,6 +142,10 @@ class LeanT5:
                     dense.wo.weight,
                 )
             )
+        big = [w for layer in self.layers for w in (layer.q, layer.o, layer.cq, layer.co, *layer.wi, layer.wo)]
+        self._skinny_any = skinny_min_weights is not None and any(
+            w.numel() >= skinny_min_weights for w in [*big, self.lm_head]
+        )
         self._bias: list[torch.Tensor] = []  # [1, heads, 1, n] for query position n - 1
 
     # -- what it accepts ---------------------------------------------------------------------
@@ -215,36 +179,7 @@ class LeanT5:
     def prepare(self, num_beams: int, max_new_tokens: int, **gen_kwargs: Any) -> Plan | str:
         """The plan for ``generate(num_beams=..., max_new_tokens=..., **gen_kwargs)`` with the
         model's generation config, or why it is not supported."""
-        if self.config._get_generation_parameters():
-            return "generation parameters in the model config (generate refuses them)"
-        # generate's own order: its kwargs over the model's generation config over global
-        # defaults; settings left unset (None) take the defaults, which are the neutral values.
-        gc = copy.deepcopy(self.model.generation_config)
-        gc.update(num_beams=num_beams, max_new_tokens=max_new_tokens, **gen_kwargs)
-        diff = gc.to_diff_dict()
-        extra = sorted(set(diff) - _ALLOWED)
-        if extra:
-            return f"generation settings {extra}"
-        for key, ok in _NEUTRAL.items():
-            if key in diff and diff[key] not in ok:
-                return f"generation setting {key}={diff[key]!r}"
-        eos = gc.eos_token_id
-        if isinstance(eos, list | tuple):
-            if len(eos) != 1:
-                return "several end-of-sequence tokens"
-            eos = eos[0]
-        start = gc.decoder_start_token_id
-        if start is None:
-            start = self.config.decoder_start_token_id
-        if not isinstance(eos, int) or not isinstance(start, int):
-            return "no end-of-sequence or decoder start token"
-        if not isinstance(num_beams, int) or num_beams < 1 or max_new_tokens < 1:
-            return "num_beams and max_new_tokens must be positive"
-        early = False if gc.early_stopping is None else gc.early_stopping
-        if early not in (True, False, "never"):
-            return f"early_stopping={early!r}"
-        penalty = 1.0 if gc.length_penalty is None else float(gc.length_penalty)
-        return Plan(num_beams, max_new_tokens, start, eos, penalty, early)
+        return plan_for(self.model, num_beams, max_new_tokens, **gen_kwargs)
 
     # -- the model's step ----------------------------------------------------------------------
 
@@ -309,17 +244,68 @@ class LeanT5:
             x = x * self.scale_out
         return self._lin(x, self.lm_head, hf_rows)
 
-    # -- the search ----------------------------------------------------------------------------
+    def _attend_each(self, q: torch.Tensor, parts: list[Decode], layer: int, cross: bool) -> torch.Tensor:
+        """Each prompt's attention over its own keys and values, with the shapes it has alone;
+        q [rows, heads * d_kv] -> [rows, heads * d_kv]."""
+        h, dk = self.heads, self.d_kv
+        out = []
+        for qd, d in zip(torch.split(q, [d.rows for d in parts]), parts, strict=True):
+            qd = qd.reshape(d.rows, h, 1, dk)
+            if cross:
+                k, v = d.buf.cross[layer]
+                a = self._attend(qd, k, v, d.buf.cross_bias)
+            else:
+                n = d.pos + 1
+                a = self._attend(qd, d.buf.keys[layer][:, :, :n], d.buf.values[layer][:, :, :n], self._position_bias(n))
+            out.append(a.reshape(d.rows, h * dk))
+        return torch.cat(out)
 
-    def generate(
+    def _write_kv(self, parts: list[Decode], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        h, dk, at = self.heads, self.d_kv, 0
+        for d in parts:
+            d.buf.keys[layer][:, :, d.pos] = k[at : at + d.rows].reshape(d.rows, h, dk)
+            d.buf.values[layer][:, :, d.pos] = v[at : at + d.rows].reshape(d.rows, h, dk)
+            at += d.rows
+
+    def _step_many(self, parts: list[Decode]) -> torch.Tensor:
+        """Logits [rows, vocab] of every prompt's beams (in ``parts``' order) for their next token.
+
+        Products run over all rows (``F.linear``: each row's floats do not depend on the rows around
+        it). With skinny products each prompt runs its own step instead: their floats depend on the
+        row count and on the layout of the rows (so do the attention kernels' on the layout of q),
+        and on a CPU they are compute-bound from 4 rows, so sharing them would save little."""
+        if self.skinny_min is not None and self._skinny_any:
+            return torch.cat([self._step(torch.tensor(d.search.tokens()), d.pos, d.buf, d.rows) for d in parts])
+        lin = F.linear
+        tokens = torch.tensor([t for d in parts for t in d.search.tokens()], device=self.embed.device)
+        x = F.embedding(tokens, self.embed)
+        for i, layer in enumerate(self.layers):
+            y = self._norm(x, layer.ln_self)
+            q = lin(y, layer.q)
+            self._write_kv(parts, i, lin(y, layer.k), lin(y, layer.v))
+            x = x + lin(self._attend_each(q, parts, i, cross=False), layer.o)
+            y = self._norm(x, layer.ln_cross)
+            q = lin(y, layer.cq)
+            x = x + lin(self._attend_each(q, parts, i, cross=True), layer.co)
+            y = self._norm(x, layer.ln_ff)
+            f = self.act(lin(y, layer.wi[0]))
+            x = x + lin(f * lin(y, layer.wi[1]) if self.gated else f, layer.wo)
+        x = self._norm(x, self.final_ln)
+        if self.scale_out is not None:
+            x = x * self.scale_out
+        return lin(x, self.lm_head)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def start(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         plan: Plan,
         on_step: StepHook | None = None,
-    ) -> list[int] | None:
-        """The token ids ``generate`` returns for this one prompt (decoder start token first),
-        or None for an input it does not take (several rows, padding)."""
+    ) -> Decode | None:
+        """Runs the encoder for one prompt and sets up its decode, or None for an input it does
+        not take (several rows, padding)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             return None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -342,87 +328,39 @@ class LeanT5:
             size = (nb, h, plan.max_new_tokens, dk)
             keys = [torch.empty(size, dtype=hidden.dtype, device=hidden.device) for _ in self.layers]
             values = [torch.empty(size, dtype=hidden.dtype, device=hidden.device) for _ in self.layers]
-            buf = _Buffers(keys, values, cross, cross_bias)
-            if nb == 1:
-                return self._greedy(plan, on_step, buf)
-            return self._beams(plan, on_step, buf)
+        buf = _Buffers(keys, values, cross, cross_bias)
+        search = Greedy(plan, on_step) if nb == 1 else Beams(plan, on_step, hidden.device)
+        return Decode(buf, search)
 
-    def _greedy(self, plan: Plan, on_step: StepHook | None, buf: _Buffers) -> list[int]:
-        seq = [plan.start]
-        device = self.embed.device
-        for pos in range(plan.max_new_tokens):
-            tokens = torch.tensor([seq[-1]], device=device)
-            logits = self._step(tokens, pos, buf, 1)
-            seq.append(int(torch.argmax(logits.float(), dim=-1)[0]))
-            stop = on_step([list(seq)]) if on_step is not None else False
-            if seq[-1] == plan.eos or stop:
-                break
-        return seq
+    def step(self, parts: list[Decode]) -> None:
+        """One decoder step for every unfinished decode in ``parts``, batched."""
+        live = [d for d in parts if not d.done]
+        if not live:
+            return
+        with torch.inference_mode():
+            if len(live) == 1:
+                d = live[0]
+                logits = self._step(torch.tensor(d.search.tokens(), device=self.embed.device), d.pos, d.buf, d.rows)
+            else:
+                logits = self._step_many(live)
+            at = 0
+            for d in live:
+                d.search.advance(logits[at : at + d.rows], d.pos, [*d.buf.keys, *d.buf.values])
+                at += d.rows
+                d.pos += 1
 
-    def _beams(self, plan: Plan, on_step: StepHook | None, buf: _Buffers) -> list[int]:
-        nb, keep, lp, early = plan.num_beams, 2 * plan.num_beams, plan.length_penalty, plan.early_stopping
-        device = self.embed.device
-        max_length = 1 + plan.max_new_tokens  # the decoder prompt is the start token
-        # Running beams: only the first counts at the start (the others score -1e9).
-        run_scores = torch.zeros(nb, dtype=torch.float32, device=device)
-        run_scores[1:] = -1e9
-        run_seqs = [[plan.start] for _ in range(nb)]
-        # Finished beams: scores with the length penalty; placeholders score -1e9.
-        fin_scores = torch.full((nb,), -1e9, dtype=torch.float32, device=device)
-        fin_seqs: list[list[int]] = [list(s) for s in run_seqs]
-        fin_done = [False] * nb
-        top_mask = torch.arange(keep, device=device) < nb  # only these may finish
-        identity = list(range(nb))
-        cur_len = 1
-        for pos in range(plan.max_new_tokens):
-            # The first step runs all beams too (they all hold the start token): the attention
-            # kernels' floats depend on the batch size.
-            tokens = torch.tensor([s[-1] for s in run_seqs], device=device)
-            logits = self._step(tokens, pos, buf, nb)
-            log_probs = F.log_softmax(logits.float(), dim=-1) + run_scores[:, None]
-            vocab = log_probs.shape[-1]
-            top_scores, top_idx = torch.topk(log_probs.reshape(1, -1), k=keep)  # transformers' shapes
-            top_scores = top_scores[0]
-            idx = top_idx[0].tolist()
-            cand = [run_seqs[i // vocab] + [i % vocab] for i in idx]
-            stop = on_step(cand) if on_step is not None else False
-            at_end = cur_len + 1 >= max_length or stop
-            hits = [at_end or s[-1] == plan.eos for s in cand]
-            hits_t = torch.tensor(hits, device=device)
-
-            # Finished beams: the top num_beams continuations that stop, with the length penalty.
-            just = hits_t & top_mask
-            new = top_scores / ((cur_len + 1 - 1) ** lp)
-            new = new + (~just) * -1.0e9
-            merged = torch.cat((fin_scores, new))
-            chosen = torch.topk(merged[None], k=nb)[1][0]
-            fin_scores = merged[chosen]
-            picks = chosen.tolist()
-            just_list = just.tolist()
-            fin_seqs = [fin_seqs[j] if j < nb else cand[j - nb] for j in picks]
-            fin_done = [fin_done[j] if j < nb else just_list[j - nb] for j in picks]
-            if all(hits):
-                break
-
-            # Running beams: the best continuations that do not stop.
-            running = top_scores + hits_t.to(torch.float32) * -1.0e9
-            nxt = torch.topk(running[None], k=nb)[1][0]
-            run_scores = running[nxt]
-            order = nxt.tolist()
-            run_seqs = [cand[j] for j in order]
-            beam_idx = [idx[j] // vocab for j in order]
-            if beam_idx != identity:
-                sel = torch.tensor(beam_idx, device=device)
-                for t in (*buf.keys, *buf.values):
-                    t[:, :, : pos + 1] = t[:, :, : pos + 1].index_select(0, sel)
-            cur_len += 1
-
-            # Can the best running beam still beat a finished one? (Slots not finished count -1e9.)
-            best_len = max_length - 1 if early == "never" and lp > 0.0 else cur_len - 1
-            best = float(run_scores[:1] / (best_len**lp))
-            worst = float(fin_scores.min())
-            if not any(best > (worst if done else -1.0e9) for done in fin_done):
-                break
-            if early is True and all(fin_done):
-                break
-        return fin_seqs[0]
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        plan: Plan,
+        on_step: StepHook | None = None,
+    ) -> list[int] | None:
+        """The token ids ``generate`` returns for this one prompt (decoder start token first),
+        or None for an input it does not take (several rows, padding)."""
+        decode = self.start(input_ids, attention_mask, plan, on_step)
+        if decode is None:
+            return None
+        while not decode.done:
+            self.step([decode])
+        return decode.result()

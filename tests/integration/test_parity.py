@@ -121,3 +121,29 @@ def test_ctranslate2_engine_answers_as_transformers_beam_search_with_early_stopp
             assert fuser.fuse_sync("", row["prompt"], row["candidates"][:3]) == expected, row["prompt"]
     finally:
         fuser.close()
+
+
+async def test_concurrent_fusions_equal_blender_fuse(trained_models: Path) -> None:
+    """Fusions sent at once share the lean decoder's steps (batched fusion, mixed input lengths,
+    joining as they come); each text is Blender.fuse's for that request alone, streamed or not."""
+    import asyncio
+    import json
+
+    ckpt = str(trained_models / "genfuser")
+    rows = [json.loads(line) for line in (trained_models / "candidates" / "candidates.jsonl").open()][:24]
+    cases = [("", row["prompt"], row["candidates"][:3]) for row in rows]
+    cases += [(i, t, list(c)) for i, t, c in FUSE_CASES]
+    fuser = GenFuser("genfuser", FuserConfig(checkpoint=ckpt))
+    assert fuser._batcher is not None
+
+    async def stream(case: tuple[str, str, list[str]]) -> str:
+        return "".join([p async for p in fuser.fuse_stream(*case)])
+
+    try:
+        texts = await asyncio.gather(*(fuser.fuse(*c) for c in cases[::2]), *(stream(c) for c in cases[1::2]))
+        assert fuser._batcher.largest_batch >= 4, "the fusions shared steps"
+    finally:
+        fuser.close()
+    want = [reference_fuse(ckpt, *c) for c in [*cases[::2], *cases[1::2]]]
+    assert list(texts) == want
+    assert len(set(want)) > 10, "the fused texts differ from request to request"

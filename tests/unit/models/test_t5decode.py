@@ -242,3 +242,162 @@ def test_unsupported_generation_config_falls_back(
     assert fusers[False].fuse_sync(*CASE) == want
     # no_repeat_ngram_size=3 changes the text here, so the fallback really ran generate with it.
     assert got != want
+
+
+# -- batched steps (service/models/fusebatch.py) ------------------------------------------------
+
+
+def _batched_ids(lean: Any, encs: list[dict[str, Any]], settings: list[tuple[int, int]], stagger: int) -> list[Any]:
+    """Each prompt decoded in one shared step loop, prompt i joining after ``stagger * i`` steps."""
+    decodes: list[Any] = [None] * len(encs)
+    step = 0
+    while any(d is None or not d.done for d in decodes):
+        for i, enc in enumerate(encs):
+            if decodes[i] is None and step >= stagger * i:
+                plan = lean.prepare(*settings[i % len(settings)], num_return_sequences=1)
+                decodes[i] = lean.start(enc["input_ids"], enc["attention_mask"], plan)
+        lean.step([d for d in decodes if d is not None])
+        step += 1
+    return [d.result() for d in decodes]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "ends_early", "relu_t5"])
+def test_batched_steps_give_each_prompt_the_ids_of_generate(model_name: str, request: pytest.FixtureRequest) -> None:
+    """Prompts of mixed lengths, beam counts and limits, joining at different steps, share every
+    decoder step: each gets exactly the ids transformers' generate gives it alone."""
+    import torch
+
+    from service.models.t5decode import LeanT5
+
+    tokenizer, model = request.getfixturevalue(model_name)
+    encs = _prompts(tokenizer, 6, seed=11)
+    assert len({int(e["input_ids"].shape[1]) for e in encs}) > 3, "mixed input lengths"
+    settings = [(4, 40), (4, 12), (2, 30), (1, 25), (4, 128), (3, 20)]
+    want = []
+    for enc, (beams, limit) in zip(encs, settings, strict=True):
+        with torch.inference_mode():
+            want.append(model.generate(**enc, num_beams=beams, max_new_tokens=limit)[0].tolist())
+    lean = LeanT5(model)
+    for stagger in (0, 3):
+        assert _batched_ids(lean, encs, settings, stagger) == want, stagger
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "skinny_t5"])
+def test_batched_logits_are_bit_identical_to_alone(model_name: str, request: pytest.FixtureRequest) -> None:
+    """The premise: a batched step's logits for a prompt's rows are the floats it gets alone
+    (with the skinny products, whose floats depend on the row count, on the wide model)."""
+    import torch
+
+    from service.models.genfuser import SKINNY_MIN_WEIGHTS, SKINNY_ROWS
+    from service.models.t5decode import LeanT5
+
+    tokenizer, model = request.getfixturevalue(model_name)
+    lean = LeanT5(model, SKINNY_MIN_WEIGHTS, SKINNY_ROWS)
+    encs = _prompts(tokenizer, 3, seed=12)
+    plan = lean.prepare(4, 16, num_return_sequences=1)
+    alone = [lean.start(e["input_ids"], e["attention_mask"], plan) for e in encs]
+    together = [lean.start(e["input_ids"], e["attention_mask"], plan) for e in encs]
+    with torch.inference_mode():
+        for d in alone:
+            lean.step([d])  # moves past the first step, where every beam holds the start token
+        lean.step(together)
+        want = [lean._step(torch.tensor(d.search.tokens()), d.pos, d.buf, d.rows) for d in alone]
+        got = lean._step_many(together)
+    assert torch.equal(got, torch.cat(want))
+
+
+@pytest.fixture(scope="module")
+def skinny_t5(checkpoint: Path) -> tuple[Any, Any]:
+    """A random T5 wide enough (d_model 512) for the skinny products, whose floats depend on the row
+    count: a batched step must run them per prompt."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, T5Config, T5ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=512,
+        d_kv=64,
+        d_ff=1024,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=8,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(8)
+    model = T5ForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    return tokenizer, model
+
+
+def test_batched_skinny_products_give_the_ids_alone(skinny_t5: tuple[Any, Any]) -> None:
+    from service.models.genfuser import SKINNY_MIN_WEIGHTS, SKINNY_ROWS
+    from service.models.t5decode import LeanT5
+
+    tokenizer, model = skinny_t5
+    lean = LeanT5(model, SKINNY_MIN_WEIGHTS, SKINNY_ROWS)
+    assert all(layer.wo.numel() >= SKINNY_MIN_WEIGHTS for layer in lean.layers)
+    encs = _prompts(tokenizer, 4, seed=13)
+    settings = [(4, 24), (4, 10), (2, 16), (4, 20)]
+    alone = []
+    for enc, (beams, limit) in zip(encs, settings, strict=True):
+        plan = lean.prepare(beams, limit, num_return_sequences=1)
+        alone.append(lean.generate(enc["input_ids"], enc["attention_mask"], plan))
+    assert _batched_ids(lean, encs, settings, stagger=2) == alone
+
+
+CASES = [
+    ("Answer briefly. ", "Name a river.", ["The Seine runs through Paris.", "river river", "I do not know"]),
+    ("", "x " * 300, ["a", " ".join(WORDS * 10), "short"]),
+    ("Explain: ", "old city", ["music plays", "the"]),
+    ("", "one", ["only this one candidate here"]),
+    ("Answer briefly. ", "capital of france", ["paris", "the seine", "old city music"]),
+]
+
+
+async def test_concurrent_fusions_share_steps_and_keep_their_text(fusers: dict[bool, GenFuser]) -> None:
+    """Fusions sent at once are decoded together, and each text and stream is the one it gets alone
+    (and the one transformers' generate gives)."""
+    import asyncio
+
+    batched, plain = fusers[True], fusers[False]
+    assert batched._batcher is not None and plain._batcher is None
+    alone = [plain.fuse_sync(*case) for case in CASES]
+    pieces_alone = []
+    for case in CASES:
+        pieces_alone.append([])
+        plain.fuse_sync(*case, on_text=pieces_alone[-1].append)
+
+    async def stream(case: tuple[str, str, list[str]]) -> list[str]:
+        return [p async for p in batched.fuse_stream(*case)]
+
+    texts = await asyncio.gather(*(batched.fuse(*case) for case in CASES))
+    streams = await asyncio.gather(*(stream(case) for case in CASES))
+    assert list(texts) == alone
+    assert [[p for p in s if p] for s in streams] == [[p for p in s if p] for s in pieces_alone]
+    assert batched._batcher.largest_batch > 1, "the fusions shared steps"
+
+
+async def test_a_cancelled_stream_leaves_the_others(fusers: dict[bool, GenFuser]) -> None:
+    import asyncio
+
+    batched, plain = fusers[True], fusers[False]
+    want = plain.fuse_sync(*CASES[1])
+
+    async def first_piece() -> str:
+        async for piece in batched.fuse_stream(*CASES[0]):
+            return piece  # leaving the stream cancels its search
+        return ""
+
+    piece, other = await asyncio.gather(first_piece(), batched.fuse(*CASES[1]))
+    assert piece and other == want
