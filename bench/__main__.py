@@ -132,6 +132,8 @@ def keys(parts: dict[str, Any]) -> dict[str, Any]:
         "fuser_ct2_identical_share": (get("fuser_real", "ct2") or {})
         .get("ct2_default", {})
         .get("identical_share_vs_llm_blender"),
+        "fuser_batched_throughput_ratio_tiny": (get("fuser_tiny", "batched") or {}).get("throughput_ratio"),
+        "fuser_batched_throughput_ratio_real": (get("fuser_real", "batched") or {}).get("throughput_ratio"),
         "e2e_p50_speedup_c1": get("e2e", "p50_speedup_c1"),
         "e2e_throughput_ratio_c8": get("e2e", "throughput_ratio_c8"),
         "gateway_overhead_p50_ms": get("gateway", "overhead_p50_ms"),

@@ -52,6 +52,8 @@ class Workload:
     dtype: str = "float32"
     # The opt-in CTranslate2 engine, A/B beside the default (lean decoder), per compute type.
     ct2: tuple[str, ...] = ("default", "int8")
+    # Batched fusion: this many fusions sent at once, batched (max_batch_requests) against one at a time.
+    concurrent: int = 8
 
 
 def run(w: Workload) -> dict[str, Any]:
@@ -112,6 +114,7 @@ def run(w: Workload) -> dict[str, Any]:
             for name, texts in engine_text.items()
         }
         return {
+            "batched": _batched(w, settings, prompts, ours_text, ref_text),
             "ct2": ct2,
             "model": f"T5 d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} layers, "
             f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.3g} M parameters",
@@ -137,3 +140,54 @@ def _ct2_fuser(settings: dict[str, Any], compute_type: str) -> GenFuser | None:
         return None
     config = FuserConfig.model_validate({**settings, "engine": "ctranslate2", "compute_type": compute_type})
     return GenFuser(f"ct2-{compute_type}", config, CACHE)
+
+
+def _batched(
+    w: Workload, settings: dict[str, Any], prompts: list[FusePrompt], alone: list[str], blender: list[str]
+) -> dict[str, Any]:
+    """``w.concurrent`` fusions sent at once (the prompts repeated), the fuser batching them against
+    the same fuser taking them one at a time: fusions per second, the ratio, and whether every text
+    is the one the prompt gets alone. Where the skinny products apply (they make a batched step run
+    per prompt), also batched with the plain products (``skinny_products: false``)."""
+    import asyncio
+
+    batch = [prompts[i % len(prompts)] for i in range(w.concurrent)]
+    fusers = {
+        "batched": GenFuser("batched", FuserConfig.model_validate({**settings, "max_batch_requests": w.concurrent})),
+        "one_at_a_time": GenFuser("one", FuserConfig.model_validate({**settings, "max_batch_requests": 1})),
+    }
+    lean = fusers["batched"]._lean
+    if lean is not None and lean._skinny_any:
+        plain = {**settings, "max_batch_requests": w.concurrent, "skinny_products": False}
+        fusers["batched_plain_products"] = GenFuser("plain", FuserConfig.model_validate(plain))
+
+    async def burst(f: GenFuser) -> tuple[float, list[str]]:
+        t = time.perf_counter()
+        texts = await asyncio.gather(*(f.fuse(p.instruction, p.input_text, p.candidates) for p in batch))
+        return time.perf_counter() - t, list(texts)
+
+    try:
+        texts: dict[str, list[str]] = {}
+
+        def timed(name: str) -> float:
+            seconds, texts[name] = asyncio.run(burst(fusers[name]))
+            return seconds
+
+        logger.info("fuser %s: %d fusions at once, batched and one at a time x %d", w.label, w.concurrent, w.repeats)
+        runs = alternate({name: lambda name=name: timed(name) for name in fusers}, w.repeats)  # type: ignore[misc]
+        rate = {name: w.concurrent / median(results) for name, results in runs.items()}
+        want = [alone[i % len(prompts)] for i in range(w.concurrent)]
+        return {
+            "concurrent": w.concurrent,
+            "fusions_per_s": rate,
+            "throughput_ratio": rate["batched"] / rate["one_at_a_time"],
+            "identical_to_alone": texts["batched"] == want and texts["one_at_a_time"] == want,
+            "identical_share_vs_llm_blender": {
+                name: sum(blender[i % len(prompts)] == t for i, t in enumerate(got)) / w.concurrent
+                for name, got in texts.items()
+            },
+            "largest_batch": fusers["batched"]._batcher.largest_batch if fusers["batched"]._batcher else 1,
+        }
+    finally:
+        for f in fusers.values():
+            f.close()
