@@ -3,8 +3,8 @@
 Four stub members answer after a fixed 20 ms (``tests/stub_server.py``, raw asyncio). The gateway
 (``ensemble-gateway serve``, one worker) serves an ensemble of the four with no ranker and no
 fuser: the top candidate is the member order's first. The floor is a bare asyncio script doing
-the same fan-out with the gateway's own HTTP client (``service.http.make_http_client``: httpx on
-aiohttp's transport); the same fan-out on httpx's own pool and on bare aiohttp is measured beside
+the same fan-out with the gateway's own HTTP client, sending as members do
+(``service.members.http``: httpx requests straight to its aiohttp transport); the same fan-out on httpx's own pool and on bare aiohttp is measured beside
 it, and so is the gateway with ``member_http: httpx``. Both sides run on uvloop, as uvicorn does.
 
 - latency at concurrency 1: the gateway (one client hop + its fan-out) against the floor's fan-out;
@@ -65,15 +65,23 @@ def gateway_config(stub_urls: list[str], variant: str = "shipped") -> dict[str, 
 async def fan_out(client: str, urls: list[str]) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
     """The floor: one request = the four member calls at once, their JSON parsed, as the gateway
     does, with the named client."""
-    from service.members.http import make_http_client
+    import httpx
+
+    from service.members.http import make_http_client, send
 
     bodies = [{**BODY, "model": "ok", "temperature": 0.7, "top_p": 1.0} for _ in urls]
     targets = [f"{u}/chat/completions" for u in urls]
     if client in ("httpx", "httpx_aiohttp"):
+        # As members send: an httpx.Request (URL parsed once) straight to the client's transport.
         http = make_http_client(256, "httpx" if client == "httpx" else "aiohttp")
+        parsed = [httpx.URL(t) for t in targets]
+        extensions = {"timeout": httpx.Timeout(5.0).as_dict()}
+
+        async def post(url: httpx.URL, body: dict[str, Any]) -> httpx.Response:
+            return await send(http, httpx.Request("POST", url, json=body, extensions=extensions))
 
         async def one_httpx() -> bool:
-            resps = await asyncio.gather(*(http.post(t, json=b) for t, b in zip(targets, bodies, strict=True)))
+            resps = await asyncio.gather(*(post(u, b) for u, b in zip(parsed, bodies, strict=True)))
             return all(r.status_code == 200 and r.json()["choices"][0]["message"]["content"] for r in resps)
 
         try:

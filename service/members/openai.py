@@ -19,6 +19,7 @@ from service.config import MemberConfig
 from service.errors import MemberFailure
 from service.members.base import Completion, MemberRequest, render_prompt
 from service.members.gate import ClassGate
+from service.members.http import send
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class OpenAIMember:
             key = os.environ.get(config.api_key_env, "")
             if key:
                 self._headers["Authorization"] = f"Bearer {key}"
+        self._plain_headers = httpx.Headers(self._headers)
+        self._json_headers = httpx.Headers({**self._headers, "Content-Type": "application/json"})
+        self._urls: dict[str, httpx.URL] = {}
+        self._timeouts: dict[float, dict[str, Any]] = {}
 
     @property
     def headers(self) -> dict[str, str]:
@@ -86,12 +91,26 @@ class OpenAIMember:
         body["prompt"] = render_prompt(self._messages(request))
         return f"{self.base_url}/completions", body
 
+    def _request(self, method: str, url: str, body: Any, timeout: float) -> httpx.Request:
+        """The ``httpx.Request`` for one call, from what is the same for every call made once:
+        the URL parsed, the headers, the timeouts."""
+        target = self._urls.get(url)
+        if target is None:
+            target = self._urls[url] = httpx.URL(url)
+        extensions = self._timeouts.get(timeout)
+        if extensions is None:
+            extensions = self._timeouts[timeout] = {"timeout": httpx.Timeout(timeout).as_dict()}
+        if body is None:
+            return httpx.Request(method, target, headers=self._plain_headers, extensions=extensions)
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return httpx.Request(method, target, content=content, headers=self._json_headers, extensions=extensions)
+
     async def _send(self, method: str, url: str, body: Any, timeout: float) -> httpx.Response:
         """One bounded HTTP call; transport failures become ``MemberFailure``."""
         try:
             # httpx's timeout bounds each read; asyncio's bounds the whole call (slow drips).
             async with asyncio.timeout(timeout):
-                return await self._client.request(method, url, json=body, headers=self._headers, timeout=timeout)
+                return await send(self._client, self._request(method, url, body, timeout))
         except (httpx.TimeoutException, TimeoutError) as e:
             raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
         except httpx.HTTPError as e:

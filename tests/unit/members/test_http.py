@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from service.members.http import make_http_client
+from service.members.http import make_http_client, send
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 TRANSPORTS = ["aiohttp", "httpx"]
@@ -71,43 +71,94 @@ def _refused_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-async def _post(transport: str, url: str, timeout: float = 5.0) -> httpx.Response:
+async def _post(transport: str, url: str, timeout: float = 5.0, direct: bool = False) -> httpx.Response:
     client = make_http_client(8, transport)  # type: ignore[arg-type]
     try:
+        if direct:
+            extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
+            return await send(client, httpx.Request("POST", url + "/v1/x", json={"a": 1}, extensions=extensions))
         return await client.post(url + "/v1/x", json={"a": 1}, timeout=timeout)
     finally:
         await client.aclose()
 
 
+DIRECT = pytest.mark.parametrize("direct", [False, True], ids=["client", "direct"])
+
+
+@DIRECT
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_answers_and_keeps_the_connection(transport: str) -> None:
-    async for url in _serve(ok):
+async def test_answers_and_keeps_the_connection(transport: str, direct: bool) -> None:
+    connections = 0
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await ok(reader, writer)
+
+    async for url in _serve(counted):
         client = make_http_client(8, transport)  # type: ignore[arg-type]
         try:
             for i in range(3):
-                r = await client.post(url + "/v1/x", json={"i": i})
+                if direct:
+                    r = await send(client, httpx.Request("POST", url + "/v1/x", json={"i": i}))
+                else:
+                    r = await client.post(url + "/v1/x", json={"i": i})
                 assert r.status_code == 200 and r.json() == {"echo": {"i": i}}
+                assert r.request.url.path == "/v1/x"
         finally:
             await client.aclose()
+    assert connections == 1
 
 
+@DIRECT
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_refused_connection_is_a_connect_error(transport: str) -> None:
+async def test_refused_connection_is_a_connect_error(transport: str, direct: bool) -> None:
     with pytest.raises(httpx.ConnectError):
-        await _post(transport, _refused_url())
+        await _post(transport, _refused_url(), direct=direct)
 
 
+@DIRECT
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("handler", [truncated, hang_up], ids=["truncated", "hang_up"])
-async def test_a_dropped_answer_is_a_transport_error_not_a_timeout(transport: str, handler: Handler) -> None:
+async def test_a_dropped_answer_is_a_transport_error_not_a_timeout(
+    transport: str, handler: Handler, direct: bool
+) -> None:
     async for url in _serve(handler):
         with pytest.raises(httpx.TransportError) as info:
-            await _post(transport, url)
+            await _post(transport, url, direct=direct)
         assert not isinstance(info.value, httpx.TimeoutException), repr(info.value)
 
 
+@DIRECT
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_silence_is_a_timeout(transport: str) -> None:
+async def test_silence_is_a_timeout(transport: str, direct: bool) -> None:
     async for url in _serve(silent):
         with pytest.raises(httpx.TimeoutException):
-            await _post(transport, url, timeout=0.3)
+            await _post(transport, url, timeout=0.3, direct=direct)
+
+
+async def test_a_stream_arrives_in_pieces_and_gives_its_connection_back() -> None:
+    async def events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await _read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in (b"data: a\n\n", b"data: b\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    async for url in _serve(events):
+        client = make_http_client(8, "aiohttp")
+        try:
+            for _ in range(2):
+                async with client.stream("POST", url + "/v1/x", json={}) as r:
+                    lines = [line async for line in r.aiter_lines() if line]
+                assert lines == ["data: a", "data: b"]
+        finally:
+            await client.aclose()

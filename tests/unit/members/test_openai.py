@@ -7,6 +7,7 @@ import pytest
 from service.config import MemberConfig
 from service.errors import MemberFailure
 from service.members.base import MemberRequest, render_prompt
+from service.members.http import MemberClient
 from service.members.openai import OpenAIMember
 
 REQ = MemberRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.1, top_p=0.9, seed=3)
@@ -14,7 +15,8 @@ REQ = MemberRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=7, 
 
 def member(handler, **cfg) -> OpenAIMember:  # type: ignore[no-untyped-def]
     config = MemberConfig(name="m", endpoint="http://up/v1", model="tiny", **cfg)
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    # The gateway's own client class, so that member calls take its direct path (send_direct).
+    client = MemberClient(httpx.MockTransport(handler))
     return OpenAIMember(config, "http://up/v1", client)
 
 
