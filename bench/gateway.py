@@ -4,8 +4,9 @@ Four stub members answer after a fixed 20 ms (``tests/stub_server.py``, raw asyn
 (``ensemble-gateway serve``, one worker) serves an ensemble of the four with no ranker and no
 fuser: the top candidate is the member order's first. The floor is a bare asyncio script doing
 the same fan-out with the gateway's own HTTP client, sending as members do
-(``service.members.http``: httpx requests straight to its aiohttp transport); the same fan-out on httpx's own pool and on bare aiohttp is measured beside
-it, and so is the gateway with ``member_http: httpx``. Both sides run on uvloop, as uvicorn does.
+(``service.members.http``: httpx requests straight to its aiohttp transport); the same fan-out on
+httpx's own pool and on bare aiohttp is measured beside it, and so is the gateway with
+``member_http: httpx``. Both sides run on uvloop, as uvicorn does.
 
 - latency at concurrency 1: the gateway (one client hop + its fan-out) against the floor's fan-out;
 - requests/s with ``WORKERS`` closed-loop callers, the load generator being as lean as it can be.
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 MEMBERS = 4
 LATENCY_MS = 20.0
 WORKERS = 32
+PIDS: dict[str, int] = {}  # a served gateway's process, by its URL
 BODY = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
 
 
@@ -121,6 +123,17 @@ async def _gateway_caller(url: str, workers: int) -> tuple[Callable[[int], Await
     return call, conns
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) of a process, or of this one."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
 def _summary(r: LoadResult) -> dict[str, float]:
     return {
         "p50_ms": percentile(r.latencies, 50) * 1000,
@@ -136,9 +149,13 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
         floors = {c: await stack.enter_async_context(fan_out(c, stub_urls)) for c in w.clients}
         callers: dict[str, Callable[[int], Awaitable[bool]]] = {}
         conns: list[Connection] = []
+        pids: dict[str, int] = {}
         for variant, url in gateways.items():
             call, opened = await _gateway_caller(url, WORKERS)
-            callers["gateway" if variant == "shipped" else f"gateway_{variant}"] = call
+            name = "gateway" if variant == "shipped" else f"gateway_{variant}"
+            callers[name] = call
+            if url in PIDS:
+                pids[name] = PIDS[url]
             conns += opened
         try:
             for name, one in floors.items():
@@ -154,8 +171,11 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
                     c1[name] += r.latencies
                     errors[name] += r.errors
             load: dict[str, LoadResult] = {}
+            cpu: dict[str, float] = {}
             for name in names:
+                before = _cpu_seconds(pids.get(name))
                 load[name] = await closed_loop(callers[name], WORKERS, w.load_seconds)
+                cpu[name] = (_cpu_seconds(pids.get(name)) - before) / max(len(load[name].latencies), 1) * 1e6
         finally:
             for c in conns:
                 c.close()
@@ -169,6 +189,9 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
         "c1_errors": errors,
         "load_workers": WORKERS,
         "load": {n: _summary(r) for n, r in load.items()},
+        # CPU per request under load: the gateway's process, or this process for a floor (its fan-out
+        # and the load loop). Steadier than requests/s on a small shared machine.
+        "cpu_us_per_request": cpu,
         "overhead_p50_ms": p50["gateway"] - floor,
         "floor_ratio": p50["gateway"] / floor,
         "rps": load["gateway"].rps,
@@ -204,6 +227,7 @@ def serve(config: dict[str, Any], tmp: Path, variant: str, checkout: Path | None
             env=env,
         )
     url = f"http://127.0.0.1:{port}"
+    PIDS[url] = proc.pid
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -215,6 +239,7 @@ def serve(config: dict[str, Any], tmp: Path, variant: str, checkout: Path | None
             time.sleep(0.2)
         yield url
     finally:
+        PIDS.pop(url, None)
         stop_process(proc)
 
 

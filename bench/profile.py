@@ -121,7 +121,7 @@ def gateway(variant: str, seconds: float = 8.0) -> str:
             try:
                 await closed_loop(call, gw.WORKERS, 2.0)
                 spy_exe = str(Path(sys.executable).parent / "py-spy")  # the venv's; PATH may lack it
-                command = [spy_exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw"]
+                command = [spy_exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "-f", "raw"]
                 spy = subprocess.Popen(
                     [*command, "--nonblocking", "-o", str(out)],
                     stdout=subprocess.DEVNULL,

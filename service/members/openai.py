@@ -105,10 +105,12 @@ class OpenAIMember:
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         return httpx.Request(method, target, content=content, headers=self._json_headers, extensions=extensions)
 
-    async def _send(self, method: str, url: str, body: Any, timeout: float) -> httpx.Response:
-        """One bounded HTTP call; transport failures become ``MemberFailure``."""
+    async def _send(self, method: str, url: str, body: Any, timeout: float, bounded: bool = True) -> httpx.Response:
+        """One HTTP call; transport failures become ``MemberFailure``. httpx's timeout bounds each
+        read; asyncio's bounds the whole call (slow drips), here unless the caller already does."""
         try:
-            # httpx's timeout bounds each read; asyncio's bounds the whole call (slow drips).
+            if not bounded:
+                return await send(self._client, self._request(method, url, body, timeout))
             async with asyncio.timeout(timeout):
                 return await send(self._client, self._request(method, url, body, timeout))
         except (httpx.TimeoutException, TimeoutError) as e:
@@ -123,10 +125,10 @@ class OpenAIMember:
             async with asyncio.timeout(timeout):
                 url, body = await self._payload(request)
                 if self.gate is None:
-                    resp = await self._send("POST", url, body, timeout)
+                    resp = await self._send("POST", url, body, timeout, bounded=False)
                 else:
                     async with self.gate.hold(self.gate_class):
-                        resp = await self._send("POST", url, body, timeout)
+                        resp = await self._send("POST", url, body, timeout, bounded=False)
         except TimeoutError as e:
             raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
         latency_ms = (time.perf_counter() - start) * 1000

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
@@ -37,6 +37,12 @@ def sse(data: BaseModel | dict[str, object] | str) -> str:
 def sse_event(data: dict[str, Any]) -> str:
     """A named event (``event:`` is its ``type``), as the Responses API streams them."""
     return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def model_json(model: BaseModel, exclude_none: bool = False) -> Response:
+    """A JSON response serialized by pydantic in one pass (not ``JSONResponse(model.model_dump())``,
+    which builds the dicts first and then encodes them again with ``json``)."""
+    return Response(model.model_dump_json(exclude_none=exclude_none), media_type="application/json")
 
 
 def now() -> int:

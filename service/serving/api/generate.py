@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
 
 from service.protocol import (
     ERROR_RESPONSES,
@@ -15,7 +15,7 @@ from service.protocol import (
     GenerateResponse,
 )
 from service.serving.api.deps import PipelineDep
-from service.serving.sse import answer_events, now
+from service.serving.sse import answer_events, model_json, now
 
 router = APIRouter()
 
@@ -29,11 +29,11 @@ router = APIRouter()
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true."},
     },
 )
-async def generate(body: GenerateRequest, pipeline: PipelineDep) -> JSONResponse | StreamingResponse:
+async def generate(body: GenerateRequest, pipeline: PipelineDep) -> Response:
     """Fan the prompt out to the ensemble's members, rank the candidates, fuse the best."""
     if not body.stream:
         response = await pipeline.answer(body)
-        return JSONResponse(response.model_dump(exclude_none=True))
+        return model_json(response, exclude_none=True)
     stream = await pipeline.answer_stream(body)
     created = now()
 

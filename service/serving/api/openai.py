@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
 
 from service.protocol import (
     ERROR_RESPONSES,
@@ -27,7 +27,7 @@ from service.protocol import (
     evidence,
 )
 from service.serving.api.deps import PipelineDep
-from service.serving.sse import answer_events, now
+from service.serving.sse import answer_events, model_json, now
 
 router = APIRouter(prefix="/v1")
 
@@ -65,7 +65,7 @@ def _closing_chunks(
     response_model=ChatCompletionResponse,
     responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
-async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -> JSONResponse | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -> Response:
     """Run the ensemble named by `model` on the conversation."""
     request = body.to_generate()
     if not request.stream:
@@ -79,7 +79,7 @@ async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -
             usage=r.usage,
             ensemble=evidence(r),
         )
-        return JSONResponse(plain.model_dump())
+        return model_json(plain)
     stream = await pipeline.answer_stream(request)
     cid, created = _id("chatcmpl-", stream.id), now()
 
@@ -100,7 +100,7 @@ async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -
     response_model=CompletionResponse,
     responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
-async def completions(body: CompletionRequest, pipeline: PipelineDep) -> JSONResponse | StreamingResponse:
+async def completions(body: CompletionRequest, pipeline: PipelineDep) -> Response:
     """Run the ensemble named by `model` on the prompt."""
     request = body.to_generate()
     if not request.stream:
@@ -114,7 +114,7 @@ async def completions(body: CompletionRequest, pipeline: PipelineDep) -> JSONRes
             usage=r.usage,
             ensemble=evidence(r),
         )
-        return JSONResponse(plain.model_dump())
+        return model_json(plain)
     stream = await pipeline.answer_stream(request)
     cid, created = _id("cmpl-", stream.id), now()
 
