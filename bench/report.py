@@ -192,8 +192,48 @@ def _details(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """A PNG of every key with a goal, as figure / goal (goal / figure for an upper bound), so that
+    1 is the goal and longer is better; False where matplotlib is missing or nothing is measured."""
+    rows = []
+    for key, (op, target, _) in GOALS.items():
+        value = results.get(key)
+        if target <= 0 or value is None or (isinstance(value, float) and math.isnan(value)) or value <= 0:
+            continue
+        rows.append((key, value / target if op == ">=" else target / value, f"{op} {target:g}", value))
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    if not rows:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    names = [r[0] for r in rows][::-1]
+    ratios = [r[1] for r in rows][::-1]
+    ax.barh(names, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
+    ax.axvline(1.0, color="black", linewidth=1)
+    for y, (_, ratio, goal, value) in enumerate(rows[::-1]):
+        ax.text(ratio, y, f"  {value:.3g} (goal {goal})", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("figure / goal (goal / figure for upper bounds); 1 = the goal, right is better")
+    ax.set_title(f"make bench, {results['started']}, commit {results['commit']}", fontsize=9)
+    ax.set_xlim(min(0.1, min(ratios) / 1.5), max(10.0, max(ratios) * 3))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
+    png = path.with_name(path.stem.lower() + ".png")
     block = markdown(results)
+    if chart(results, png):
+        table = "\n\n| key | figure |"
+        block = block.replace(table, f"\n\n![figures against their goals]({png.name}){table}", 1)
     if path.exists():
         text = path.read_text()
         if BEGIN in text and END in text:
