@@ -90,7 +90,7 @@ def run(parts: list[str], quick: bool, real_shape: str) -> dict[str, Any]:
         part(
             "fuser_real",
             fuser.run,
-            fuser.Workload("real", fuser_real, prompts=1 if quick else 2, repeats=1 if quick else 2),
+            fuser.Workload("real", fuser_real, prompts=1 if quick else 2, repeats=1 if quick else 2, batched_repeats=1),
         )
     if "e2e" in parts:
         part(

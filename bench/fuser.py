@@ -52,73 +52,41 @@ class Workload:
     dtype: str = "float32"
     # The opt-in CTranslate2 engine, A/B beside the default (lean decoder), per compute type.
     ct2: tuple[str, ...] = ("default", "int8")
-    # Batched fusion: this many fusions sent at once, batched (max_batch_requests) against one at a time.
+    # Batched fusion: this many fusions sent at once, batched (max_batch_requests) against one at a time,
+    # each way this many times (default: repeats).
     concurrent: int = 8
+    batched_repeats: int | None = None
 
 
 def run(w: Workload) -> dict[str, Any]:
+    """GenFuser against Blender.fuse, alternating; then batched fusion; then the CTranslate2 engines,
+    last and among themselves: once CTranslate2 has run in a process, torch's decoding there was
+    about 1.5x slower (4.0 -> 6.0 s a T5-base fusion, still 2 s later, with no CPU spent meanwhile),
+    so timing it in turn with the torch contenders would slow them down."""
     prompts = fuse_prompts(w.prompts, seed=5, cand_words=w.cand_words)
     logger.info("fuser %s: loading", w.label)
     blender = blender_fuser(w.checkpoint, w.device, w.dtype)
     settings = {"checkpoint": str(w.checkpoint), "device": w.device, "dtype": w.dtype, **(w.fuser or {})}
     ours = GenFuser("bench", FuserConfig.model_validate(settings))
-    engines: dict[str, GenFuser] = {}
-    for ct in w.ct2:
-        engine = _ct2_fuser(settings, ct)
-        if engine is not None:
-            engines[f"ct2_{ct}"] = engine
     try:
         ours_text = [ours.fuse_sync(p.instruction, p.input_text, p.candidates) for p in prompts]
         ref_text = [blender_fuse(blender, p.instruction, p.input_text, p.candidates) for p in prompts]
-        identical = ours_text == ref_text
-        engine_text = {
-            name: [f.fuse_sync(p.instruction, p.input_text, p.candidates) for p in prompts]
-            for name, f in engines.items()
-        }
-
-        def timed_all(fuse: Any) -> list[float]:
-            out = []
-            for p in prompts:
-                t = time.perf_counter()
-                fuse(p)
-                out.append(time.perf_counter() - t)
-            return out
-
         logger.info("fuser %s: %d prompts x %d", w.label, len(prompts), w.repeats)
-        contenders = {
-            "ours": lambda: timed_all(lambda p: ours.fuse_sync(p.instruction, p.input_text, p.candidates)),
-            "llm_blender": lambda: timed_all(
-                lambda p: blender_fuse(blender, p.instruction, p.input_text, p.candidates)
-            ),
-        }
-        for name, f in engines.items():
-            contenders[name] = lambda f=f: timed_all(  # type: ignore[misc]
-                lambda p: f.fuse_sync(p.instruction, p.input_text, p.candidates)
-            )
-        runs = alternate(contenders, w.repeats)
-        # Per prompt, the median over repeats; then the median over prompts.
-        per_prompt = {
-            name: [median([run[i] for run in results]) for i in range(len(prompts))] for name, results in runs.items()
-        }
+        per_prompt = _time_prompts(
+            {
+                "ours": lambda p: ours.fuse_sync(p.instruction, p.input_text, p.candidates),
+                "llm_blender": lambda p: blender_fuse(blender, p.instruction, p.input_text, p.candidates),
+            },
+            prompts,
+            w.repeats,
+        )
         ours_s, ref_s = median(per_prompt["ours"]), median(per_prompt["llm_blender"])
         words = [len(t.split()) for t in ours_text]
         mc = ours.model_config
-        ct2 = {
-            name: {
-                "p50_ms": median(per_prompt[name]) * 1000,
-                "speedup_vs_ours": ours_s / median(per_prompt[name]),
-                "speedup_vs_llm_blender": ref_s / median(per_prompt[name]),
-                "identical_share_vs_llm_blender": sum(a == b for a, b in zip(texts, ref_text, strict=True))
-                / len(prompts),
-            }
-            for name, texts in engine_text.items()
-        }
-        return {
-            "batched": _batched(w, settings, prompts, ours_text, ref_text),
-            "ct2": ct2,
+        out = {
             "model": f"T5 d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} layers, "
             f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.3g} M parameters",
-            "identical_text": identical,
+            "identical_text": ours_text == ref_text,
             "identical_share": sum(a == b for a, b in zip(ours_text, ref_text, strict=True)) / len(prompts),
             "mismatches": [i for i, (a, b) in enumerate(zip(ours_text, ref_text, strict=True)) if a != b],
             "output_words_mean": sum(words) / len(words),
@@ -127,8 +95,61 @@ def run(w: Workload) -> dict[str, Any]:
         }
     finally:
         ours.close()
+    out["batched"] = _batched(w, settings, prompts, ours_text, ref_text)
+    out["ct2"] = _ct2(w, settings, prompts, ref_text, ours_s, ref_s)
+    return out
+
+
+def _time_prompts(contenders: dict[str, Any], prompts: list[FusePrompt], repeats: int) -> dict[str, list[float]]:
+    """Seconds per prompt for each contender: alternating, the median over repeats."""
+
+    def timed_all(fuse: Any) -> list[float]:
+        out = []
+        for p in prompts:
+            t = time.perf_counter()
+            fuse(p)
+            out.append(time.perf_counter() - t)
+        return out
+
+    runs = alternate({name: lambda f=f: timed_all(f) for name, f in contenders.items()}, repeats)  # type: ignore[misc]
+    return {name: [median([run[i] for run in results]) for i in range(len(prompts))] for name, results in runs.items()}
+
+
+def _ct2(
+    w: Workload, settings: dict[str, Any], prompts: list[FusePrompt], ref_text: list[str], ours_s: float, ref_s: float
+) -> dict[str, Any]:
+    """The CTranslate2 engines, timed among themselves after the torch contenders; their speed-ups
+    are against the medians those had."""
+    engines: dict[str, GenFuser] = {}
+    try:
+        for ct in w.ct2:
+            engine = _ct2_fuser(settings, ct)
+            if engine is not None:
+                engines[f"ct2_{ct}"] = engine
+        texts = {
+            name: [f.fuse_sync(p.instruction, p.input_text, p.candidates) for p in prompts]
+            for name, f in engines.items()
+        }
+        per_prompt = _time_prompts(
+            {
+                name: lambda p, f=f: f.fuse_sync(p.instruction, p.input_text, p.candidates)
+                for name, f in engines.items()
+            },
+            prompts,
+            w.repeats,
+        )
+    finally:
         for f in engines.values():
             f.close()
+    return {
+        name: {
+            "p50_ms": median(per_prompt[name]) * 1000,
+            "speedup_vs_ours": ours_s / median(per_prompt[name]),
+            "speedup_vs_llm_blender": ref_s / median(per_prompt[name]),
+            "identical_share_vs_llm_blender": sum(a == b for a, b in zip(got, ref_text, strict=True)) / len(prompts),
+        }
+        for name, got in texts.items()
+    }
 
 
 def _ct2_fuser(settings: dict[str, Any], compute_type: str) -> GenFuser | None:
@@ -173,8 +194,9 @@ def _batched(
             seconds, texts[name] = asyncio.run(burst(fusers[name]))
             return seconds
 
-        logger.info("fuser %s: %d fusions at once, batched and one at a time x %d", w.label, w.concurrent, w.repeats)
-        runs = alternate({name: lambda name=name: timed(name) for name in fusers}, w.repeats)  # type: ignore[misc]
+        logger.info("fuser %s: %d fusions at once, batched and one at a time", w.label, w.concurrent)
+        repeats = w.batched_repeats or w.repeats
+        runs = alternate({name: lambda name=name: timed(name) for name in fusers}, repeats)  # type: ignore[misc]
         rate = {name: w.concurrent / median(results) for name, results in runs.items()}
         want = [alone[i % len(prompts)] for i in range(w.concurrent)]
         return {
