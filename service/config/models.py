@@ -106,16 +106,16 @@ class FuserConfig(Strict):
         "torch",
         description="torch: transformers' model (with lean_decode, skinny_products), fused texts identical to "
         "Blender.fuse's. ctranslate2: the checkpoint converted once into the gateway's cache and run by "
-        "CTranslate2 (pip install 'ensemble-gateway[ct2]'); faster, but its beam search stops as transformers' "
-        "early_stopping=True does, so some fused texts differ from Blender.fuse's (docs/PERFORMANCE.md); a "
-        "stream then arrives in one piece.",
+        "CTranslate2 (pip install 'ensemble-gateway[ct2]'); on a CPU it was not faster than the lean decoder, "
+        "and its beam search stops as transformers' early_stopping=True does, so some fused texts differ from "
+        "Blender.fuse's (docs/PERFORMANCE.md); a stream then arrives in one piece.",
     )
     compute_type: Literal[
         "default", "auto", "float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16"
     ] = Field(
         "default",
         description="engine ctranslate2: the precision it computes in (default: the converted weights' float32 "
-        "on a CPU; int8 is faster still and changes more texts).",
+        "on a CPU; int8 changes more texts).",
     )
     lean_decode: bool = Field(
         True,
