@@ -53,8 +53,9 @@ demo: models
 quality: models
 	$(BIN)/python -m bench.quality
 
-test: models
+test: models $(ADAPTERS_STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(ADAPTERS_VENV)/bin/python -m pytest -q -p no:cacheprovider -c tests/adapters/pytest.ini --rootdir . tests/adapters
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
@@ -95,4 +96,4 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(ADAPTERS_VENV) .cache

@@ -49,11 +49,9 @@ def adapter_architecture(path: str | Path, model_config: Any) -> str:
             f"{path} is not an adapters-library adapter (adapter_config.json has no adapters version and config; "
             "a PEFT adapter belongs to a lora member)"
         )
-    arch = str(raw["config"].get("architecture") or "")
+    arch = _architecture(raw["config"])
     if arch not in SUPPORTED:
-        raise AdapterError(
-            f"{path}: adapter type {arch or 'unknown'!r} is not served here; supported: {', '.join(SUPPORTED)}"
-        )
+        raise AdapterError(f"{path}: adapter type {arch!r} is not served here; supported: {', '.join(SUPPORTED)}")
     for key in ("model_type", "hidden_size"):
         want, got = getattr(model_config, key, None), raw.get(key)
         if got is not None and want is not None and got != want:
@@ -63,6 +61,22 @@ def adapter_architecture(path: str | Path, model_config: Any) -> str:
     if trained_on and served and Path(str(trained_on)).name != Path(str(served)).name:
         raise AdapterError(f"{path}: trained over base {trained_on!r}, this server serves {served!r}")
     return arch
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    """The adapter type, as the library reads the saved config (a bottleneck adapter's config does
+    not record ``architecture``; the library tells it by its config class)."""
+    from adapters import AdapterConfig, BnConfig, PrefixTuningConfig
+
+    try:
+        loaded = AdapterConfig.load(config)
+    except Exception:
+        return str(config.get("architecture") or "unknown")
+    if isinstance(loaded, BnConfig):
+        return "bottleneck"
+    if isinstance(loaded, PrefixTuningConfig):
+        return "prefix_tuning"
+    return str(getattr(loaded, "architecture", None) or type(loaded).__name__)
 
 
 @dataclass

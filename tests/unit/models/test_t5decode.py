@@ -294,9 +294,9 @@ def test_batched_logits_are_bit_identical_to_alone(model_name: str, request: pyt
     tokenizer, model = request.getfixturevalue(model_name)
     lean = LeanT5(model, SKINNY_MIN_WEIGHTS, SKINNY_ROWS)
     encs = _prompts(tokenizer, 3, seed=12)
-    plan = lean.prepare(4, 16, num_return_sequences=1)
-    alone = [lean.start(e["input_ids"], e["attention_mask"], plan) for e in encs]
-    together = [lean.start(e["input_ids"], e["attention_mask"], plan) for e in encs]
+    plan: Any = lean.prepare(4, 16, num_return_sequences=1)
+    alone: list[Any] = [lean.start(e["input_ids"], e["attention_mask"], plan) for e in encs]
+    together: list[Any] = [lean.start(e["input_ids"], e["attention_mask"], plan) for e in encs]
     with torch.inference_mode():
         for d in alone:
             lean.step([d])  # moves past the first step, where every beam holds the start token
@@ -351,7 +351,7 @@ def test_batched_skinny_products_give_the_ids_alone(skinny_t5: tuple[Any, Any]) 
     settings = [(4, 24), (4, 10), (2, 16), (4, 20)]
     alone = []
     for enc, (beams, limit) in zip(encs, settings, strict=True):
-        plan = lean.prepare(beams, limit, num_return_sequences=1)
+        plan: Any = lean.prepare(beams, limit, num_return_sequences=1)
         alone.append(lean.generate(enc["input_ids"], enc["attention_mask"], plan))
     assert _batched_ids(lean, encs, settings, stagger=2) == alone
 
@@ -373,7 +373,7 @@ async def test_concurrent_fusions_share_steps_and_keep_their_text(fusers: dict[b
     batched, plain = fusers[True], fusers[False]
     assert batched._batcher is not None and plain._batcher is None
     alone = [plain.fuse_sync(*case) for case in CASES]
-    pieces_alone = []
+    pieces_alone: list[list[str]] = []
     for case in CASES:
         pieces_alone.append([])
         plain.fuse_sync(*case, on_text=pieces_alone[-1].append)
