@@ -172,6 +172,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapter_server(args: argparse.Namespace) -> int:
+    import os
+
+    from service.ops.launcher import adapters_python, adapters_pythonpath
+
+    python = adapters_python(args.python)
+    if not Path(python).exists():
+        print(f"adapter-server: no interpreter at {python} (`make adapters-env`, or --python)", file=sys.stderr)
+        return 2
+    env = {**os.environ, "PYTHONPATH": adapters_pythonpath()}
+    os.execve(python, [python, "-m", "service.adapterserver", *args.server_args], env)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from service.quality.cli import run_eval
 

@@ -127,7 +127,10 @@ class Engine:
         adapters_lib.init(self.model)
         self.adapters: dict[str, str] = {}
         for name, path in adapters.items():
-            arch = adapter_architecture(path, self.model.config)
+            try:
+                arch = adapter_architecture(path, self.model.config)
+            except AdapterError as e:
+                raise AdapterError(f"adapter {name}: {e}") from e
             self.model.load_adapter(str(path), load_as=name, set_active=False)
             self.adapters[name] = arch
         self.model.eval()

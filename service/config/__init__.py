@@ -9,7 +9,7 @@ config points at (API keys) are read once, when the file is loaded or reloaded.
 from service.config.base import Name, Strict, package_version
 from service.config.gateway import EnsembleConfig, GatewayConfig
 from service.config.loading import expand_env, load_config, parse_config
-from service.config.members import MemberConfig, Sampling, ServerConfig
+from service.config.members import ADAPTER_KINDS, MemberConfig, Sampling, ServerConfig
 from service.config.models import (
     DEFAULT_AGGREGATION_TEMPLATE,
     AnyFuserConfig,
@@ -28,6 +28,7 @@ from service.config.policies import (
 )
 
 __all__ = [
+    "ADAPTER_KINDS",
     "DEFAULT_AGGREGATION_TEMPLATE",
     "AnyFuserConfig",
     "AuthConfig",

