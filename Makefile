@@ -40,7 +40,7 @@ $(ADAPTERS_STAMP): requirements/adapters.txt
 
 adapters-env: $(ADAPTERS_STAMP)
 
-models: $(STAMP)
+models: $(STAMP) $(ADAPTERS_STAMP)
 	$(BIN)/ensemble-gateway make-tiny-models $(TINY_MODELS)
 	$(BIN)/ensemble-gateway train $(TRAINED)
 

@@ -346,11 +346,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, help="torch threads")
     tr.set_defaults(func=cmd_train_ranker)
+
+    ad = sub.add_parser(
+        "adapter-server",
+        help="serve bottleneck and prefix-tuning adapters (the adapters library) over an OpenAI-compatible API",
+        description="Run the adapter server (service/adapterserver) on its own, e.g. for a deployment, from the "
+        "environment that has the `adapters` library (--python, else $ENSEMBLE_ADAPTERS_PYTHON, else "
+        ".venv-adapters/bin/python). Every argument after the command goes to it: --model DIR, --adapter NAME=DIR "
+        "(repeated), --served-model-name, --host, --port, --device, --dtype, --max-batch, --threads.",
+    )
+    ad.add_argument("--python", default=None, help="the interpreter of the adapters environment")
+    ad.set_defaults(func=cmd_adapter_server)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.func is cmd_adapter_server:  # its own options go to the adapter server
+        args.server_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level, json_logs=False)
     return int(args.func(args))
 

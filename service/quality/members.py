@@ -70,6 +70,71 @@ class FineTuneRecipe:
     training: Training
 
 
+@dataclass(frozen=True)
+class LibraryAdapterRecipe:
+    """An ``adapters``-library adapter over the base named ``base``, trained in the adapter server's
+    environment: "bottleneck" (Houlsby-style, after attention and feed-forward, ``reduction_factor``)
+    or "prefix" (prefix tuning, ``prefix_length`` trained keys and values per layer)."""
+
+    base: str
+    kind: str
+    training: Training
+    reduction_factor: int = 16
+    prefix_length: int = 16
+
+
+def train_library_adapter(
+    recipe: LibraryAdapterRecipe, base_dir: Path, out: Path, exclude: frozenset[str], desc: str
+) -> float:
+    """Train it with ``python -m service.adapterserver.train`` in that environment, on the same
+    batches and learning-rate schedule as the PEFT members; returns the final loss."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from service.ops.launcher import adapters_python, adapters_pythonpath
+
+    python = adapters_python()
+    if not Path(python).exists():
+        raise RuntimeError(f"{desc}: {python} is missing; `make adapters-env` builds the adapters environment")
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    t = recipe.training
+    data = lm.batches(tok, lm.examples(t.seed, t.mix, exclude), t.batch)
+    warmup = min(t.warmup, t.steps)
+    if recipe.kind == "bottleneck":
+        config: dict[str, Any] = {
+            "mh_adapter": True,
+            "output_adapter": True,
+            "reduction_factor": recipe.reduction_factor,
+            "non_linearity": "gelu",
+        }
+    else:
+        config = {"prefix_length": recipe.prefix_length}
+    spec = {
+        "name": desc,
+        "kind": recipe.kind,
+        "config": config,
+        "seed": t.seed,
+        "lr": t.lr,
+        "batches": [next(data) for _ in range(t.steps)],
+        "lr_scale": [lm.schedule(step, t.steps, warmup) for step in range(t.steps)],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.pt"
+        torch.save(spec, spec_path)
+        env = {**os.environ, "PYTHONPATH": adapters_pythonpath()}
+        run = subprocess.run(
+            [python, "-m", "service.adapterserver.train", str(base_dir), str(spec_path), str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    if run.returncode != 0:
+        raise RuntimeError(f"{desc}: adapter training failed:\n{run.stderr[-3000:]}")
+    return float(json.loads(run.stdout.strip().splitlines()[-1])["loss"])
+
+
 def _tokenizer(recipe: BaseRecipe) -> Any:
     if recipe.tokenizer == "char":
         return vocab.char_tokenizer()

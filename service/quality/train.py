@@ -28,11 +28,13 @@ from service.quality.members import (
     AdapterRecipe,
     BaseRecipe,
     FineTuneRecipe,
+    LibraryAdapterRecipe,
     Training,
     load_member,
     train_adapter,
     train_base,
     train_finetune,
+    train_library_adapter,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class Recipe:
     eval_per_skill: int = 100
     # Trained after the members, for the other ways to combine models (more soft prompts for a prompt
     # ensemble, full fine-tunes to merge); their answers do not train the ranker or the fuser.
-    variants: dict[str, AdapterRecipe | FineTuneRecipe] = field(default_factory=dict)
+    variants: dict[str, AdapterRecipe | FineTuneRecipe | LibraryAdapterRecipe] = field(default_factory=dict)
 
     def scaled(self, scale: float) -> Recipe:
         """The same recipe with ``scale`` times the steps and training prompts (the CI's small mode)."""
@@ -82,7 +84,9 @@ class Recipe:
         def steps(n: int) -> int:
             return max(4, round(n * scale))
 
-        def variant(r: AdapterRecipe | FineTuneRecipe) -> AdapterRecipe | FineTuneRecipe:
+        def variant(
+            r: AdapterRecipe | FineTuneRecipe | LibraryAdapterRecipe,
+        ) -> AdapterRecipe | FineTuneRecipe | LibraryAdapterRecipe:
             return replace(r, training=r.training.scaled(scale))
 
         return replace(
@@ -155,6 +159,14 @@ def default_recipe() -> Recipe:
             # Two full fine-tunes of base A on different skills: the parents of the merged models.
             "ft-sort": FineTuneRecipe("base-a", Training(mix=(S("sort"),), steps=150, lr=5e-4, seed=23)),
             "ft-capital": FineTuneRecipe("base-a", Training(mix=(S("capital"),), steps=150, lr=5e-4, seed=24)),
+            # The adapters library's bottleneck adapter and prefix tuning on lora-sort's skill, served by the
+            # adapter server (trained in .venv-adapters; 400 steps, about 20 s each here).
+            "bn-sort": LibraryAdapterRecipe(
+                "base-a", "bottleneck", Training(mix=(S("sort"),), steps=400, lr=3e-3, seed=41)
+            ),
+            "prefix-sort": LibraryAdapterRecipe(
+                "base-a", "prefix", Training(mix=(S("sort"),), steps=400, lr=5e-3, seed=42)
+            ),
         },
         candidates=CandidateRecipe(per_skill=1500, seed=500),
         ranker=ranker.RankerRecipe(hidden=128, layers=2, intermediate=256, steps=1000, lr=5e-4, seed=7, hard_weight=4),
@@ -352,6 +364,8 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         spec = {"member": asdict(variant), **spec_exclude}
         if isinstance(variant, FineTuneRecipe):
             build = functools.partial(train_finetune, variant, root / variant.base, exclude=exclude, desc=name)
+        elif isinstance(variant, LibraryAdapterRecipe):
+            build = functools.partial(train_library_adapter, variant, root / variant.base, exclude=exclude, desc=name)
         else:
             build = functools.partial(train_adapter, variant, root / variant.base, exclude=exclude, desc=name)
         steps.run(name, spec, [variant.base], build)
