@@ -117,7 +117,8 @@ def complete(snippet: dict[str, Any], trained: Path) -> dict[str, Any]:
     loras = iter(["lora-sort", "lora-capital"] * 4)
     for member in config.get("members", []):
         if member.get("adapter") and not Path(member["adapter"]).exists():
-            member["adapter"] = str(trained / ("soft-reverse" if member.get("kind") == "soft_prompt" else next(loras)))
+            stand_in = {"soft_prompt": "soft-reverse", "bottleneck": "bn-sort", "prefix": "prefix-sort"}
+            member["adapter"] = str(trained / (stand_in.get(member.get("kind", "")) or next(loras)))
         for part in (member.get("soup") or {}).get("adapters", []):
             if part.get("adapter") and not Path(part["adapter"]).exists():
                 part["adapter"] = str(trained / next(loras))
