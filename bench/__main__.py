@@ -114,11 +114,9 @@ def run(parts: list[str], quick: bool, real_shape: str) -> dict[str, Any]:
             if quick
             else gateway.Workload(c1_requests=100, blocks=3, load_seconds=5.0),
         )
-    if "adapters" in parts:
-        if quick:  # it needs the trained checkpoints and the adapters environment (`make models`)
-            logger.info("part adapters: not in the quick run")
-        else:
-            part("adapters", adapters.run, adapters.Workload(tiny / "trained"))
+    if "adapters" in parts:  # the trained checkpoints and the adapters environment: `make models`
+        small = {"requests_c1": 2, "requests_c8": 8} if quick else {}
+        part("adapters", adapters.run, adapters.Workload(tiny / "trained", **small))
     return out
 
 

@@ -30,6 +30,7 @@ EXAMPLE_CONFIG = DEPLOY / "config" / "ensemble.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ensemble-gateway.json"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 VLLM_IMAGE = "vllm/vllm-openai"
+ADAPTERS_IMAGE = "ensemble-gateway-adapters"  # deploy/Dockerfile.adapters
 VLLM_PORT = 8000
 
 
@@ -193,6 +194,19 @@ def adapters_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8, "token_dim": 4096})
     )
     save_file({"prompt_embeddings": torch.zeros(8, 4096)}, str(root / "llama-concise" / "adapter_model.safetensors"))
+    (root / "llama-houlsby").mkdir()  # what save_adapter writes for a bottleneck adapter (its config, in part)
+    (root / "llama-houlsby" / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "config": {"mh_adapter": True, "output_adapter": True, "reduction_factor": 16, "non_linearity": "gelu"},
+                "hidden_size": 4096,
+                "model_class": "LlamaForCausalLM",
+                "model_type": "llama",
+                "name": "llama-houlsby",
+                "version": "adapters.1.3.0",
+            }
+        )
+    )
     return root
 
 
@@ -221,8 +235,16 @@ def check_members_served(config: Any, servers: dict[str, Server]) -> dict[str, s
         assert server is not None, f"member {m.name}: no service named {url.hostname!r} (have {sorted(servers)})"
         assert url.port == server.port, f"member {m.name}: port {url.port}, but {server.name} listens on {server.port}"
         assert url.path.rstrip("/") == "/v1", f"member {m.name}: endpoint should end in /v1: {m.endpoint}"
-        assert server.image.split(":")[0] == VLLM_IMAGE, f"{server.name}: not the official vLLM image"
         args = server.args
+        if m.kind in ("bottleneck", "prefix"):
+            image = server.image.split(":")[0].rsplit("/", 1)[-1]  # a registry in front, after kustomize
+            assert image == ADAPTERS_IMAGE, f"{server.name}: not the adapter server's image"
+            assert f"{m.served_name}=" in " ".join(a for i, a in enumerate(args) if i and args[i - 1] == "--adapter"), (
+                f"member {m.name}: {server.name} does not load adapter {m.served_name!r} (--adapter)"
+            )
+            kinds.setdefault(server.name, set()).add(m.kind)
+            continue
+        assert server.image.split(":")[0] == VLLM_IMAGE, f"{server.name}: not the official vLLM image"
         if m.kind == "lora":
             assert "--enable-lora" in args, f"member {m.name}: {server.name} lacks --enable-lora"
             assert m.served_name in lora_module_names(args), (

@@ -10,6 +10,7 @@ import pytest
 
 from service.config import load_config
 from tests.deploy.conftest import (
+    ADAPTERS_IMAGE,
     COMPOSE_FILE,
     DEPLOY,
     EXAMPLE_CONFIG,
@@ -45,14 +46,22 @@ def test_every_member_is_served(compose: dict[str, Any], monkeypatch: pytest.Mon
     monkeypatch.delenv("LLAMA_EMBEDS_URL", raising=False)
     monkeypatch.delenv("ADAPTERS_DIR", raising=False)
     config = load_config(EXAMPLE_CONFIG)
+    member_servers = {
+        **_vllm_services(compose),
+        **{n: s for n, s in compose["services"].items() if str(s.get("image", "")).startswith(ADAPTERS_IMAGE + ":")},
+    }
     servers = {
         name: Server(name, VLLM_PORT, s["image"], [str(a) for a in s["command"]], s.get("environment", {}))
-        for name, s in _vllm_services(compose).items()
+        for name, s in member_servers.items()
     }
     kinds = check_members_served(config, servers)
     assert set(kinds) == set(servers), f"servers no member uses: {set(servers) - set(kinds)}"
-    # One server carries the base model with its LoRA and soft-prompt variants.
+    # One server carries the base model with its LoRA and soft-prompt variants; the adapter server, a
+    # bottleneck adapter, built here (deploy/Dockerfile.adapters).
     assert any({"model", "lora", "soft_prompt"} <= k for k in kinds.values())
+    assert {"bottleneck"} in kinds.values()
+    adapters = next(s for s in member_servers.values() if str(s["image"]).startswith(ADAPTERS_IMAGE + ":"))
+    assert (ROOT / adapters["build"]["context"] / adapters["build"]["dockerfile"]).is_file()
 
 
 def test_gpus_one_each(compose: dict[str, Any]) -> None:

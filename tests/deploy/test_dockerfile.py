@@ -1,5 +1,6 @@
-"""deploy/Dockerfile, read statically (no Docker engine here): slim, non-root, torch by build
-argument, only files that exist and that the build context lets through."""
+"""deploy/Dockerfile (the gateway) and deploy/Dockerfile.adapters (the adapter server), read statically
+(no Docker engine here): slim, non-root, torch by build argument, only files that exist and that the
+build context lets through."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import json
 import shlex
 from typing import Any
 
+import pytest
+
 from tests.deploy.conftest import DEPLOY, ROOT
 
 DOCKERFILE = DEPLOY / "Dockerfile"
+IMAGES = pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.adapters"])
 
 
-def _instructions() -> list[tuple[str, str]]:
+def _instructions(name: str = "Dockerfile") -> list[tuple[str, str]]:
     lines, current = [], ""
-    for raw in DOCKERFILE.read_text().splitlines():
+    for raw in (DEPLOY / name).read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -25,14 +29,15 @@ def _instructions() -> list[tuple[str, str]]:
     return [(line.split(maxsplit=1)[0].upper(), line.split(maxsplit=1)[1]) for line in lines]
 
 
-def _final_stage() -> list[tuple[str, str]]:
-    ins = _instructions()
+def _final_stage(name: str = "Dockerfile") -> list[tuple[str, str]]:
+    ins = _instructions(name)
     last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
     return ins[last_from:]
 
 
-def test_slim_and_non_root() -> None:
-    final = _final_stage()
+@IMAGES
+def test_slim_and_non_root(dockerfile: str) -> None:
+    final = _final_stage(dockerfile)
     assert final[0][1].startswith("python:") and "-slim" in final[0][1], final[0]
     users = [arg for op, arg in final if op == "USER"]
     assert users, "the final stage runs as root"
@@ -40,19 +45,21 @@ def test_slim_and_non_root() -> None:
     assert uid.isdigit() and int(uid) != 0, "USER must be a numeric, non-root uid (runAsNonRoot checks it)"
 
 
-def test_torch_is_a_build_argument() -> None:
-    ins = _instructions()
+@IMAGES
+def test_torch_is_a_build_argument(dockerfile: str) -> None:
+    ins = _instructions(dockerfile)
     args = {arg.split("=")[0] for op, arg in ins if op == "ARG"}
     assert {"TORCH", "TORCH_VERSION"} <= args
     install = next(arg for op, arg in ins if op == "RUN" and "torch==" in arg)
     assert "cuda)" in install and "cpu)" in install
 
 
-def test_copied_files_exist_and_pass_the_dockerignore() -> None:
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+@IMAGES
+def test_copied_files_exist_and_pass_the_dockerignore(dockerfile: str) -> None:
+    ignore = (DEPLOY / f"{dockerfile}.dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore, "the build context should be an allow-list (the repo holds a multi-GB .venv)"
-    for op, arg in _instructions():
+    for op, arg in _instructions(dockerfile):
         if op != "COPY" or arg.startswith("--from"):
             continue
         *sources, _dest = shlex.split(arg)

@@ -26,7 +26,7 @@ def test_check_config_passes(
     else:
         monkeypatch.setenv("LLAMA_EMBEDS_URL", embeds_url)
     assert main(["check-config", str(EXAMPLE_CONFIG)]) == 0, capsys.readouterr().err
-    assert "ok: 5 members" in capsys.readouterr().out
+    assert "ok: 6 members" in capsys.readouterr().out
 
 
 def test_real_models_and_no_launched_servers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,6 +36,6 @@ def test_real_models_and_no_launched_servers(monkeypatch: pytest.MonkeyPatch) ->
     assert {r.checkpoint for r in config.rankers.values()} == {"llm-blender/PairRM-hf"}
     assert {getattr(f, "checkpoint", None) for f in config.fusers.values()} == {"llm-blender/gen_fuser_3b"}
     assert all(r.device.startswith("cuda") for r in config.rankers.values())
-    assert {m.kind for m in config.members} == {"model", "lora", "soft_prompt"}
+    assert {m.kind for m in config.members} == {"model", "lora", "soft_prompt", "bottleneck"}
     # Adapters are where the containers mount them.
     assert all(m.adapter.startswith("/adapters/") for m in config.members if m.adapter)
