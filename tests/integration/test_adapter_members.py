@@ -25,7 +25,7 @@ from service.config import parse_config
 from service.errors import ConfigError
 from service.members.checks import check_members
 from service.ops.launcher import adapters_python
-from tests.integration.conftest import Gateway, serve
+from tests.integration.conftest import ADMIN_KEY, Gateway, serve
 
 pytestmark = pytest.mark.integration
 
@@ -204,3 +204,42 @@ def test_bad_adapters_are_refused_naming_the_member(
     cfg["servers"][0]["engine"] = "vllm"
     with pytest.raises(ConfigError, match="needs an `engine: adapters` server"):
         parse_config(yaml.safe_dump(cfg))
+
+
+def _adapter_servers(gw: Gateway) -> list[psutil.Process]:
+    procs = psutil.Process(gw.pid).children(recursive=True)
+    return [p for p in procs if "service.adapterserver" in " ".join(p.cmdline())]
+
+
+def test_reload_changes_the_servers_adapters_and_a_bad_one_keeps_the_old(
+    gw: Gateway, adapter_dirs: dict[str, Path]
+) -> None:
+    """Removing a member reloads its adapter server with the adapters left (a new instance, started
+    before the old one stops); a bad adapter on reload is refused naming the member, and the running
+    configuration serves on."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    data = yaml.safe_load(gw.config_text)
+    before = _answers(gw, "bn", PROMPTS[:2])
+    try:
+        data["members"] = [m for m in data["members"] if m["name"] != "pt"]
+        data["ensembles"] = {k: v for k, v in data["ensembles"].items() if "pt" not in v["members"]}
+        data["ensembles"]["adapters"] = {"members": ["bn", "base"], "min_candidates": 2}
+        gw.config_path.write_text(yaml.safe_dump(data))
+        r = httpx.post(f"{gw.url}/admin/reload", headers=admin, timeout=600)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 120  # the old instance stops once the swap has drained it
+        while len(servers := _adapter_servers(gw)) != 1:
+            assert time.monotonic() < deadline, [p.cmdline() for p in servers]
+            time.sleep(1)
+        cmd = " ".join(servers[0].cmdline())
+        assert "bn=" in cmd and "pt=" not in cmd
+        assert _answers(gw, "bn", PROMPTS[:2]) == before
+        assert httpx.post(f"{gw.url}/generate", json={"prompt": "x", "ensemble": "pt"}, timeout=30).status_code == 404
+        data["members"][0]["adapter"] = str(adapter_dirs["prefix"])  # a prefix adapter for a bottleneck member
+        gw.config_path.write_text(yaml.safe_dump(data))
+        r = httpx.post(f"{gw.url}/admin/reload", headers=admin, timeout=120)
+        assert r.status_code == 400 and "members.bn.adapter" in r.json()["error"]["message"], r.text
+        assert _answers(gw, "bn", PROMPTS[:2]) == before
+    finally:
+        gw.config_path.write_text(gw.config_text)
+        assert httpx.post(f"{gw.url}/admin/reload", headers=admin, timeout=600).status_code == 200
