@@ -54,7 +54,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.members.checks import startup_lora_args
+    from service.members.checks import startup_server_args
     from service.models.artifacts import materialize
     from service.ops.launcher import Launcher
     from service.serving.app import create_app
@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, _raise_on_signal)
     try:
         if config.servers:
-            launcher.start(config.servers, startup_lora_args(config))
+            launcher.start(config.servers, startup_server_args(config))
         app = create_app(
             config,
             launcher=launcher,
@@ -175,14 +175,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_adapter_server(args: argparse.Namespace) -> int:
     import os
 
-    from service.ops.launcher import adapters_python, adapters_pythonpath
+    from service.ops.launcher import adapters_env, require_adapters_python
 
-    python = adapters_python(args.python)
-    if not Path(python).exists():
-        print(f"adapter-server: no interpreter at {python} (`make adapters-env`, or --python)", file=sys.stderr)
+    try:
+        python = require_adapters_python(args.python)
+    except FileNotFoundError as e:
+        print(f"adapter-server: {e} (or pass --python)", file=sys.stderr)
         return 2
-    env = {**os.environ, "PYTHONPATH": adapters_pythonpath()}
-    os.execve(python, [python, "-m", "service.adapterserver", *args.server_args], env)
+    os.execve(python, [python, "-m", "service.adapterserver", *args.server_args], adapters_env())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -172,7 +171,6 @@ async def _events(engine: Engine, job: Job, rid: str, model: str, chat: bool) ->
         loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
     job.on_text = on_text
-    job.cancel = threading.Event()
     created = int(time.time())
 
     def event(text: str | None, reason: str | None = None) -> str:

@@ -143,12 +143,8 @@ def check_adapters_member(member: MemberConfig, server: ServerConfig | None) -> 
             f"{field}: a {member.kind} member needs a {_ADAPTER_TYPES[member.kind]} adapter; this one is "
             f"{found or 'of an unknown type'} (the adapter server serves: bottleneck, prefix_tuning)"
         )
-    if server is None or server.model is None:
+    if server is None or server.model is None or (base_cfg := _base_config(server.model)) is None:
         return
-    base = Path(server.model) / "config.json"
-    if not base.exists():
-        return
-    base_cfg = json.loads(base.read_text())
     for key in ("model_type", "hidden_size"):
         if cfg.get(key) is not None and base_cfg.get(key) is not None and cfg[key] != base_cfg[key]:
             raise ConfigError(
@@ -157,7 +153,7 @@ def check_adapters_member(member: MemberConfig, server: ServerConfig | None) -> 
             )
 
 
-def startup_lora_args(config: GatewayConfig) -> dict[str, list[str]]:
+def startup_server_args(config: GatewayConfig) -> dict[str, list[str]]:
     """Extra server arguments: ``--lora-modules NAME=DIR`` for LoRA members loaded at start-up, and
     ``--adapter NAME=DIR`` for the bottleneck and prefix members of an adapter server."""
     lora: dict[str, list[str]] = {}
@@ -180,10 +176,18 @@ def startup_lora_args(config: GatewayConfig) -> dict[str, list[str]]:
     return extra
 
 
-def _base_hidden_size(base: str) -> int | None:
+def _base_config(base: str) -> dict[str, Any] | None:
+    """The base checkpoint's config.json, or None for a hub id (checked when it loads)."""
     path = Path(base) / "config.json"
     if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _base_hidden_size(base: str) -> int | None:
+    data = _base_config(base)
+    if data is None:
         return None  # a hub id: checked against the embedding matrix when it loads
-    data = json.loads(path.read_text())
     size = data.get("hidden_size") or data.get("text_config", {}).get("hidden_size")
     return int(size) if size else None

@@ -283,11 +283,7 @@ class GenFuser:
         """One fusion on the calling thread, alone."""
         start, finish = self._fusion(instruction, input_text, list(candidates), on_text, cancel, max_new_tokens)
         got = start()
-        if not isinstance(got, list):  # a lean Decode
-            while not got.done:
-                self._lean.step([got])
-            got = got.result()
-        return finish(got)
+        return finish(got if isinstance(got, list) else self._lean.run(got))
 
     def _fusion(
         self,
@@ -325,9 +321,7 @@ class GenFuser:
                 if not text.startswith(watcher.sent):
                     # Cannot happen if the prefix rule holds; logged loudly rather than hidden.
                     logger.error("streamed text is not a prefix of the fused text; sending the rest as is")
-                    on_text(text[len(watcher.sent) :])
-                else:
-                    on_text(text[len(watcher.sent) :])
+                on_text(text[len(watcher.sent) :])
             return text
 
         return start, finish

@@ -70,19 +70,17 @@ class _Buffers:
 
 @dataclass(eq=False)
 class Decode:
-    """One prompt's decode in progress: its buffers, its search, the next position."""
+    """One prompt's decode in progress: its buffers, its search, its rows (one per beam), the next
+    position."""
 
     buf: _Buffers
     search: Greedy | Beams
+    rows: int
     pos: int = 0
 
     @property
     def done(self) -> bool:
         return self.search.done
-
-    @property
-    def rows(self) -> int:
-        return self.buf.keys[0].shape[0]
 
     @property
     def source_tokens(self) -> int:
@@ -267,6 +265,9 @@ class LeanT5:
             d.buf.values[layer][:, :, d.pos] = v[at : at + d.rows].reshape(d.rows, h, dk)
             at += d.rows
 
+    def _step_one(self, d: Decode) -> torch.Tensor:
+        return self._step(torch.tensor(d.search.tokens(), device=self.embed.device), d.pos, d.buf, d.rows)
+
     def _step_many(self, parts: list[Decode]) -> torch.Tensor:
         """Logits [rows, vocab] of every prompt's beams (in ``parts``' order) for their next token.
 
@@ -274,8 +275,8 @@ class LeanT5:
         it). With skinny products each prompt runs its own step instead: their floats depend on the
         row count and on the layout of the rows (so do the attention kernels' on the layout of q),
         and on a CPU they are compute-bound from 4 rows, so sharing them would save little."""
-        if self.skinny_min is not None and self._skinny_any:
-            return torch.cat([self._step(torch.tensor(d.search.tokens()), d.pos, d.buf, d.rows) for d in parts])
+        if self._skinny_any:
+            return torch.cat([self._step_one(d) for d in parts])
         lin = F.linear
         tokens = torch.tensor([t for d in parts for t in d.search.tokens()], device=self.embed.device)
         x = F.embedding(tokens, self.embed)
@@ -330,7 +331,7 @@ class LeanT5:
             values = [torch.empty(size, dtype=hidden.dtype, device=hidden.device) for _ in self.layers]
         buf = _Buffers(keys, values, cross, cross_bias)
         search = Greedy(plan, on_step) if nb == 1 else Beams(plan, on_step, hidden.device)
-        return Decode(buf, search)
+        return Decode(buf, search, nb)
 
     def step(self, parts: list[Decode]) -> None:
         """One decoder step for every unfinished decode in ``parts``, batched."""
@@ -338,11 +339,7 @@ class LeanT5:
         if not live:
             return
         with torch.inference_mode():
-            if len(live) == 1:
-                d = live[0]
-                logits = self._step(torch.tensor(d.search.tokens(), device=self.embed.device), d.pos, d.buf, d.rows)
-            else:
-                logits = self._step_many(live)
+            logits = self._step_one(live[0]) if len(live) == 1 else self._step_many(live)
             at = 0
             for d in live:
                 d.search.advance(logits[at : at + d.rows], d.pos, [*d.buf.keys, *d.buf.values])
@@ -359,8 +356,10 @@ class LeanT5:
         """The token ids ``generate`` returns for this one prompt (decoder start token first),
         or None for an input it does not take (several rows, padding)."""
         decode = self.start(input_ids, attention_mask, plan, on_step)
-        if decode is None:
-            return None
+        return None if decode is None else self.run(decode)
+
+    def run(self, decode: Decode) -> list[int]:
+        """Steps one decode alone to its end; its token ids (decoder start token first)."""
         while not decode.done:
             self.step([decode])
         return decode.result()

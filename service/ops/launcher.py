@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,9 +86,20 @@ def adapters_python(python: str | None = None) -> str:
     return python or os.environ.get("ENSEMBLE_ADAPTERS_PYTHON") or str(REPO / ".venv-adapters" / "bin" / "python")
 
 
-def adapters_pythonpath() -> str:
-    """PYTHONPATH for the adapter server: this checkout's ``service`` package first."""
-    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+def require_adapters_python(python: str | None = None) -> str:
+    """``adapters_python``, which must exist (else a ``FileNotFoundError`` saying how to build it)."""
+    found = adapters_python(python)
+    if not Path(found).exists():
+        raise FileNotFoundError(f"no interpreter at {found}: `make adapters-env` builds the adapters environment")
+    return found
+
+
+def adapters_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process in the adapters environment: ``base`` (default: this process's)
+    with this checkout's ``service`` package first on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def server_command(cfg: ServerConfig, port: int) -> list[str]:
@@ -141,7 +153,7 @@ class Launcher:
         log_path = self.log_dir / f"{cfg.name}.{self._generation}.log"
         env = {**os.environ, **cfg.env}
         if cfg.engine == "adapters":
-            env["PYTHONPATH"] = adapters_pythonpath()
+            env = adapters_env(env)
         cmd = server_command(cfg, port) + extra_args
         logger.info("starting server %s on %s:%d (log: %s)", cfg.name, cfg.host, port, log_path)
         with log_path.open("wb") as log:

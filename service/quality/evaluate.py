@@ -135,7 +135,7 @@ async def gateway_client(
         return
     assert config_path is not None
     from service.config import load_config
-    from service.members.checks import startup_lora_args
+    from service.members.checks import startup_server_args
     from service.models.artifacts import materialize
     from service.ops.launcher import Launcher
     from service.serving.app import create_app
@@ -145,7 +145,7 @@ async def gateway_client(
         launcher = Launcher(Path(logs))
         try:
             if config.servers:
-                await asyncio.to_thread(launcher.start, config.servers, startup_lora_args(config))
+                await asyncio.to_thread(launcher.start, config.servers, startup_server_args(config))
             app = create_app(config, launcher=launcher, config_path=config_path, members_checked=True)
             async with (
                 app.router.lifespan_context(app),

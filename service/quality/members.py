@@ -89,15 +89,12 @@ def train_library_adapter(
     """Train it with ``python -m service.adapterserver.train`` in that environment, on the same
     batches and learning-rate schedule as the PEFT members; returns the final loss."""
     import json
-    import os
     import subprocess
     import tempfile
 
-    from service.ops.launcher import adapters_python, adapters_pythonpath
+    from service.ops.launcher import adapters_env, require_adapters_python
 
-    python = adapters_python()
-    if not Path(python).exists():
-        raise RuntimeError(f"{desc}: {python} is missing; `make adapters-env` builds the adapters environment")
+    python = require_adapters_python()
     tok = AutoTokenizer.from_pretrained(base_dir)
     t = recipe.training
     data = lm.batches(tok, lm.examples(t.seed, t.mix, exclude), t.batch)
@@ -123,12 +120,11 @@ def train_library_adapter(
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "spec.pt"
         torch.save(spec, spec_path)
-        env = {**os.environ, "PYTHONPATH": adapters_pythonpath()}
         run = subprocess.run(
             [python, "-m", "service.adapterserver.train", str(base_dir), str(spec_path), str(out)],
             capture_output=True,
             text=True,
-            env=env,
+            env=adapters_env(),
         )
     if run.returncode != 0:
         raise RuntimeError(f"{desc}: adapter training failed:\n{run.stderr[-3000:]}")

@@ -21,7 +21,7 @@ from service.config import GatewayConfig, load_config
 from service.errors import ConfigError, MemberFailure
 from service.members.base import Member
 from service.members.breakers import OPEN, Guards
-from service.members.checks import startup_lora_args
+from service.members.checks import startup_server_args
 from service.members.gate import ClassGate
 from service.members.http import make_http_client
 from service.members.openai import LoRAMember
@@ -298,7 +298,7 @@ class Runtime:
                 raise ConfigError("servers: launching servers needs single-node mode (ensemble-gateway serve)")
             return {}, [], []
         launcher = self.launcher
-        extra = startup_lora_args(new)
+        extra = startup_server_args(new)
         use: dict[str, RunningServer] = {}
         started: list[RunningServer] = []
         for cfg in new.servers:

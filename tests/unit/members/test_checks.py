@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from service.cli import main
 from service.config import parse_config
 from service.errors import ConfigError
-from service.members.checks import check_members, startup_lora_args
+from service.members.checks import check_members, startup_server_args
 from service.models.fusion import aggregation_messages
 
 
@@ -94,7 +94,7 @@ def test_startup_lora_goes_into_server_args(tmp_path: Path) -> None:
     d = lora_dir(tmp_path, 4)
     cfg = parse_config(config(f'{{name: v, kind: lora, server: s, adapter: "{d}", load: startup}}', env="{}"))
     check_members(cfg)
-    assert startup_lora_args(cfg) == {"s": ["--lora-modules", f"v={d}"]}
+    assert startup_server_args(cfg) == {"s": ["--lora-modules", f"v={d}"]}
 
 
 def test_soft_prompt_hidden_size_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,4 +170,4 @@ def test_two_members_on_one_startup_adapter_load_it_once(tmp_path: Path) -> None
     twin = f'{{name: v2, kind: lora, server: s, model: v, adapter: "{d}", load: startup, samples: 2}}'
     text = config(f'{{name: v, kind: lora, server: s, adapter: "{d}", load: startup}}', env="{}")
     cfg = parse_config(text.replace("ensembles:", f"  - {twin}\nensembles:"))
-    assert startup_lora_args(cfg) == {"s": ["--lora-modules", f"v={d}"]}
+    assert startup_server_args(cfg) == {"s": ["--lora-modules", f"v={d}"]}

@@ -87,16 +87,32 @@ def ends_early(checkpoint: Path) -> tuple[Any, Any]:
     return tokenizer, model
 
 
-@pytest.fixture(scope="module")
-def relu_t5(checkpoint: Path) -> tuple[Any, Any]:
-    """A random T5 with the plain (non-gated) relu feed-forward, 3 heads of 16, 3+3 layers and
-    transformers' default scaling of the decoder output before lm_head."""
+def _random_t5(checkpoint: Path, seed: int, **shape: Any) -> tuple[Any, Any]:
+    """A random T5 of ``shape`` over the tiny fuser's tokenizer, with its generation settings (and
+    none in the model config, which the lean path refuses)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, T5Config, T5ForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    config = T5Config(
-        vocab_size=len(tokenizer),
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+    }
+    config = T5Config(vocab_size=len(tokenizer), **shape, **ids)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(**ids)
+    return tokenizer, model
+
+
+@pytest.fixture(scope="module")
+def relu_t5(checkpoint: Path) -> tuple[Any, Any]:
+    """A random T5 with the plain (non-gated) relu feed-forward, 3 heads of 16, 3+3 layers and
+    transformers' default scaling of the decoder output before lm_head."""
+    tokenizer, model = _random_t5(
+        checkpoint,
+        7,
         d_model=48,
         d_kv=16,
         d_ff=96,
@@ -106,17 +122,8 @@ def relu_t5(checkpoint: Path) -> tuple[Any, Any]:
         relative_attention_num_buckets=16,
         relative_attention_max_distance=64,
         feed_forward_proj="relu",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(7)
-    model = T5ForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
+    config = model.config
     assert not config.is_gated_act and config.dense_act_fn == "relu" and config.scale_decoder_outputs
     return tokenizer, model
 
@@ -311,11 +318,10 @@ def skinny_t5(checkpoint: Path) -> tuple[Any, Any]:
     """A random T5 wide enough (d_model 512) for the skinny products, whose floats depend on the row
     count: a batched step must run them per prompt."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, T5Config, T5ForConditionalGeneration
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    config = T5Config(
-        vocab_size=len(tokenizer),
+    tokenizer, model = _random_t5(
+        checkpoint,
+        8,
         d_model=512,
         d_kv=64,
         d_ff=1024,
@@ -324,16 +330,6 @@ def skinny_t5(checkpoint: Path) -> tuple[Any, Any]:
         num_heads=8,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(8)
-    model = T5ForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
     )
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.5)
