@@ -36,11 +36,11 @@ PASSES = (
     Pass("soups", ROOT / "config" / "demo.yaml", "soups", ("sort", "capital"), "Adapter soups"),
     Pass("merges", ROOT / "config" / "merges.yaml", "merges", ("sort", "capital"), "Merged models"),
     Pass(
-        "adapter_kinds",
-        ROOT / "config" / "adapters.yaml",
-        "adapter-kinds",
-        ("sort", "capital"),
-        "Bottleneck and prefix-tuning adapters",
+        "adapter_members",
+        ROOT / "config" / "demo.yaml",
+        "with-adapters",
+        ("add", "capital", "reverse", "sort"),
+        "Bottleneck and prefix-tuning members",
     ),
 )
 
@@ -69,8 +69,9 @@ def _table(report: dict[str, Any], skills: tuple[str, ...], rows: list[tuple[str
     return out
 
 
-def section(combos: dict[str, Any] | None, doc_dir: Path, work: Path) -> list[str]:
-    """QUALITY.md's sections for the passes that ran (their charts copied next to the doc)."""
+def section(combos: dict[str, Any] | None, doc_dir: Path, work: Path, main: dict[str, Any] | None = None) -> list[str]:
+    """QUALITY.md's sections for the passes that ran (their charts copied next to the doc); ``main`` is the
+    demo ensemble's own report, which the adapter members' pass is compared with."""
     if not combos:
         return []
     lines: list[str] = []
@@ -83,7 +84,7 @@ def section(combos: dict[str, Any] | None, doc_dir: Path, work: Path) -> list[st
             shutil.copyfile(work / p.key / "chart.png", doc_dir / chart)
         members = sorted(r.removeprefix("member ") for r in report["scores"]["overall"] if r.startswith("member "))
         lines += [f"## {p.title}", ""]
-        lines += _explain(p, report, members)
+        lines += _adapter_members(p, report, main) if p.key == "adapter_members" else _explain(p, report, members)
         lines += ["", f"![{p.title}]({chart})", ""]
     return lines
 
@@ -120,8 +121,6 @@ def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
             f"The vote scores {vote:.1f}% against {best:.1f}% for the best soft prompt alone "
             f"({vote - best:+.1f} points): {verdict}",
         ]
-    if p.key == "adapter_kinds":
-        return _adapter_kinds(p, report)
     rows = [(m, f"member {m}") for m in members]
     table = _table(report, p.skills, rows)
     parts, made = members[:2], members[2:]
@@ -166,26 +165,56 @@ def _explain(p: Pass, report: dict[str, Any], members: list[str]) -> list[str]:
     return [intro, "", *table, "", f"Best of the combined models per skill: {both}. {verdict} {note}"]
 
 
-def _adapter_kinds(p: Pass, report: dict[str, Any]) -> list[str]:
-    order = ["base-a", "lora-sort", "bn-sort", "prefix-sort"]
+def _adapter_members(p: Pass, report: dict[str, Any], main: dict[str, Any] | None) -> list[str]:
+    order = ["base-a", "lora-sort", "bn-sort", "prefix-sort", "lora-capital", "soft-reverse", "base-b"]
     rows = [(m, f"member {m}") for m in order if f"member {m}" in report["scores"]["overall"]]
-    sort = {m: _em(report, "sort", row) for m, row in rows}
-    cap = {m: _em(report, "capital", row) for m, row in rows}
-    return [
-        "The same skill (sort) learnt over the frozen base A three ways: a LoRA adapter (PEFT, rank 8, served by "
-        "vLLM), a bottleneck adapter (the `adapters` library's `BnConfig`: after attention and after the "
-        "feed-forward, reduction factor 16, gelu) and prefix tuning (`PrefixTuningConfig`, 16 trained keys and "
-        "values per layer), both served by the gateway's adapter server (`config/adapters.yaml`); "
-        f"{report['items']} held-out prompts. Trained on the suite's sort examples under the chat template with the "
-        "same schedule (`ensemble-gateway train`: LoRA 200 steps at 3e-3, bottleneck 400 at 3e-3, prefix 400 at "
-        "5e-3; the two new ones take about 20 s each here).",
+    rows += [("ensemble: PairRM's first (its policy)", "ensemble (policy)"), ("majority vote", "vote")]
+    rows += [("oracle", "oracle")]
+    skills = (*p.skills, "overall")
+    sort = {m: _em(report, "sort", f"member {m}") for m in ("base-a", "lora-sort", "bn-sort", "prefix-sort")}
+    cap = {m: _em(report, "capital", f"member {m}") for m in sort}
+    lines = [
+        "The demo's five members and two more, trained here on the sort skill over base A with the `adapters` "
+        "library: a bottleneck adapter (bn-sort: `BnConfig` after attention and after the feed-forward, reduction "
+        "factor 16, gelu) and prefix tuning (prefix-sort: `PrefixTuningConfig`, 16 trained keys and values per "
+        "layer), both served by the gateway's adapter server (`config/demo.yaml`, ensemble "
+        f"`{p.ensemble}`); {report['items']} held-out prompts. Trained on the suite's sort examples under the chat "
+        "template with the schedule the LoRA members get (`ensemble-gateway train`: LoRA 200 steps at 3e-3, "
+        "bottleneck 400 at 3e-3, prefix 400 at 5e-3; about 20 s each here).",
         "",
-        *_table(report, p.skills, rows),
+        *_table(report, skills, rows),
         "",
-        f"On sort: LoRA {sort.get('lora-sort', 0):.1f}%, bottleneck {sort.get('bn-sort', 0):.1f}%, prefix tuning "
-        f"{sort.get('prefix-sort', 0):.1f}%, base A {sort.get('base-a', 0):.1f}%. All three were trained on sort "
-        f"alone; on capitals base A's {cap.get('base-a', 0):.1f}% becomes {cap.get('lora-sort', 0):.1f}% with the "
-        f"LoRA, {cap.get('bn-sort', 0):.1f}% with the bottleneck adapter and {cap.get('prefix-sort', 0):.1f}% with "
-        "prefix tuning (one seed and one setting each; why these two forget more here was not investigated). "
-        "Neither was trained for the mix that keeps the base's skills (FACTS.md: half the data from them).",
+        f"On sort: LoRA {sort['lora-sort']:.1f}%, bottleneck {sort['bn-sort']:.1f}%, prefix tuning "
+        f"{sort['prefix-sort']:.1f}%, base A {sort['base-a']:.1f}%. All three were trained on sort alone; on "
+        f"capitals base A's {cap['base-a']:.1f}% becomes {cap['lora-sort']:.1f}% with the LoRA, "
+        f"{cap['bn-sort']:.1f}% with the bottleneck adapter and {cap['prefix-sort']:.1f}% with prefix tuning (one "
+        "seed and one setting each). Neither was trained for the mix that keeps the base's skills (FACTS.md: half "
+        "the data from them).",
     ]
+    if main is None:
+        return lines
+    five = _em(main, "overall", "ensemble (policy)")
+    seven = _em(report, "overall", "ensemble (policy)")
+    vote5, vote7 = _em(main, "overall", "vote"), _em(report, "overall", "vote")
+    moved = ", ".join(
+        f"{s} {_em(main, s, 'ensemble (policy)'):.1f} → {_em(report, s, 'ensemble (policy)'):.1f}"
+        for s in p.skills
+        if abs(_em(main, s, "ensemble (policy)") - _em(report, s, "ensemble (policy)")) >= 1.0
+    )
+    if seven < five:
+        verdict = (
+            "two more sort specialists, each below lora-sort on sort, give PairRM more wrong answers to choose "
+            "from, and PairRM was trained on the five's answers only. So the demo keeps its five and serves these "
+            f"two in `{p.ensemble}`; to make them full members, train PairRM on their answers too"
+        )
+    else:
+        verdict = "the two new members add right answers PairRM can find"
+    vote = f"The majority vote moves {vote5:.1f}% → {vote7:.1f}%" + (
+        ": on sort, three members now agree on the right answer." if vote7 > vote5 else "."
+    )
+    lines += [
+        "",
+        f"With them the ensemble scores {seven:.1f}% against the demo's {five:.1f}% with five members "
+        f"({seven - five:+.1f} points{': ' + moved if moved else ''}): {verdict}. {vote}",
+    ]
+    return lines

@@ -251,7 +251,7 @@ def _write_doc(args: argparse.Namespace, result: dict[str, Any]) -> None:
     chart = args.doc.parent / "quality.png"
     if (args.work / "report" / "chart.png").exists():
         shutil.copyfile(args.work / "report" / "chart.png", chart)
-    sections = combinations.section(result.get("combinations"), args.doc.parent, args.work)
+    sections = combinations.section(result.get("combinations"), args.doc.parent, args.work, result["report"])
     args.doc.write_text(_doc(result, markdown(result["report"]), chart.name, sections))
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from service.config.base import Name, Strict
+from service.config.base import Device, DType, Name, Strict
 
 
 class Sampling(Strict):
@@ -193,10 +193,15 @@ class ServerConfig(Strict):
         description="engine adapters: the interpreter of an environment with the `adapters` library (default: "
         "$ENSEMBLE_ADAPTERS_PYTHON, else .venv-adapters/bin/python, which `make adapters-env` builds).",
     )
+    device: Device | None = Field(
+        None, description="engine adapters: where the adapter server runs the model (default cpu)."
+    )
+    dtype: DType | None = Field(
+        None, description="engine adapters: its weights' and activations' dtype (default float32)."
+    )
     args: list[str] = Field(
         default_factory=list,
-        description="Extra server arguments (vLLM's; for the adapter server e.g. --device cuda --dtype bfloat16, "
-        "--max-batch 8, --threads 2).",
+        description="Extra server arguments (vLLM's; for the adapter server e.g. --max-batch 8, --threads 2).",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     startup_timeout_s: float = Field(600.0, gt=0, description="How long to wait for /health.")
@@ -205,6 +210,9 @@ class ServerConfig(Strict):
     def _one_model(self) -> ServerConfig:
         if (self.model is None) == (self.merge is None):
             raise ValueError("set exactly one of `model` or `merge`")
+        if self.engine == "vllm" and (self.device is not None or self.dtype is not None):
+            field = "device" if self.device is not None else "dtype"
+            raise ValueError(f"`{field}` is for `engine: adapters`; give a vLLM server --dtype (or --device) in `args`")
         return self
 
     @property

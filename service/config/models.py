@@ -7,17 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from service.config.base import Name, Strict
+from service.config.base import Device, DType, Name, Strict
 from service.config.members import Sampling
 
-Device = Annotated[
-    str,
-    Field(
-        pattern=r"^(cpu|cuda|cuda:[0-9]+|mps)$",
-        description="Where the model runs: cpu, cuda, cuda:N or mps.",
-    ),
-]
-DType = Literal["float32", "float16", "bfloat16"]
 ThreadBudget = Annotated[
     int | None,
     Field(

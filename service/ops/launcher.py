@@ -112,6 +112,10 @@ def server_command(cfg: ServerConfig, port: int) -> list[str]:
     cmd += ["--host", cfg.host, "--port", str(port)]
     if cfg.served_model_names:
         cmd += ["--served-model-name", cfg.served_model_names[0]]
+    if cfg.device is not None:
+        cmd += ["--device", cfg.device]
+    if cfg.dtype is not None:
+        cmd += ["--dtype", cfg.dtype]
     return cmd + list(cfg.args)
 
 

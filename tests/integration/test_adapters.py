@@ -41,6 +41,9 @@ def greedy(gateway: Gateway) -> dict[str, str]:
     return {c["member"]: c["text"] for c in body["candidates"]}
 
 
+GREEDY = {"temperature": 0.0, "top_p": 0.95}
+
+
 def direct_chat(gw: Gateway, server: str, model: str, max_tokens: int = 32) -> str:
     resp = httpx.post(
         f"{gw.server_urls[server]}/chat/completions",
@@ -64,6 +67,29 @@ def test_lora_member_equals_direct_call_and_differs_from_base(
     """lora-1 was loaded by the server at start, lora-2 by the gateway at run time."""
     assert greedy[member] == direct_chat(gateway, "base-a", member)
     assert greedy[member] != greedy["llama-a"]
+
+
+def test_base_requests_beside_both_loras_answer_as_the_base(gateway: Gateway) -> None:
+    """vLLM-CPU computes a request without a LoRA with the LoRA in the last slot once every slot is
+    taken (service.members.checks.lora_slots). tiny.yaml leaves --max-loras out and the gateway gives
+    base A three slots for its two adapters; under vLLM's default of one, the base requests below share
+    batches with the adapters' and come back as an adapter's answer."""
+    alone = {m: direct_chat(gateway, "base-a", m) for m in ("tiny-llama-a", "llama-a-lora-1", "llama-a-lora-2")}
+    assert len(set(alone.values())) == 3  # three different models
+
+    async def burst() -> list[tuple[str, str]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+
+            async def one(model: str) -> tuple[str, str]:
+                body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32}
+                resp = await client.post(f"{gateway.server_urls['base-a']}/chat/completions", json=body | GREEDY)
+                assert resp.status_code == 200, resp.text
+                return model, str(resp.json()["choices"][0]["message"]["content"])
+
+            return await asyncio.gather(*(one(m) for _ in range(4) for m in alone))
+
+    for model, text in asyncio.run(burst()):
+        assert text == alone[model], model
 
 
 def test_soft_prompt_member_equals_independent_prompt_embeds(

@@ -57,3 +57,24 @@ def test_trained_ensemble_beats_its_best_member(demo: Gateway, trained_models: P
     assert len(set(best.values())) >= 3, best
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert "## What it shows" in doc.read_text()
+
+
+def test_adapter_library_members_join_the_demo(demo: Gateway) -> None:
+    """The with-adapters ensemble: the demo's five and the bottleneck and prefix-tuning members served by
+    the adapter server, all answering one request; the sort specialists sort, and the extra candidates
+    do not cost the addition its right answer."""
+    answers = {}
+    for prompt, right in (("Sort the letters obdvihl.", "bdhilov"), ("What is 37 plus 48?", "85")):
+        body = {"prompt": prompt, "ensemble": "with-adapters", "return_candidates": True}
+        resp = httpx.post(f"{demo.url}/generate", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        out = resp.json()
+        assert out["failed_members"] == [] and {c["member"] for c in out["candidates"]} == MEMBERS | {
+            "bn-sort",
+            "prefix-sort",
+        }
+        assert out["output"].strip() == right, out["candidates"]
+        answers[right] = {c["member"]: c["text"].strip().rstrip(".") for c in out["candidates"]}
+    sort = answers["bdhilov"]
+    assert sort["bn-sort"] == sort["prefix-sort"] == "bdhilov", sort
+    assert sort["base-a"] != "bdhilov", sort  # base A alone does not sort: the adapters taught it

@@ -134,3 +134,47 @@ def test_api_keys_are_read_once_per_load(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("GATEWAY_API_KEYS", "three")
     assert config.auth.client_keys() == ["one", "two"]  # what the load saw
     assert parse_config(FAKE_CONFIG).auth.client_keys() == ["three"]  # a reload sees the new value
+
+
+ADAPTER_SERVER = """
+servers:
+  - {name: ad, engine: adapters, model: /m, served_model_names: [base], python: /py, PLACE}
+members:
+  - {name: bn, kind: bottleneck, server: ad, adapter: /a}
+ensembles:
+  e: {members: [bn]}
+"""
+
+
+def test_adapter_server_device_and_dtype_reach_its_command_line() -> None:
+    from service.ops.launcher import server_command
+
+    cfg = parse_config(ADAPTER_SERVER.replace("PLACE", "device: 'cuda:1', dtype: bfloat16, args: [--max-batch, '4']"))
+    cmd = server_command(cfg.servers[0], 8123)
+    assert cmd[:3] == ["/py", "-m", "service.adapterserver"]
+    assert cmd[cmd.index("--device") + 1] == "cuda:1" and cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert cmd[-2:] == ["--max-batch", "4"]
+    # Unset, the server's own defaults (cpu, float32) apply: no flags at all.
+    default = server_command(parse_config(ADAPTER_SERVER.replace("PLACE", "args: []")).servers[0], 8123)
+    assert "--device" not in default and "--dtype" not in default
+
+
+@pytest.mark.parametrize(
+    ("place", "field"),
+    [
+        ("device: gpu", "servers.0 (ad).device"),
+        ("dtype: float64", "servers.0 (ad).dtype"),
+    ],
+)
+def test_adapter_server_device_and_dtype_are_checked(place: str, field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(ADAPTER_SERVER.replace("PLACE", place))
+    assert field in str(e.value)
+
+
+def test_a_vllm_server_is_told_where_its_dtype_goes() -> None:
+    text = ADAPTER_SERVER.replace("engine: adapters", "engine: vllm").replace("PLACE", "dtype: bfloat16")
+    text = text.replace("kind: bottleneck, server: ad, adapter: /a", "server: ad, model: base")
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    assert "servers.0" in str(e.value) and "`dtype` is for `engine: adapters`" in str(e.value)

@@ -12,8 +12,14 @@ from safetensors.torch import save_file
 from service.cli import main
 from service.config import parse_config
 from service.errors import ConfigError
-from service.members.checks import check_members, startup_server_args
+from service.members.checks import check_lora_slots, check_members, startup_server_args
 from service.models.fusion import aggregation_messages
+
+
+@pytest.fixture(autouse=True)
+def off_vllm_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same expectations on any machine: the vLLM-CPU rules are switched on where a test asks."""
+    monkeypatch.setattr("service.members.checks.vllm_cpu", lambda: False)
 
 
 def lora_dir(root: Path, rank: int) -> Path:
@@ -171,3 +177,48 @@ def test_two_members_on_one_startup_adapter_load_it_once(tmp_path: Path) -> None
     text = config(f'{{name: v, kind: lora, server: s, adapter: "{d}", load: startup}}', env="{}")
     cfg = parse_config(text.replace("ensembles:", f"  - {twin}\nensembles:"))
     assert startup_server_args(cfg) == {"s": ["--lora-modules", f"v={d}"]}
+
+
+TWO_LORAS = """
+servers:
+  - {{name: s, model: /m, args: [--enable-lora{extra}]}}
+  - {{name: t, model: /n, args: []}}
+members:
+  - {{name: base, server: s, model: m}}
+  - {{name: x, kind: lora, server: s, adapter: /a, load: startup}}
+  - {{name: x-samples, kind: lora, server: s, model: x, adapter: /a, load: startup, samples: 2}}
+  - {{name: y, kind: lora, server: s, adapter: /b, load: startup}}
+  - {{name: other, server: t, model: n}}
+ensembles:
+  e: {{members: [base, x, x-samples, y, other]}}
+"""
+
+
+@pytest.fixture
+def on_vllm_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.members.checks.vllm_cpu", lambda: True)
+
+
+def test_vllm_cpu_servers_get_a_lora_slot_more_than_their_adapters(on_vllm_cpu: None) -> None:
+    """Two adapters (x and its sampled twin share one) need three slots; a server without LoRA gets none."""
+    extra = startup_server_args(parse_config(TWO_LORAS.format(extra="")))
+    assert extra["s"][-2:] == ["--max-loras", "3"]
+    assert "t" not in extra
+    # Given by the config, it is the config's: enough is left alone.
+    extra = startup_server_args(parse_config(TWO_LORAS.format(extra=", --max-loras, '8'")))
+    assert "--max-loras" not in extra["s"]
+
+
+def test_too_few_lora_slots_on_vllm_cpu_are_refused(on_vllm_cpu: None) -> None:
+    cfg = parse_config(TWO_LORAS.format(extra=", --max-loras, '2'"))
+    with pytest.raises(ConfigError, match=r"servers\.0 \(s\)\.args: --max-loras 2 is too few for its 2 LoRA") as e:
+        check_lora_slots(cfg)
+    assert "--max-loras 3 or more" in str(e.value)
+    check_lora_slots(parse_config(TWO_LORAS.format(extra=", --max-loras=3")))  # the = form, enough: accepted
+
+
+def test_lora_slots_are_left_to_the_config_off_vllm_cpu() -> None:
+    """The GPU kernels skip a token's -1 index; there vLLM's own default stands."""
+    cfg = parse_config(TWO_LORAS.format(extra=", --max-loras, '1'"))
+    check_lora_slots(cfg)
+    assert "--max-loras" not in startup_server_args(cfg)["s"]
