@@ -118,12 +118,6 @@ def vllm_cpu() -> bool:
     return True
 
 
-def lora_adapters(config: GatewayConfig, server: str) -> int:
-    """How many distinct LoRA adapters the members put on ``server`` (a soup is one; members sharing
-    an adapter, like a sampled one, count once)."""
-    return len({m.served_name for m in config.members if m.kind == "lora" and m.server == server})
-
-
 def lora_slots(config: GatewayConfig, server: ServerConfig) -> int | None:
     """The ``--max-loras`` a launched vLLM-CPU server needs: one slot more than its LoRA adapters.
 
@@ -136,7 +130,8 @@ def lora_slots(config: GatewayConfig, server: ServerConfig) -> int | None:
     """
     if server.engine != "vllm" or "--enable-lora" not in server.args or not vllm_cpu():
         return None
-    return lora_adapters(config, server.name) + 1
+    # Distinct adapters: a soup is one; members sharing an adapter (a sampled one) count once.
+    return len({m.served_name for m in config.members if m.kind == "lora" and m.server == server.name}) + 1
 
 
 def check_lora_slots(config: GatewayConfig) -> None:

@@ -51,8 +51,7 @@ def direct_chat(gw: Gateway, server: str, model: str, max_tokens: int = 32) -> s
             "model": model,
             "messages": [{"role": "user", "content": PROMPT}],
             "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "top_p": 0.95,
+            **GREEDY,
         },
         timeout=60,
     )
