@@ -8,7 +8,6 @@
     │   ├── PermissionDenied          403 permission_error
     │   └── PayloadTooLarge           413 request_too_large
     ├── UpstreamError                 502 upstream_error     (a member failed; per member)
-    │   ├── UpstreamTimeout           504 upstream_timeout
     │   └── MemberFailure             502 member_failure     (one member's call; ``kind`` labels it)
     ├── LaunchError                   502 launch_error       (a local server did not start)
     ├── NoQuorumError                 502 no_quorum          (too few candidates arrived)
@@ -30,7 +29,6 @@ from __future__ import annotations
 class GatewayError(Exception):
     status = 500
     type = "internal_error"
-    counted = False  # set once the request it ended has been counted in the metrics
 
     def __init__(
         self,
@@ -80,11 +78,6 @@ class PayloadTooLarge(RequestError):
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
-
-
-class UpstreamTimeout(UpstreamError):
-    status = 504
-    type = "upstream_timeout"
 
 
 class MemberFailure(UpstreamError):

@@ -4,7 +4,7 @@ the protocol it implements, so that mypy fails when the two drift apart."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from service.errors import MemberFailure
 from service.members.base import Completion, Member, MemberRequest
 from service.models.fusion import Fuser
 from service.models.ranking import Ranker, Ranking, ranks_from_scores
+from service.pipeline.pipeline import Lasting, Pipeline
 from service.telemetry.metrics import Metrics
 
 
@@ -136,3 +137,14 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     """A metric's value read from the registry, as Prometheus would scrape it (0 if never set)."""
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+def fake_pipeline(
+    config: GatewayConfig,
+    members: Mapping[str, Member],
+    rankers: Mapping[str, Ranker],
+    fusers: Mapping[str, Fuser],
+    metrics: Metrics | None = None,
+) -> Pipeline:
+    """A pipeline over fake parts, with its own metrics, breakers, admission and status book."""
+    return Pipeline(config, members, rankers, fusers, Lasting.new(config, metrics or Metrics()))

@@ -90,6 +90,29 @@ class Decode:
         return self.search.result()
 
 
+PROBE_ROWS = 48  # more rows than a shared step of max_batch_requests prompts usually has
+PROBE_SLICES = ((0, 1), (0, 2), (0, 3), (0, 4), (4, 8), (0, 8), (8, 16), (0, 12), (16, 32), (0, 24), (3, 35))
+
+
+def rows_invariant(weights: list[torch.Tensor]) -> bool:
+    """Whether ``F.linear`` gives each row the same floats alone as among other rows, for every
+    weight shape given: true of the CPU where batched fusion was built (every row count tried), not
+    of another (an Intel Xeon with AVX-512-FP16, MKL 2024.2: 2 rows already differ from 1 in the
+    last bits). Measured once per model, on random rows, with the model's own weights."""
+    gen = torch.Generator().manual_seed(0)
+    seen: set[tuple[int, ...]] = set()
+    with torch.inference_mode():
+        for w in weights:
+            if tuple(w.shape) in seen:
+                continue
+            seen.add(tuple(w.shape))
+            x = torch.randn(PROBE_ROWS, w.shape[1], generator=gen).to(w.dtype)
+            full = F.linear(x, w)
+            if not all(torch.equal(F.linear(x[a:b], w), full[a:b]) for a, b in PROBE_SLICES):
+                return False
+    return True
+
+
 class LeanT5:
     """The lean decode path for one loaded T5 model (built once, reused per call).
 
@@ -143,6 +166,12 @@ class LeanT5:
         big = [w for layer in self.layers for w in (layer.q, layer.o, layer.cq, layer.co, *layer.wi, layer.wo)]
         self._skinny_any = skinny_min_weights is not None and any(
             w.numel() >= skinny_min_weights for w in [*big, self.lm_head]
+        )
+        # Sharing a step's products across prompts is exact only where this CPU's kernels give a
+        # row the same floats whatever the rows around it (not so on every CPU: see rows_invariant).
+        self.shares_products = not self._skinny_any and rows_invariant(
+            [w for layer in self.layers for w in (layer.q, layer.k, layer.o, layer.cq, *layer.wi, layer.wo)]
+            + [self.lm_head]
         )
         self._bias: list[torch.Tensor] = []  # [1, heads, 1, n] for query position n - 1
 
@@ -275,7 +304,7 @@ class LeanT5:
         it). With skinny products each prompt runs its own step instead: their floats depend on the
         row count and on the layout of the rows (so do the attention kernels' on the layout of q),
         and on a CPU they are compute-bound from 4 rows, so sharing them would save little."""
-        if self._skinny_any:
+        if not self.shares_products:
             return torch.cat([self._step_one(d) for d in parts])
         lin = F.linear
         tokens = torch.tensor([t for d in parts for t in d.search.tokens()], device=self.embed.device)

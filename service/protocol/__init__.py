@@ -39,9 +39,8 @@ from service.protocol.openai import (
     OpenAIChatMessage,
     StreamOptions,
     TextPart,
-    evidence,
 )
-from service.protocol.responses import Responder, ResponseObject, ResponsesRequest
+from service.protocol.responses import OutputMessage, OutputText, ResponseObject, ResponsesRequest, ResponseUsage
 
 __all__ = [
     "ERROR_RESPONSES",
@@ -73,8 +72,10 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "OpenAIChatMessage",
-    "Responder",
+    "OutputMessage",
+    "OutputText",
     "ResponseObject",
+    "ResponseUsage",
     "ResponsesRequest",
     "SamplingExtensions",
     "StreamOptions",
@@ -84,5 +85,4 @@ __all__ = [
     "Usage",
     "Wire",
     "error_payload",
-    "evidence",
 ]

@@ -8,7 +8,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     model_validator,
 )
 
@@ -97,14 +96,6 @@ class GenerateRequest(Wire):
         "`ensemble.result` event with the whole response (ranking evidence included), then [DONE].",
     )
 
-    # The field that named the ensemble, for its error: ``model`` when it came from the OpenAI API.
-    _ensemble_param: str = PrivateAttr("ensemble")
-
-    def named_by(self, field: str) -> GenerateRequest:
-        """Say which field of the client's request named the ensemble (for a 404's ``param``)."""
-        self._ensemble_param = field
-        return self
-
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
@@ -119,10 +110,6 @@ class GenerateRequest(Wire):
         if self.fuse_top_k is not None:
             return self.fuse_top_k, "fuse_top_k"
         return self.top_k, "top_k"
-
-    @property
-    def ensemble_param(self) -> str:
-        return self._ensemble_param
 
 
 class Candidate(Wire):
@@ -186,16 +173,6 @@ class GenerateResponse(Wire):
     degraded_reasons: list[str] = Field(default_factory=list, description="Why, one entry per cause.")
     timings_ms: Timings
     usage: Usage
-    # For the OpenAI surface: ``stop`` for a fused answer, else the top candidate's own reason.
-    _finish_reason: str = PrivateAttr("stop")
-
-    @property
-    def finish_reason(self) -> str:
-        return self._finish_reason
-
-    def finished(self, reason: str) -> GenerateResponse:
-        self._finish_reason = reason
-        return self
 
 
 class EnsembleResult(GenerateResponse):

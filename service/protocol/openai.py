@@ -21,7 +21,6 @@ from service.protocol.generate import (
     SAMPLING_EXTENSIONS,
     ChatMessage,
     GenerateRequest,
-    GenerateResponse,
     SamplingExtensions,
     Usage,
     Wire,
@@ -131,7 +130,7 @@ class _OpenAIRequest(SamplingExtensions):
     def _generate(self, **fields: Any) -> GenerateRequest:
         refuse(self.unsupported())
         extensions = self.model_dump(include=set(SAMPLING_EXTENSIONS), exclude_none=True)
-        request = GenerateRequest(
+        return GenerateRequest(
             ensemble=self.model,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -141,7 +140,6 @@ class _OpenAIRequest(SamplingExtensions):
             **(self.ensemble or EnsembleOptions()).request_fields(self.instruction, self.deadline_s),
             **fields,
         )
-        return request.named_by("model")
 
     def unsupported(self) -> str | None:
         """The first field set that the ensemble cannot honour, if any."""
@@ -213,15 +211,6 @@ class CompletionRequest(_OpenAIRequest):
         """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return self._generate(prompt=prompt, max_tokens=self.max_tokens)
-
-
-def evidence(response: GenerateResponse) -> dict[str, Any] | None:
-    """What ``ensemble.return_candidates`` adds to an OpenAI-shaped response as ``ensemble``: the
-    /generate response's evidence (candidates, selection, failures, timings); None when the request
-    did not ask for it (its response has no candidates)."""
-    if response.candidates is None:
-        return None
-    return response.model_dump(exclude_none=True, exclude={"id", "output", "usage", "ensemble"})
 
 
 class ChatChoiceMessage(BaseModel):

@@ -3,7 +3,6 @@ response object, and its stream's events. The request converts to the pipeline's
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,11 +13,10 @@ from service.protocol.generate import (
     MAX_PROMPT_CHARS,
     ChatMessage,
     GenerateRequest,
-    GenerateResponse,
     TokenCounts,
     Wire,
 )
-from service.protocol.openai import EnsembleOptions, evidence, refuse
+from service.protocol.openai import EnsembleOptions, refuse
 
 # Part types of an input message that carry text; any other (images, files, audio) is a 400.
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -99,7 +97,7 @@ class ResponsesRequest(Wire):
     def to_generate(self) -> GenerateRequest:
         """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
         refuse(self.unsupported())
-        request = GenerateRequest(
+        return GenerateRequest(
             messages=self.messages(),
             ensemble=self.model,
             max_tokens=self.max_output_tokens,
@@ -108,7 +106,6 @@ class ResponsesRequest(Wire):
             stream=self.stream,
             **(self.ensemble or EnsembleOptions()).request_fields(),
         )
-        return request.named_by("model")
 
 
 def _message(item: dict[str, Any], where: str) -> ChatMessage:
@@ -203,70 +200,3 @@ class ResponseObject(BaseModel):
         if data["ensemble"] is None:
             del data["ensemble"]
         return data
-
-
-class Responder:
-    """Builds one request's response objects and stream events (numbered in order)."""
-
-    def __init__(self, body: ResponsesRequest, answer_id: str, ensemble: str):
-        self.body = body
-        self.id = answer_id.replace("gen-", "resp_")
-        self.item_id = answer_id.replace("gen-", "msg_")
-        self.ensemble = ensemble
-        self.created_at = int(time.time())
-        self.sequence = 0
-
-    def response(
-        self,
-        status: str,
-        text: str | None = None,
-        r: GenerateResponse | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> ResponseObject:
-        b = self.body
-        output = [] if text is None else [self.message(text, "incomplete" if status == "incomplete" else "completed")]
-        usage = None
-        if r is not None:
-            u = r.usage
-            usage = ResponseUsage(
-                input_tokens=u.prompt_tokens,
-                output_tokens=u.completion_tokens,
-                total_tokens=u.total_tokens,
-                members=u.members,
-            )
-        return ResponseObject(
-            id=self.id,
-            created_at=self.created_at,
-            status=status,
-            model=self.ensemble,
-            output=output,
-            usage=usage,
-            error=error,
-            incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
-            instructions=b.instructions,
-            max_output_tokens=b.max_output_tokens,
-            temperature=b.temperature,
-            top_p=b.top_p,
-            metadata=b.metadata or {},
-            user=b.user,
-            ensemble=evidence(r) if r is not None else None,
-        )
-
-    def message(self, text: str, status: str) -> OutputMessage:
-        content = [] if status == "in_progress" else [OutputText(text=text)]
-        return OutputMessage(id=self.item_id, status=status, content=content)
-
-    def finished(self, r: GenerateResponse) -> ResponseObject:
-        status = "incomplete" if r.finish_reason == "length" else "completed"
-        return self.response(status, r.output, r)
-
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """One stream event: ``type``, its fields, and the next ``sequence_number``."""
-        out = {"type": kind, "sequence_number": self.sequence}
-        self.sequence += 1
-        for k, v in fields.items():
-            out[k] = v.wire() if isinstance(v, ResponseObject) else v.model_dump() if isinstance(v, BaseModel) else v
-        return out
-
-    def text_event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        return self.event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)

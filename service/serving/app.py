@@ -30,18 +30,12 @@ from service.telemetry.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
-ENSEMBLE_PATHS = ("/generate", "/v1/chat/completions", "/v1/completions", "/v1/responses")
-
-
-def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    """The one place where exceptions become HTTP responses, all through ``error_payload``. A request
-    to an ensemble endpoint refused before the pipeline took it is counted here (ensemble ``-``)."""
+def _install_error_handlers(app: FastAPI) -> None:
+    """The one place where exceptions become HTTP responses, all through ``error_payload`` (the
+    requests are counted where they are taken: ``service.serving.accounting``)."""
 
     def respond(request: Request, error: GatewayError, status: int | None = None) -> JSONResponse:
-        status = status or error.status
-        if request.url.path in ENSEMBLE_PATHS and not error.counted:
-            metrics.requests.labels("-", str(status)).inc()
-        return JSONResponse(error_payload(error), status_code=status, headers=error.headers)
+        return JSONResponse(error_payload(error), status_code=status or error.status, headers=error.headers)
 
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
@@ -129,10 +123,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    app.state.started_at = time.time()
     app.state.metrics = metrics
     app.add_middleware(EdgeMiddleware, config=lambda: runtime.config, draining=lambda: runtime.admission.draining)
-    _install_error_handlers(app, metrics)
+    _install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)
     app.include_router(openai.router)

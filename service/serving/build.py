@@ -13,7 +13,6 @@ import httpx
 from service.config import FuserConfig, GatewayConfig, LLMFuserConfig, MemberConfig
 from service.errors import ConfigError, MemberFailure
 from service.members.base import Member
-from service.members.breakers import Guards
 from service.members.checks import base_checkpoint
 from service.members.gate import ClassGate
 from service.members.openai import LoRAMember, OpenAIMember
@@ -23,10 +22,7 @@ from service.models.fusion import Fuser, LLMFuser
 from service.models.genfuser import GenFuser
 from service.models.pairrm import PairRMRanker
 from service.models.ranking import Ranker
-from service.pipeline.admission import Admission
-from service.pipeline.pipeline import Pipeline
-from service.telemetry.book import StatusBook
-from service.telemetry.metrics import Metrics
+from service.pipeline.pipeline import Lasting, Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +133,7 @@ def _same_member(prev: Pipeline, config: GatewayConfig, m: MemberConfig, url: st
 
 async def build_pipeline(
     config: GatewayConfig,
-    metrics: Metrics,
+    lasting: Lasting,
     client: httpx.AsyncClient,
     server_urls: dict[str, str],
     parts: Components,
@@ -145,9 +141,6 @@ async def build_pipeline(
     *,
     previous: Pipeline | None = None,
     gates: dict[str, ClassGate] | None = None,
-    guards: Guards | None = None,
-    status: StatusBook | None = None,
-    admission: Admission | None = None,
 ) -> Built:
     """Everything a configuration needs, taking over unchanged parts of ``previous``. The member
     files were checked by the caller (``check_members``), once per load.
@@ -214,6 +207,6 @@ async def build_pipeline(
     if previous is not None:
         unavailable.update({n: r for n, r in previous.unavailable.items() if n in members and n not in to_prepare})
     for name in members:
-        metrics.member_available.labels(name).set(0 if name in unavailable else 1)
-    pipeline = Pipeline(config, members, rankers, fusers, metrics, unavailable, server_urls, guards, status, admission)
+        lasting.metrics.member_available.labels(name).set(0 if name in unavailable else 1)
+    pipeline = Pipeline(config, members, rankers, fusers, lasting, unavailable, server_urls)
     return Built(pipeline, new_members, new_rankers, new_fusers)

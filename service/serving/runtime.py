@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from service.config import GatewayConfig, load_config
-from service.errors import ConfigError, MemberFailure
+from service.errors import ConfigError, MemberFailure, NotReadyError
 from service.members.base import Member
-from service.members.breakers import OPEN, Guards
+from service.members.breakers import OPEN
 from service.members.checks import startup_server_args
 from service.members.gate import ClassGate
 from service.members.http import make_http_client
@@ -28,10 +28,8 @@ from service.members.openai import LoRAMember
 from service.members.soft_prompt import BaseModelCache
 from service.models.artifacts import materialize
 from service.ops.launcher import Launcher, RunningServer
-from service.pipeline.admission import Admission
-from service.pipeline.pipeline import Pipeline
+from service.pipeline.pipeline import Lasting, Pipeline
 from service.serving.build import Built, Components, build_pipeline, prepare_members
-from service.telemetry.book import StatusBook
 from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -57,6 +55,7 @@ class Runtime:
         host: str | None = None,
     ):
         self.config = config
+        self.started_at = time.time()
         self.host = host
         self._members_checked = members_checked or bool(parts and parts.members)
         self.metrics = metrics
@@ -68,10 +67,10 @@ class Runtime:
         self.client: httpx.AsyncClient | None = None
         self.pipeline: Pipeline | None = None
         self.reloads = 0
-        res = config.resilience
-        self.guards = Guards(metrics, res.breaker, res.health_checks)
-        self.admission = Admission(config.limits, metrics)
-        self.status = StatusBook()
+        self.lasting = Lasting.new(config, metrics)
+        self.guards = self.lasting.guards
+        self.admission = self.lasting.admission
+        self.status = self.lasting.status
         self.health_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -113,6 +112,12 @@ class Runtime:
                 out[name] = f"circuit_open: {guards.breaker(name).reason}"
         return out
 
+    def current(self) -> Pipeline:
+        """The pipeline requests run on now; ``NotReadyError`` while the models still load."""
+        if self.pipeline is None:
+            raise NotReadyError("the gateway is still loading its models")
+        return self.pipeline
+
     def server_urls(self) -> dict[str, str]:
         return self.launcher.base_urls() if self.launcher is not None else {}
 
@@ -122,16 +127,7 @@ class Runtime:
         self.client = make_http_client(self.config.max_connections, self.config.member_http)
         try:
             built = await build_pipeline(
-                self.config,
-                self.metrics,
-                self.client,
-                self.server_urls(),
-                self.parts,
-                self.bases,
-                gates=self.gates,
-                guards=self.guards,
-                status=self.status,
-                admission=self.admission,
+                self.config, self.lasting, self.client, self.server_urls(), self.parts, self.bases, gates=self.gates
             )
         except BaseException:
             await self.close()
@@ -258,17 +254,7 @@ class Runtime:
             await self._unload_replaced_adapters(old, new, urls)
             try:
                 built = await build_pipeline(
-                    new,
-                    self.metrics,
-                    self.client,
-                    urls,
-                    self.parts,
-                    self.bases,
-                    previous=old,
-                    gates=self.gates,
-                    guards=self.guards,
-                    status=self.status,
-                    admission=self.admission,
+                    new, self.lasting, self.client, urls, self.parts, self.bases, previous=old, gates=self.gates
                 )
             except BaseException:
                 if started and self.launcher is not None:

@@ -1,12 +1,11 @@
-"""Server-sent events: an answer stream as OpenAI-style chunks.
+"""Server-sent events, and the response that carries an answer stream.
 
 A stream starts only after fan-out and ranking succeeded, so those errors still get their HTTP
-status; an error during fusion arrives as a ``data: {"error": ...}`` event before ``[DONE]``.
+status; an error during fusion arrives as an error event in the API's own shape.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -18,19 +17,18 @@ from starlette.types import Receive, Scope, Send
 
 from service.errors import GatewayError
 from service.pipeline.pipeline import AnswerStream
-from service.protocol import GenerateResponse, error_payload
+from service.serving.accounting import Account
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = "data: [DONE]\n\n"
 
 
-def sse(data: BaseModel | dict[str, object] | str) -> str:
+def sse(data: BaseModel | dict[str, Any], exclude_none: bool = False) -> str:
+    """One ``data:`` event."""
     if isinstance(data, BaseModel):
-        # A whole response leaves out what it lacks, as /generate's JSON does; chunks keep their nulls.
-        payload = data.model_dump_json(exclude_none=isinstance(data, GenerateResponse))
-    elif isinstance(data, dict):
-        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        payload = data.model_dump_json(exclude_none=exclude_none)
     else:
-        payload = data
+        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n"
 
 
@@ -49,49 +47,42 @@ def now() -> int:
     return int(time.time())
 
 
-class _AnswerResponse(StreamingResponse):
-    """The stream's response; when it ends, however it ends (even when the client left before the
-    first byte, so the event generator never ran), the answer stream is told."""
+class AnswerEvents(StreamingResponse):
+    """An answer stream as SSE. ``events`` are the API's events; a ``GatewayError`` they raise
+    becomes the API's error events (``failed``); ``closing`` follows either way. The request's
+    account ends with 200, the error's status, or 499 when the client left first; the answer
+    stream is closed when the response ends, however it ends (even when the client left before
+    the first byte, so the events never ran)."""
 
-    def __init__(self, events: AsyncIterator[str], stream: AnswerStream):
-        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(
+        self,
+        stream: AnswerStream,
+        account: Account,
+        events: AsyncIterator[str],
+        failed: Callable[[GatewayError], Iterable[str]],
+        closing: Iterable[str] = (),
+    ):
         self._stream = stream
+        self._account = account
+        super().__init__(self._body(events, failed, closing), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _body(
+        self, events: AsyncIterator[str], failed: Callable[[GatewayError], Iterable[str]], closing: Iterable[str]
+    ) -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except GatewayError as e:
+            self._account.end(e.status)
+            for event in failed(e):
+                yield event
+        self._account.end(200)
+        for event in closing:
+            yield event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._stream.abandon()  # a no-op when the stream already ended
-
-
-def event_response(events: AsyncIterator[str], stream: AnswerStream) -> StreamingResponse:
-    """Any SSE body over an answer stream, with the stream told when the response ends."""
-    return _AnswerResponse(events, stream)
-
-
-def answer_events(
-    stream: AnswerStream,
-    *,
-    chunk: Callable[[str, str | None], BaseModel],
-    first: BaseModel | None = None,
-    after: Callable[[GenerateResponse], Iterable[BaseModel]] = lambda _: (),
-) -> StreamingResponse:
-    """The answer as SSE: ``first`` (if any), ``chunk(piece, None)`` per piece, a closing
-    ``chunk("", finish_reason)``, what ``after`` makes of the whole response, then ``[DONE]``."""
-
-    async def events() -> AsyncIterator[str]:
-        if first is not None:
-            yield sse(first)
-        try:
-            async with contextlib.aclosing(stream.pieces()) as pieces:
-                async for piece in pieces:
-                    yield sse(chunk(piece, None))
-            yield sse(chunk("", stream.finish_reason))
-            if stream.response is not None:
-                for extra in after(stream.response):
-                    yield sse(extra)
-        except GatewayError as e:
-            yield sse(error_payload(e))
-        yield sse("[DONE]")
-
-    return _AnswerResponse(events(), stream)
+            self._stream.close()  # a no-op when the stream already ended
+            self._account.end(499)  # likewise

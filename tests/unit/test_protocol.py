@@ -17,6 +17,7 @@ from service.protocol import (
     Usage,
     error_payload,
 )
+from service.serving.convert import query_of
 
 
 def test_error_payload_is_the_openai_shape() -> None:
@@ -56,10 +57,10 @@ def test_openai_requests_name_the_ensemble_by_model() -> None:
     chat = ChatCompletionRequest.model_validate(
         {"model": "demo", "messages": [{"role": "developer", "content": "x"}], "max_completion_tokens": 5}
     ).to_generate()
-    assert chat.ensemble == "demo" and chat.ensemble_param == "model" and chat.max_tokens == 5
+    assert chat.ensemble == "demo" and query_of(chat, "model").ensemble_param == "model" and chat.max_tokens == 5
     assert chat.messages is not None and chat.messages[0].role == "system"
     text = CompletionRequest.model_validate({"model": "demo", "prompt": ["once"]}).to_generate()
-    assert text.prompt == "once" and text.ensemble_param == "model"
+    assert text.prompt == "once" and query_of(text, "model").ensemble_param == "model"
 
 
 @pytest.mark.parametrize(("extra", "field"), [({"n": 2}, "n"), ({"stop": ["\n"]}, "stop")])

@@ -1,5 +1,6 @@
-"""Typed access to what ``create_app`` put on ``app.state``: the runtime (whose pipeline the
-lifespan builds, and a reload replaces) and the metrics.
+"""Typed access to what ``create_app`` put on ``app.state`` (the runtime, whose pipeline the lifespan
+builds and a reload replaces; the metrics) and to the request's account (``EnsembleRoute``), and
+each API's serving object, bound to the current pipeline and the request's account.
 
 Async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
 dependency per request (it showed as ~30% of the event loop in the gateway profile).
@@ -11,9 +12,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import NotReadyError
-from service.pipeline.pipeline import Pipeline
+from service.serving.accounting import Account
 from service.serving.runtime import Runtime
+from service.serving.serving_generate import ServingGenerate
+from service.serving.serving_openai import ServingChat, ServingCompletion
+from service.serving.serving_responses import ServingResponses
 from service.telemetry.metrics import Metrics
 
 
@@ -22,18 +25,35 @@ async def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def get_pipeline(request: Request) -> Pipeline:
-    pipeline: Pipeline | None = request.app.state.runtime.pipeline
-    if pipeline is None:
-        raise NotReadyError("the gateway is still loading its models")
-    return pipeline
-
-
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
+def _account(request: Request) -> Account:
+    account: Account = request.state.account
+    return account
+
+
+async def get_generate(request: Request) -> ServingGenerate:
+    return ServingGenerate(request.app.state.runtime.current(), _account(request))
+
+
+async def get_chat(request: Request) -> ServingChat:
+    return ServingChat(request.app.state.runtime.current(), _account(request))
+
+
+async def get_completion(request: Request) -> ServingCompletion:
+    return ServingCompletion(request.app.state.runtime.current(), _account(request))
+
+
+async def get_responses(request: Request) -> ServingResponses:
+    return ServingResponses(request.app.state.runtime.current(), _account(request))
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+GenerateDep = Annotated[ServingGenerate, Depends(get_generate)]
+ChatDep = Annotated[ServingChat, Depends(get_chat)]
+CompletionDep = Annotated[ServingCompletion, Depends(get_completion)]
+ResponsesDep = Annotated[ServingResponses, Depends(get_responses)]

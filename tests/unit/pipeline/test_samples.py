@@ -6,11 +6,11 @@ from fastapi.testclient import TestClient
 
 from service.members.base import Completion, MemberRequest
 from service.pipeline.pipeline import Pipeline
-from service.protocol import GenerateRequest
+from service.pipeline.types import Query
 from service.serving.app import create_app
 from service.serving.build import Components
 from service.telemetry.metrics import Metrics
-from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config, sample
+from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config, fake_pipeline, sample
 
 
 class SeededMember(FakeMember):
@@ -35,7 +35,7 @@ ensembles:
 
 def pipeline() -> tuple[Pipeline, SeededMember]:
     solo = SeededMember("solo", "s")
-    p = Pipeline(
+    p = fake_pipeline(
         fake_config(CONFIG),
         {"solo": solo, "other": FakeMember("other", "s11")},
         {"length": LengthRanker()},
@@ -47,7 +47,7 @@ def pipeline() -> tuple[Pipeline, SeededMember]:
 
 async def test_n_samples_are_n_candidates_named_by_number() -> None:
     p, solo = pipeline()
-    r = await p.answer(GenerateRequest(prompt="q", ensemble="self-moa", return_candidates=True))
+    r = await p.answer(Query(prompt="q", ensemble="self-moa"))
     assert sorted(c.member for c in r.candidates or []) == ["solo#1", "solo#2", "solo#3"]
     assert sorted(c.text for c in r.candidates or []) == ["s10", "s11", "s12"]  # seeds 10, 11, 12: distinct
     assert [q.seed for q in solo.requests] == [10, 11, 12]
@@ -60,7 +60,7 @@ async def test_n_samples_are_n_candidates_named_by_number() -> None:
 
 async def test_a_requests_seed_moves_every_sample_and_samples_vote() -> None:
     p, solo = pipeline()
-    r = await p.answer(GenerateRequest(prompt="q", ensemble="mixed", seed=0, return_candidates=True))
+    r = await p.answer(Query(prompt="q", ensemble="mixed", seed=0))
     assert [q.seed for q in solo.requests] == [0, 1, 2]
     # Candidates s0, s1, s2 from solo and s11 from other: no two agree, the ranker (length) breaks the tie.
     assert r.output == "s11" and [c.votes for c in r.candidates or []] == [1, 1, 1, 1]
@@ -68,7 +68,7 @@ async def test_a_requests_seed_moves_every_sample_and_samples_vote() -> None:
 
 async def test_fuse_top_k_is_bounded_by_the_candidates_not_the_members() -> None:
     p, _ = pipeline()
-    r = await p.answer(GenerateRequest(prompt="q", ensemble="self-moa", fuse_top_k=2))
+    r = await p.answer(Query(prompt="q", ensemble="self-moa", fuse_top_k=2))
     assert len(r.selected) == 2
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from service.pipeline.pipeline import Pipeline
+from service.pipeline.types import Query
 from service.pipeline.voting import normalize_answer, vote
-from service.protocol import GenerateRequest
 from service.telemetry.metrics import Metrics
-from tests.fakes import THREE_MEMBERS, FakeMember, JoinFuser, LengthRanker, fake_config, sample
+from tests.fakes import THREE_MEMBERS, FakeMember, JoinFuser, LengthRanker, fake_config, fake_pipeline, sample
 
 
 def test_answers_are_compared_in_normal_form() -> None:
@@ -56,12 +56,14 @@ ensembles:
 def voting(texts: dict[str, str]) -> tuple[Pipeline, JoinFuser]:
     fuser = JoinFuser()
     members = {name: FakeMember(name, text) for name, text in texts.items()}
-    return Pipeline(fake_config(VOTE_CONFIG), members, {"length": LengthRanker()}, {"join": fuser}, Metrics()), fuser
+    return fake_pipeline(
+        fake_config(VOTE_CONFIG), members, {"length": LengthRanker()}, {"join": fuser}, Metrics()
+    ), fuser
 
 
 async def test_the_majority_answer_wins_over_the_rankers_favourite() -> None:
     p, _ = voting({"a": "yes", "b": "no!!!", "c": "Yes."})
-    r = await p.answer(GenerateRequest(prompt="q", ensemble="ranked", return_candidates=True))
+    r = await p.answer(Query(prompt="q", ensemble="ranked"))
     # LengthRanker prefers "no!!!" (longest); two of three said yes: of those, "Yes." scores higher.
     assert r.output == "Yes." and not r.fused and r.selected == ["c"]
     assert [(c.member, c.votes) for c in r.candidates or []] == [("c", 2), ("a", 2), ("b", 1)]
@@ -71,24 +73,24 @@ async def test_the_majority_answer_wins_over_the_rankers_favourite() -> None:
 
 async def test_without_a_ranker_member_order_breaks_ties() -> None:
     p, _ = voting({"a": "one", "b": "two", "c": "three"})
-    r = await p.answer(GenerateRequest(prompt="q", ensemble="plain", return_candidates=True))
+    r = await p.answer(Query(prompt="q", ensemble="plain"))
     assert r.output == "one" and [c.votes for c in r.candidates or []] == [1, 1, 1]
     assert sample(p.metrics, "gateway_votes_total", ensemble="plain", outcome="tie") == 1
 
 
 async def test_vote_before_the_fuser_feeds_it_the_voted_order() -> None:
     p, fuser = voting({"a": "x", "b": "longest", "c": "x"})
-    r = await p.answer(GenerateRequest(prompt="q", ensemble="fused"))
+    r = await p.answer(Query(prompt="q", ensemble="fused"))
     assert fuser.calls[-1][2] == ["x", "x"] and r.selected == ["a", "c"] and r.fused
 
 
 async def test_an_ensemble_without_vote_reports_no_votes() -> None:
-    p = Pipeline(
+    p = fake_pipeline(
         fake_config(),
         {n: FakeMember(n, n * 2) for n in "abc"},
         {"length": LengthRanker()},
         {"join": JoinFuser()},
         Metrics(),
     )
-    r = await p.answer(GenerateRequest(prompt="q", return_candidates=True))
+    r = await p.answer(Query(prompt="q"))
     assert all(c.votes is None for c in r.candidates or [])

@@ -7,6 +7,7 @@ import pytest
 
 from service.errors import ConfigError
 from service.members.soft_prompt import BaseModelCache
+from service.pipeline.pipeline import Lasting
 from service.serving.build import Components, build_pipeline, prompt_embeds_gates, target_url
 from service.telemetry.metrics import Metrics
 from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config
@@ -31,13 +32,13 @@ def test_gate_only_where_soft_prompts_share_a_server_with_token_requests() -> No
 
 
 async def test_a_rebuild_takes_over_unchanged_parts_and_rebuilds_changed_ones() -> None:
-    metrics = Metrics()
+    lasting = Lasting.new(fake_config(), Metrics())
     parts = Components(rankers={"length": LengthRanker()}, fusers={"join": JoinFuser()})
     async with httpx.AsyncClient() as client:
-        first = await build_pipeline(fake_config(), metrics, client, {}, parts, BaseModelCache())
+        first = await build_pipeline(fake_config(), lasting, client, {}, parts, BaseModelCache())
         assert sorted(m.name for m in first.new_members) == ["a", "b", "c"]
         changed = fake_config(FAKE_CONFIG.replace("model: m-b}", "model: m-b2}"))
-        second = await build_pipeline(changed, metrics, client, {}, parts, BaseModelCache(), previous=first.pipeline)
+        second = await build_pipeline(changed, lasting, client, {}, parts, BaseModelCache(), previous=first.pipeline)
     assert [m.name for m in second.new_members] == ["b"]
     assert second.pipeline.members["a"] is first.pipeline.members["a"]
     assert second.pipeline.members["b"] is not first.pipeline.members["b"]
@@ -49,5 +50,7 @@ async def test_prebuilt_members_are_used_as_given() -> None:
         members={"a": a, "b": b, "c": c}, rankers={"length": LengthRanker()}, fusers={"join": JoinFuser()}
     )
     async with httpx.AsyncClient() as client:
-        built = await build_pipeline(fake_config(), Metrics(), client, {}, parts, BaseModelCache())
+        built = await build_pipeline(
+            fake_config(), Lasting.new(fake_config(), Metrics()), client, {}, parts, BaseModelCache()
+        )
     assert built.pipeline.members == {"a": a, "b": b, "c": c} and built.new_members == []

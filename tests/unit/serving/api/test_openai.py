@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.serving.app import create_app
 from service.serving.build import Components
-from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config
+from tests.fakes import FakeMember, JoinFuser, LengthRanker, fake_config, fake_pipeline
 
 
 def make_client(fuser: JoinFuser | None = None) -> TestClient:
@@ -191,18 +191,16 @@ def test_official_client_plain_and_streaming(client: TestClient) -> None:
 async def test_stream_abandoned_before_its_first_byte_still_ends_its_accounting() -> None:
     from starlette.requests import ClientDisconnect
 
-    from service.pipeline.pipeline import Pipeline
-    from service.protocol import CompletionChunk, CompletionChunkChoice, GenerateRequest
-    from service.serving.sse import answer_events
+    from service.protocol import CompletionRequest
+    from service.serving.accounting import Account
+    from service.serving.serving_openai import ServingCompletion
     from service.telemetry.metrics import Metrics
 
     metrics = Metrics()
     members = {m.name: m for m in [FakeMember("a", "aa"), FakeMember("b", "bbbb"), FakeMember("c", "ccc")]}
-    p = Pipeline(fake_config(), members, {"length": LengthRanker()}, {"join": JoinFuser()}, metrics)
-    stream = await p.answer_stream(GenerateRequest(prompt="q", stream=True))
-
-    def chunk(piece: str, finish: str | None) -> CompletionChunk:
-        return CompletionChunk(id="x", created=0, model="main", choices=[CompletionChunkChoice(text=piece)])
+    p = fake_pipeline(fake_config(), members, {"length": LengthRanker()}, {"join": JoinFuser()}, metrics)
+    body = CompletionRequest.model_validate({"model": "main", "prompt": "q", "stream": True})
+    resp = await ServingCompletion(p, Account(metrics)).create(body)
 
     async def receive() -> dict[str, str]:
         return {"type": "http.disconnect"}
@@ -210,7 +208,6 @@ async def test_stream_abandoned_before_its_first_byte_still_ends_its_accounting(
     async def send(message: object) -> None:
         raise OSError("the client is gone")
 
-    resp = answer_events(stream, chunk=chunk)
     with pytest.raises((OSError, ClientDisconnect)):
         await resp({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
     # The event generator never ran; the request was still ended, as a client that left.

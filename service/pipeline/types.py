@@ -1,0 +1,113 @@
+"""The pipeline's own types: the request as the engine needs it (``Query``) and the answer with
+its evidence (``Answer``). The serving layer turns wire models into a ``Query`` and an ``Answer``
+back into each API's body; nothing here knows HTTP or any API's field names but the ones a client's
+error must name (``Query.ensemble_param``, ``Query.fuse_top_k_param``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Fusion = Literal["always", "adaptive", "never"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request to an ensemble: ``prompt`` or ``messages`` (exactly one), and what overrides the
+    ensemble's settings. ``None`` means "the ensemble's (or the member's) own"."""
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    instruction: str | None = None
+    ensemble: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    fuse_top_k: int | None = None
+    fusion: Fusion | None = None
+    deadline_s: float | None = None
+    extensions: Mapping[str, object] | None = None  # vLLM's sampling extensions, for every member
+    # The client's field names, for the errors that point at them.
+    ensemble_param: str = "ensemble"
+    fuse_top_k_param: str = "fuse_top_k"
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a query has exactly one of prompt or messages")
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens as a client accounts for them: the answer is the completion; ``members``: each
+    answering member's own counts."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    members: dict[str, TokenCounts] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One member's answer (``member``: its name, or ``name#i`` for its i-th sample) and how it fared."""
+
+    member: str
+    text: str
+    score: float | None
+    rank: int
+    latency_ms: float
+    finish_reason: str | None
+    votes: int | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A member that gave no candidate, and why (``kind`` labels it: timeout, connect, ...)."""
+
+    member: str
+    error: str
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Milliseconds: fan-out, ranking (and voting), fusion (and counting), the whole request."""
+
+    members: float
+    rank: float
+    fuse: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The ensemble's answer with its evidence. ``candidates`` are in rank order, best first;
+    ``selected``: the members fed to the fuser (or the one returned); ``finish_reason``: ``stop``
+    for a fused answer, else the top candidate's own."""
+
+    id: str  # hex, minted once per request; each API prefixes it as it names its objects
+    ensemble: str
+    output: str
+    fused: bool
+    selected: list[str]
+    candidates: list[Candidate]
+    failed_members: list[Failure]
+    degraded: bool
+    degraded_reasons: list[str]
+    timings_ms: Timings
+    usage: Usage
+    finish_reason: str

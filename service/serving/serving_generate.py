@@ -1,0 +1,73 @@
+"""POST /generate's serving class: the query made from the body, the whole answer as JSON, or its
+stream (OpenAI chat chunks, one ``ensemble.result`` event with the whole response, ``[DONE]``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi.responses import Response
+
+from service.errors import GatewayError
+from service.pipeline.pipeline import AnswerStream, Pipeline
+from service.pipeline.plan import ensemble_label
+from service.pipeline.types import Query
+from service.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatDelta,
+    EnsembleResult,
+    GenerateRequest,
+    error_payload,
+)
+from service.serving.accounting import Account
+from service.serving.convert import generate_response, query_of
+from service.serving.sse import DONE, AnswerEvents, model_json, now, sse
+
+
+class Serving:
+    """What every API's serving class shares: the current pipeline, the request's account, and a
+    query's answer, whole or as a stream."""
+
+    def __init__(self, pipeline: Pipeline, account: Account):
+        self.pipeline = pipeline
+        self.account = account
+
+    def begin(self, query: Query) -> Query:
+        """Label the request's account with the ensemble the query names."""
+        self.account.ensemble = ensemble_label(self.pipeline.config, query.ensemble)
+        return query
+
+    def events(self, stream: AnswerStream, events: AsyncIterator[str]) -> AnswerEvents:
+        """The chunk-shaped APIs' stream: their events; an error as one OpenAI error event; ``[DONE]``."""
+        return AnswerEvents(stream, self.account, events, _error_event, [DONE])
+
+
+def _error_event(error: GatewayError) -> list[str]:
+    return [sse(error_payload(error))]
+
+
+class ServingGenerate(Serving):
+    async def create(self, body: GenerateRequest) -> Response:
+        query = self.begin(query_of(body))
+        if not body.stream:
+            answer = await self.pipeline.answer(query)
+            return model_json(generate_response(answer, body.return_candidates), exclude_none=True)
+        stream = await self.pipeline.answer_stream(query)
+        return self.events(stream, self._chunks(stream, body))
+
+    async def _chunks(self, stream: AnswerStream, body: GenerateRequest) -> AsyncIterator[str]:
+        created, cid = now(), f"gen-{stream.id}"
+
+        def chunk(delta: ChatDelta, finish: str | None = None) -> str:
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+            return sse(ChatCompletionChunk(id=cid, created=created, model=stream.ensemble, choices=[choice]))
+
+        yield chunk(ChatDelta(role="assistant", content=""))
+        async with contextlib.aclosing(stream.pieces()) as pieces:
+            async for piece in pieces:
+                yield chunk(ChatDelta(content=piece))
+        yield chunk(ChatDelta(), "stop")
+        if stream.answer is not None:
+            response = generate_response(stream.answer, body.return_candidates)
+            yield sse(EnsembleResult(**response.model_dump()), exclude_none=True)
