@@ -25,7 +25,7 @@ PARTS = ("ranker", "fuser", "e2e", "gateway", "adapters")
 
 
 def tiny_models() -> Path:
-    from service.models.tiny import make_tiny_models
+    from service.models.checkpoints.tiny import make_tiny_models
 
     root = Path(os.environ.get("TINY_MODELS") or ROOT / ".cache" / "tiny-models")
     make_tiny_models(root)

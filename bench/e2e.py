@@ -306,7 +306,7 @@ async def _measure_open(gw: GatewayClient, seq: Sequential, w: Workload) -> dict
 def _fuse_alone(w: Workload, fused: list[tuple[str, list[str]]]) -> float:
     """Median seconds of the gateway's fusions replayed by the same GenFuser, alone, one at a time."""
     from service.config import FuserConfig
-    from service.models.genfuser import GenFuser
+    from service.models.fusers.genfuser import GenFuser
 
     fuser = GenFuser("alone", FuserConfig(checkpoint=str(w.tiny / "genfuser"), max_new_tokens=w.fuse_max_new_tokens))
     try:

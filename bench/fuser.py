@@ -16,7 +16,7 @@ from typing import Any
 from bench.common import CACHE, alternate, median, text
 from bench.reference import blender_fuse, blender_fuser
 from service.config import FuserConfig
-from service.models.genfuser import GenFuser
+from service.models.fusers.genfuser import GenFuser
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,11 @@ def run(w: Workload) -> dict[str, Any]:
         )
         ours_s, ref_s = median(per_prompt["ours"]), median(per_prompt["llm_blender"])
         words = [len(t.split()) for t in ours_text]
-        mc = ours.model_config
+        model: Any = getattr(ours.engine, "model")  # noqa: B009 (the torch engines hold one)
+        mc = model.config
         out = {
             "model": f"T5 d_model {mc.d_model}, {mc.num_layers}+{mc.num_decoder_layers} layers, "
-            f"{sum(p.numel() for p in ours.model.parameters()) / 1e6:.3g} M parameters",
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.3g} M parameters",
             "identical_text": ours_text == ref_text,
             "identical_share": sum(a == b for a, b in zip(ours_text, ref_text, strict=True)) / len(prompts),
             "mismatches": [i for i, (a, b) in enumerate(zip(ours_text, ref_text, strict=True)) if a != b],
@@ -177,8 +178,8 @@ def _batched(
         "batched": GenFuser("batched", FuserConfig.model_validate({**settings, "max_batch_requests": w.concurrent})),
         "one_at_a_time": GenFuser("one", FuserConfig.model_validate({**settings, "max_batch_requests": 1})),
     }
-    lean = fusers["batched"]._lean
-    if lean is not None and lean._skinny_any:
+    lean = getattr(fusers["batched"].engine, "lean", None)
+    if lean is not None and lean.skinny:
         plain = {**settings, "max_batch_requests": w.concurrent, "skinny_products": False}
         fusers["batched_plain_products"] = GenFuser("plain", FuserConfig.model_validate(plain))
 
@@ -208,7 +209,10 @@ def _batched(
                 name: sum(blender[i % len(prompts)] == t for i, t in enumerate(got)) / w.concurrent
                 for name, got in texts.items()
             },
-            "largest_batch": fusers["batched"]._batcher.largest_batch if fusers["batched"]._batcher else 1,
+            "largest_batch": batcher.largest_batch if (batcher := fusers["batched"].batcher) else 1,
+            # False on a CPU whose products give a row other floats among other rows: then a
+            # shared step runs each fusion's products alone (service.models.fusers.products).
+            "shares_products": bool(lean is not None and lean.shares_products),
         }
     finally:
         for f in fusers.values():

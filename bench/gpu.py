@@ -59,7 +59,7 @@ def words_for(checkpoint: Path, pair_tokens: int) -> tuple[tuple[int, int], tupl
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from service.models.tiny import make_tiny_models
+    from service.models.checkpoints.tiny import make_tiny_models
 
     tiny = make_tiny_models(ROOT / ".cache" / "tiny-models")
     shape, fshape = ("mini", "mini") if args.smoke else ("large", "t5-xl")

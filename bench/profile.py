@@ -43,7 +43,7 @@ def _torch_table(fn: Any, rows: int = 25) -> str:
 
 def ranker(checkpoint: Path, requests: int, source_words: tuple[int, int], cand_words: tuple[int, int]) -> str:
     from service.config import RankerConfig
-    from service.models.pairrm import PairRMRanker, _Job
+    from service.models.rankers.pairrm import PairRMRanker, _Job
 
     ours = PairRMRanker("profile", RankerConfig(checkpoint=str(checkpoint)))
     try:
@@ -60,7 +60,7 @@ def ranker(checkpoint: Path, requests: int, source_words: tuple[int, int], cand_
 def fuser(checkpoint: Path) -> str:
     from bench.fuser import fuse_prompts
     from service.config import FuserConfig
-    from service.models.genfuser import GenFuser
+    from service.models.fusers.genfuser import GenFuser
 
     f = GenFuser("profile", FuserConfig(checkpoint=str(checkpoint)))
     try:

@@ -22,7 +22,7 @@ import numpy as np
 from bench.common import CACHE, RankRequest, alternate, median, rank_requests
 from bench.reference import blender_rank_scores, blender_ranker, write_blender_ranker
 from service.config import RankerConfig
-from service.models.pairrm import PairRMRanker
+from service.models.rankers.pairrm import PairRMRanker
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def count_flops(ranker: PairRMRanker, req: RankRequest) -> int:
     calling thread by running the worker's own scoring step (untimed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from service.models.pairrm import _Job
+    from service.models.rankers.pairrm import _Job
 
     unique = list(dict.fromkeys(req.candidates))
     job = _Job(req.source, req.candidates, "full", Future())

@@ -55,7 +55,7 @@ class _DrainingServer(uvicorn.Server):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.members.checks import startup_server_args
-    from service.models.artifacts import materialize
+    from service.models.build.materialize import materialize
     from service.ops.launcher import Launcher
     from service.serving.app import create_app
 
@@ -108,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:
-    from service.models.tiny import make_tiny_models
+    from service.models.checkpoints.tiny import make_tiny_models
 
     paths = make_tiny_models(Path(args.dir), force=args.force)
     for name, path in paths.items():
@@ -144,7 +144,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from service.models.artifacts import materialize
+    from service.models.build.materialize import materialize
 
     try:
         config = load_config(args.config)
@@ -157,7 +157,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from service.models.merges import read_recipe, run_merge_recipe
+    from service.models.build.merges import read_recipe, run_merge_recipe
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

@@ -11,8 +11,8 @@ import numpy as np
 from service.config import GatewayConfig, parse_config
 from service.errors import MemberFailure
 from service.members.base import Completion, Member, MemberRequest
-from service.models.fusion import Fuser
-from service.models.ranking import Ranker, Ranking, ranks_from_scores
+from service.models.fusers.base import Fuser
+from service.models.rankers.ranking import Ranker, Ranking, ranks_from_scores
 from service.pipeline.pipeline import Lasting, Pipeline
 from service.telemetry.metrics import Metrics
 

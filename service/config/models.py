@@ -111,7 +111,7 @@ class FuserConfig(Strict):
     )
     lean_decode: bool = Field(
         True,
-        description="For a T5 fuser, beam search runs in service/models/t5decode.py: transformers' beam search "
+        description="For a T5 fuser, beam search runs in service/models/fusers/t5decode.py: transformers' beam search "
         "(same steps, same output tokens) on the model's weights with plain torch operations, the "
         "cross-attention keys and values computed once for all beams, without transformers' per-step "
         "module, cache and bookkeeping overhead. Settings it does not implement fall back to "

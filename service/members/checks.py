@@ -154,7 +154,7 @@ def check_members(config: GatewayConfig) -> None:
     servers = {s.name: s for s in config.servers}
     for m in config.members:
         server = servers.get(m.server) if m.server else None
-        if m.kind == "lora" and m.adapter is not None:  # a soup is checked where it is built (service.models.soups)
+        if m.kind == "lora" and m.adapter is not None:  # a soup is checked where it is built
             check_lora(m, server)
         elif m.kind == "soft_prompt":
             check_soft_prompt(config, m, server)

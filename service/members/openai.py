@@ -4,12 +4,10 @@ client: kind ``model``, and kind ``lora`` (a LoRA adapter on a vLLM server with 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -134,43 +132,6 @@ class OpenAIMember:
         latency_ms = (time.perf_counter() - start) * 1000
         _raise_for_status(resp, self.name)
         return self._parse(resp, latency_ms)
-
-    async def generate_stream(self, request: MemberRequest) -> AsyncIterator[str]:
-        """The completion's text as the server streams it (OpenAI server-sent events)."""
-        url, body = await self._payload(request)
-        body["stream"] = True
-        timeout = self.config.timeout_s
-        gate = self.gate.hold(self.gate_class) if self.gate is not None else contextlib.nullcontext()
-        try:
-            async with (
-                asyncio.timeout(timeout),
-                gate,
-                self._client.stream("POST", url, json=body, headers=self._headers, timeout=timeout) as resp,
-            ):
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    _raise_for_status(resp, self.name)
-                async for line in resp.aiter_lines():
-                    piece = self._stream_piece(line)
-                    if piece:
-                        yield piece
-        except TimeoutError as e:
-            raise MemberFailure("timeout", f"no answer within {timeout:g}s", e) from e
-        except httpx.HTTPError as e:
-            raise MemberFailure("connect", f"{type(e).__name__}: {e}", e) from e
-
-    def _stream_piece(self, line: str) -> str | None:
-        if not line.startswith("data:"):
-            return None
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return None
-        try:
-            choice = json.loads(data)["choices"][0]
-            piece = choice["delta"].get("content") if "delta" in choice else choice.get("text")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise MemberFailure("invalid_response", f"bad stream event: {type(e).__name__}: {e}", e) from e
-        return piece if isinstance(piece, str) else None
 
     async def _models(self) -> list[str]:
         resp = await self._send("GET", f"{self.base_url}/models", None, HEALTH_TIMEOUT_S)

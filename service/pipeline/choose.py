@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.models.ranking import Ranker
+from service.models.rankers.ranking import Ranker
 from service.pipeline.failures import degrade
 from service.pipeline.gather import Ballot
 from service.pipeline.plan import Plan

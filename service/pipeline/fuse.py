@@ -8,8 +8,8 @@ import math
 import time
 from collections.abc import AsyncIterator
 
-from service.models.fusion import Fuser
-from service.models.ranking import fusion_lead
+from service.models.fusers.base import Fuser
+from service.models.rankers.ranking import fusion_lead
 from service.pipeline.failures import as_model_error, degrade
 from service.pipeline.gather import Ballot
 from service.pipeline.plan import Plan

@@ -19,8 +19,8 @@ from service.errors import GatewayError
 from service.members.base import Member
 from service.members.breakers import Guards
 from service.members.fanout import FanOut
-from service.models.fusion import Fuser
-from service.models.ranking import Ranker
+from service.models.fusers.base import Fuser
+from service.models.rankers.ranking import Ranker
 from service.pipeline.admission import Admission
 from service.pipeline.choose import count_votes, rank
 from service.pipeline.fuse import Fusion

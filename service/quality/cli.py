@@ -32,7 +32,7 @@ async def _policy(client: httpx.AsyncClient, ensemble: str | None, headers: dict
 def pairrm_judge(checkpoint: str) -> Judge:
     """A PairRM (the gateway's own ranker code) as a judge of two answers to one source."""
     from service.config import RankerConfig
-    from service.models.pairrm import PairRMRanker
+    from service.models.rankers.pairrm import PairRMRanker
 
     ranker = PairRMRanker("judge", RankerConfig(checkpoint=checkpoint))
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from service.models.ranking import fusion_lead
+from service.models.rankers.ranking import fusion_lead
 from service.quality.dataset import EvalItem
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ async def gateway_client(
     assert config_path is not None
     from service.config import load_config
     from service.members.checks import startup_server_args
-    from service.models.artifacts import materialize
+    from service.models.build.materialize import materialize
     from service.ops.launcher import Launcher
     from service.serving.app import create_app
 

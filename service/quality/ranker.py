@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from service.models.checkpoints.formats import pairrm_model
 from service.models.compat import import_pairrm
-from service.models.formats import pairrm_model
 from service.quality import lm, vocab
 
 SOURCE_MAX = 1224

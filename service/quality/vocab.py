@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from service.models import formats
+from service.models.checkpoints import formats
 from service.quality import suite
 
 FUSER_EXTRA_IDS = 100

@@ -17,11 +17,12 @@ from service.members.checks import base_checkpoint
 from service.members.gate import ClassGate
 from service.members.openai import LoRAMember, OpenAIMember
 from service.members.soft_prompt import BaseModelCache, SoftPromptMember, load_prompt_embeddings
-from service.models.artifacts import cache_root
-from service.models.fusion import Fuser, LLMFuser
-from service.models.genfuser import GenFuser
-from service.models.pairrm import PairRMRanker
-from service.models.ranking import Ranker
+from service.models.build.materialize import cache_root
+from service.models.fusers.base import Fuser
+from service.models.fusers.genfuser import GenFuser
+from service.models.fusers.llm import LLMFuser
+from service.models.rankers.pairrm import PairRMRanker
+from service.models.rankers.ranking import Ranker
 from service.pipeline.pipeline import Lasting, Pipeline
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from service.members.gate import ClassGate
 from service.members.http import make_http_client
 from service.members.openai import LoRAMember
 from service.members.soft_prompt import BaseModelCache
-from service.models.artifacts import materialize
+from service.models.build.materialize import materialize
 from service.ops.launcher import Launcher, RunningServer
 from service.pipeline.pipeline import Lasting, Pipeline
 from service.serving.build import Built, Components, build_pipeline, prepare_members

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from service.config import GatewayConfig, parse_config
-from service.models.tiny import make_tiny_models
+from service.models.checkpoints.tiny import make_tiny_models
 from service.ops.launcher import free_port
 from service.quality.train import read_manifest, train_all
 

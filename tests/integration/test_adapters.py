@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from service.config import DEFAULT_AGGREGATION_TEMPLATE, parse_config
 from service.members.base import MemberRequest
 from service.members.soft_prompt import BaseModelCache
-from service.models.fusion import aggregation_messages
-from service.models.tiny import make_lora
+from service.models.checkpoints.tiny import make_lora
+from service.models.fusers.llm import aggregation_messages
 from service.serving.app import create_app
 from service.serving.build import build_member
 from tests.integration.conftest import Gateway

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from service.config import parse_config
-from service.models.artifacts import materialize
+from service.models.build.materialize import materialize
 from service.quality import lm, suite
 from tests.integration.conftest import ADMIN_KEY, Gateway, serve
 

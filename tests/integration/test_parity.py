@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from service.config import FuserConfig, RankerConfig
-from service.models.genfuser import GenFuser
-from service.models.pairrm import PairRMRanker
+from service.models.fusers.genfuser import GenFuser
+from service.models.rankers.pairrm import PairRMRanker
 from tests.reference import reference_fuse, reference_matrix, reference_rank
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,7 @@ def test_ctranslate2_engine_answers_as_transformers_beam_search_with_early_stopp
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from service.models.genfuser import genfuser_input
+    from service.models.fusers.genfuser import genfuser_input
 
     pytest.importorskip("ctranslate2")
     ckpt = trained_models / "genfuser"
@@ -134,14 +134,14 @@ async def test_concurrent_fusions_equal_blender_fuse(trained_models: Path) -> No
     cases = [("", row["prompt"], row["candidates"][:3]) for row in rows]
     cases += [(i, t, list(c)) for i, t, c in FUSE_CASES]
     fuser = GenFuser("genfuser", FuserConfig(checkpoint=ckpt))
-    assert fuser._batcher is not None
+    assert fuser.batcher is not None
 
     async def stream(case: tuple[str, str, list[str]]) -> str:
         return "".join([p async for p in fuser.fuse_stream(*case)])
 
     try:
         texts = await asyncio.gather(*(fuser.fuse(*c) for c in cases[::2]), *(stream(c) for c in cases[1::2]))
-        assert fuser._batcher.largest_batch >= 4, "the fusions shared steps"
+        assert fuser.batcher.largest_batch >= 4, "the fusions shared steps"
     finally:
         fuser.close()
     want = [reference_fuse(ckpt, *c) for c in [*cases[::2], *cases[1::2]]]

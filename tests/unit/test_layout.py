@@ -84,7 +84,7 @@ def _own_private_names() -> set[str]:
 
 def test_no_private_attribute_of_another_object() -> None:
     """``x._name`` of this package's own private attributes only on ``self`` or ``cls`` (a library's
-    private attributes, where we must read one, are outside this rule: see service/models/t5decode.py)."""
+    private attributes, where we must read one, are outside this rule: see service/models/fusers/t5decode.py)."""
     own = _own_private_names()
     found = []
     for path in PACKAGE.rglob("*.py"):

@@ -13,7 +13,7 @@ from service.cli import main
 from service.config import parse_config
 from service.errors import ConfigError
 from service.members.checks import check_lora_slots, check_members, startup_server_args
-from service.models.fusion import aggregation_messages
+from service.models.fusers.llm import aggregation_messages
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,9 @@ import pytest
 
 from service.config import FuserConfig
 from service.errors import ConfigError
-from service.models import ct2fuser
-from service.models.genfuser import GenFuser
-from service.models.tiny import make_genfuser
+from service.models.checkpoints.tiny import make_genfuser
+from service.models.fusers import ct2
+from service.models.fusers.genfuser import GenFuser
 from tests.unit.models.test_genfuser import CASES
 
 pytest.importorskip("ctranslate2")
@@ -42,14 +42,14 @@ def test_ctranslate2_fuses_without_transformers_model(
     """Mechanics on random weights (their beams rarely finish, and among unfinished beams at the length
     limit CTranslate2 and transformers pick differently); parity with transformers' beam search is in
     tests/integration/test_parity.py, on the trained fuser."""
-    assert fuser.model is None  # transformers' model is not loaded beside it
+    assert fuser.engine.kind == "ctranslate2" and not hasattr(fuser.engine, "model")  # no torch model beside it
     text = fuser.fuse_sync(instruction, input_text, candidates)
     assert text.strip() and len(fuser.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 24
     assert fuser.fuse_sync(instruction, input_text, candidates) == text
 
 
 def test_the_conversion_is_cached(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = ct2fuser.converted(str(checkpoint), tmp_path)
+    first = ct2.converted(str(checkpoint), tmp_path)
     assert (first / "model.bin").exists() and first.parent == tmp_path / "ct2"
 
     class Refuse:
@@ -59,9 +59,9 @@ def test_the_conversion_is_cached(checkpoint: Path, tmp_path: Path, monkeypatch:
     import ctranslate2
 
     monkeypatch.setattr(ctranslate2.converters, "TransformersConverter", Refuse)
-    assert ct2fuser.converted(str(checkpoint), tmp_path) == first
+    assert ct2.converted(str(checkpoint), tmp_path) == first
     with pytest.raises(ConfigError, match="not a local directory"):
-        ct2fuser.converted("some-org/some-hub-id", tmp_path)
+        ct2.converted("some-org/some-hub-id", tmp_path)
 
 
 def test_a_stream_gets_the_text_in_one_piece(fuser: GenFuser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from service.models.deberta import attention_groups
+from service.models.rankers.deberta import attention_groups
 
 
 def test_equal_lengths_share_one_group() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from service.config import LLMFuserConfig
-from service.models.fusion import LLMFuser
+from service.errors import ModelError
+from service.models.fusers.llm import LLMFuser
 
 
 def fuser(handler: object) -> LLMFuser:
@@ -36,3 +38,49 @@ async def test_count_tokens_is_none_where_the_server_cannot_tell() -> None:
         raise httpx.ConnectError("refused")
 
     assert await fuser(down).count_tokens("x") is None
+
+
+async def test_fuse_asks_the_models_chat_completions_with_the_template() -> None:
+    seen: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        assert str(request.url) == "http://up:8000/v1/chat/completions"
+        return httpx.Response(200, json={"choices": [{"message": {"content": "fused"}, "finish_reason": "stop"}]})
+
+    assert await fuser(handler).fuse("Sort.", "cab", ["abc", "acb"], max_new_tokens=5) == "fused"
+    body = seen[0]
+    assert body["model"] == "agg" and body["max_tokens"] == 5 and "stream" not in body
+    messages = body["messages"]
+    assert isinstance(messages, list) and messages[1] == {"role": "user", "content": "Sort.\n\ncab"}
+    assert "[1] abc" in messages[0]["content"] and "[2] acb" in messages[0]["content"]
+
+
+async def test_fuse_stream_yields_the_streamed_text() -> None:
+    events = [
+        {"choices": [{"delta": {"role": "assistant"}}]},
+        *({"choices": [{"delta": {"content": p}}]} for p in "ab"),
+    ]
+    sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["stream"] is True
+        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+
+    assert [p async for p in fuser(handler).fuse_stream("", "q", ["x"])] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("response", "said"),
+    [
+        (httpx.Response(500, text="boom"), "HTTP 500"),
+        (httpx.Response(200, json={"choices": []}), "invalid_response"),
+        (httpx.Response(200, json={"choices": [{"message": {"content": None}}]}), "invalid_response"),
+    ],
+)
+async def test_a_failing_model_is_the_fusers_model_error(response: httpx.Response, said: str) -> None:
+    with pytest.raises(ModelError, match=said):
+        await fuser(lambda r: response).fuse("", "q", ["x"])
+    streamed = response if response.status_code != 200 else httpx.Response(200, text="data: {}\n\n")
+    with pytest.raises(ModelError, match=r"HTTP 500|bad stream"):
+        [p async for p in fuser(lambda r: streamed).fuse_stream("", "q", ["x"])]

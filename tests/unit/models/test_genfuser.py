@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from service.config import FuserConfig
-from service.models.genfuser import GenFuser
-from service.models.tiny import make_genfuser
+from service.models.checkpoints.tiny import make_genfuser
+from service.models.fusers.genfuser import GenFuser
 
 LONG = " ".join(["the river runs through the old city and the music plays"] * 20)
 CASES = [
@@ -47,9 +47,9 @@ def test_shared_cross_cache_gives_the_plain_text(
 def test_reordering_skips_only_the_cross_attention_cache(fusers: dict[bool, GenFuser]) -> None:
     import torch
 
-    from service.models.genfuser import _shared_cross_cache
+    from service.models.fusers.engines import shared_cross_cache
 
-    cache = _shared_cross_cache()
+    cache = shared_cross_cache()
     k = torch.arange(8.0).view(2, 1, 2, 2)
     cache.self_attention_cache.update(k, k, 0)
     cache.cross_attention_cache.update(k, k, 0)
@@ -62,14 +62,14 @@ def test_reordering_skips_only_the_cross_attention_cache(fusers: dict[bool, GenF
 def test_skinny_products_agree_with_the_plain_product(rows: int) -> None:
     import torch
 
-    from service.models.genfuser import _skinny_linear
+    from service.models.fusers.products import skinny_linear
 
     torch.manual_seed(rows)
     for bias in (True, False):
         linear = torch.nn.Linear(96, 160, bias=bias)
         x = torch.randn(rows, 1, 96)
         with torch.inference_mode():
-            got, want = _skinny_linear(linear, x), linear(x)
+            got, want = skinny_linear(linear, x), linear(x)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         if rows > 16:
@@ -103,9 +103,10 @@ def test_skinny_products_leave_the_text_unchanged(wide_checkpoint: str) -> None:
         FuserConfig(checkpoint=wide_checkpoint, max_new_tokens=32, skinny_products=False, shared_cross_cache=False),
     )
     try:
-        patched = [n for n, m in fast.model.named_modules() if "forward" in vars(m)]
+        fast_model, plain_model = getattr(fast.engine, "model"), getattr(plain.engine, "model")  # noqa: B009
+        patched = [n for n, m in fast_model.named_modules() if "forward" in vars(m)]
         assert patched and all(n.startswith("decoder.") or n == "lm_head" for n in patched)
-        assert not any("forward" in vars(m) for m in plain.model.modules())
+        assert not any("forward" in vars(m) for m in plain_model.modules())
         for instruction, input_text, candidates in CASES[:2]:
             assert fast.fuse_sync(instruction, input_text, candidates) == plain.fuse_sync(
                 instruction, input_text, candidates
@@ -150,7 +151,7 @@ def test_the_worker_runs_with_its_own_thread_budget(tmp_path_factory: pytest.Tem
     want = 1 if before != 1 else 2
     fuser = GenFuser("threads", FuserConfig(checkpoint=str(out), threads=want))
     try:
-        assert fuser._executor.submit(torch.get_num_threads).result() == want
+        assert fuser.thread_budget() == want
         assert torch.get_num_threads() == before
     finally:
         fuser.close()

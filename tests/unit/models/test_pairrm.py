@@ -13,8 +13,8 @@ import pytest
 
 from service.config import RankerConfig
 from service.errors import ModelError
-from service.models.pairrm import PairRMRanker
-from service.models.tiny import make_pairrm
+from service.models.checkpoints.tiny import make_pairrm
+from service.models.rankers.pairrm import PairRMRanker
 
 SOURCE = "What is the capital of France?"
 CANDIDATES = ["Paris is the capital.", "to to to to", "I do not know what", "the river", "capital city of france"]
@@ -65,7 +65,7 @@ LONG = " ".join(["the river runs through the old city and the music plays"] * 30
 @pytest.mark.parametrize("packed", [True, False])
 def test_batched_matrix_equals_pair_by_pair(make_ranker: Any, packed: bool) -> None:
     ranker = make_ranker(max_batch_pairs=7, packed=packed)
-    assert (ranker._packed is not None) == packed
+    assert (ranker.packed is not None) == packed
     for source, candidates in [*PROMPTS[:3], (LONG, [LONG[:400], "short", LONG[:900] + " twist"])]:
         np.testing.assert_allclose(
             ranker.compare_matrix(source, candidates), one_by_one(ranker, source, candidates), rtol=0, atol=1e-5
@@ -88,14 +88,14 @@ async def test_concurrent_requests_share_forwards_and_get_their_own_scores(make_
 def spy_forwards(ranker: PairRMRanker) -> list[tuple[int, int, str]]:
     """Record (pairs, longest pair, thread) of every forward the ranker runs."""
     seen: list[tuple[int, int, str]] = []
-    original = ranker._forward
+    original = ranker.forward
 
     def spy(items: Any) -> None:
-        width = max(ranker._pair_len(job, pair) for job, pair in items)
+        width = max(ranker.pair_len(job, pair) for job, pair in items)
         seen.append((len(items), width, threading.current_thread().name))
         original(items)
 
-    ranker._forward = spy  # type: ignore[method-assign]
+    ranker.forward = spy  # type: ignore[method-assign]
     return seen
 
 
@@ -131,7 +131,7 @@ async def test_model_work_runs_on_the_ranker_thread(make_ranker: Any) -> None:
 
 async def test_a_failed_forward_fails_its_requests_and_the_worker_goes_on(make_ranker: Any) -> None:
     ranker = make_ranker()
-    original = ranker._forward
+    original = ranker.forward
     calls = 0
 
     def flaky(items: Any) -> None:
@@ -141,7 +141,7 @@ async def test_a_failed_forward_fails_its_requests_and_the_worker_goes_on(make_r
             raise RuntimeError("out of memory")
         original(items)
 
-    ranker._forward = flaky
+    ranker.forward = flaky
     with pytest.raises(ModelError, match="out of memory"):
         await ranker.rank(SOURCE, CANDIDATES)
     assert (await ranker.rank(SOURCE, CANDIDATES)).ranks
@@ -150,14 +150,14 @@ async def test_a_failed_forward_fails_its_requests_and_the_worker_goes_on(make_r
 def test_close_fails_waiting_requests_and_ends_the_thread(make_ranker: Any) -> None:
     ranker = make_ranker()
     entered, release = threading.Event(), threading.Event()
-    original = ranker._forward
+    original = ranker.forward
 
     def blocked(items: Any) -> None:
         entered.set()
         release.wait(10)
         original(items)
 
-    ranker._forward = blocked
+    ranker.forward = blocked
     running = ranker.submit(SOURCE, CANDIDATES)
     assert entered.wait(10)
     waiting = ranker.submit(SOURCE, CANDIDATES[:3])
@@ -167,7 +167,7 @@ def test_close_fails_waiting_requests_and_ends_the_thread(make_ranker: Any) -> N
     closer.start()
     release.set()
     closer.join(10)
-    assert not ranker._thread.is_alive()
+    assert not ranker.running
     assert running.result(0).ranking.ranks  # the forward under way completes
     with pytest.raises(ModelError, match="closed"):
         waiting.result(0)
@@ -188,13 +188,13 @@ def test_the_worker_runs_with_its_own_thread_budget(make_ranker: Any) -> None:
     want = 1 if before != 1 else 2
     ranker = make_ranker(threads=want)
     seen: list[int] = []
-    forward = ranker._forward
+    forward = ranker.forward
 
     def spy(items: Any) -> None:
         seen.append(torch.get_num_threads())  # on the ranker's worker thread
         forward(items)
 
-    ranker._forward = spy
+    ranker.forward = spy
     ranker.rank_sync("source", ["a", "b"])
     assert seen and set(seen) == {want}
     assert torch.get_num_threads() == before  # the caller's budget is untouched

@@ -12,7 +12,7 @@ import pytest
 
 from service.config import RankerConfig
 from service.models.compat import import_llm_blender
-from service.models.ranking import (
+from service.models.rankers.ranking import (
     Pair,
     Plan,
     Ranking,

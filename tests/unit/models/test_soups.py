@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from service.config import GatewayConfig, parse_config
 from service.errors import ConfigError
-from service.models import artifacts, soups
-from service.models.artifacts import materialize
+from service.models.build import materialize as artifacts
+from service.models.build import soups
+from service.models.build.materialize import materialize
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from service.config import FuserConfig
-from service.models.genfuser import GenFuser, genfuser_input
-from service.models.tiny import make_genfuser
+from service.models.checkpoints.tiny import make_genfuser
+from service.models.fusers.genfuser import GenFuser, genfuser_input
 
 WORDS = [
     "the",
@@ -131,7 +131,7 @@ def relu_t5(checkpoint: Path) -> tuple[Any, Any]:
 def _check_same_ids(tokenizer: Any, model: Any, settings: list[tuple[int, int]], prompts: int, seed: int) -> set[int]:
     import torch
 
-    from service.models.t5decode import LeanT5
+    from service.models.fusers.t5decode import LeanT5
 
     assert LeanT5.unsupported_model(model) is None
     lean = LeanT5(model)
@@ -194,7 +194,7 @@ def test_plain_relu_t5_same_ids_as_generate(relu_t5: tuple[Any, Any]) -> None:
     ],
 )
 def test_unsupported_settings_are_refused(tiny: tuple[Any, Any], setting: dict[str, Any]) -> None:
-    from service.models.t5decode import LeanT5
+    from service.models.fusers.t5decode import LeanT5
 
     plan = LeanT5(tiny[1]).prepare(4, 16, **setting)
     assert isinstance(plan, str)
@@ -206,7 +206,7 @@ def fusers(checkpoint: Path) -> Iterator[dict[bool, GenFuser]]:
         lean: GenFuser("genfuser", FuserConfig(checkpoint=str(checkpoint), lean_decode=lean, max_new_tokens=32))
         for lean in (True, False)
     }
-    assert made[True]._lean is not None and made[False]._lean is None
+    assert made[True].engine.kind == "lean" and made[False].engine.kind == "generate"
     yield made
     for f in made.values():
         f.close()
@@ -238,20 +238,21 @@ def test_unsupported_generation_config_falls_back(
     fuser = fusers[True]
     want = fusers[False].fuse_sync(*CASE)
     calls: list[Any] = []
-    monkeypatch.setattr(fuser._lean, "generate", lambda *a, **k: calls.append(a))
-    saved = fuser.model.generation_config
+    engine: Any = fuser.engine
+    monkeypatch.setattr(engine.lean, "generate", lambda *a, **k: calls.append(a))
+    saved = engine.model.generation_config
     monkeypatch.setattr(
-        fuser.model, "generation_config", saved.__class__(**saved.to_diff_dict(), no_repeat_ngram_size=3)
+        engine.model, "generation_config", saved.__class__(**saved.to_diff_dict(), no_repeat_ngram_size=3)
     )
     got = fuser.fuse_sync(*CASE)
     assert not calls, "the lean path refused"
-    monkeypatch.setattr(fuser.model, "generation_config", saved)
+    monkeypatch.setattr(engine.model, "generation_config", saved)
     assert fusers[False].fuse_sync(*CASE) == want
     # no_repeat_ngram_size=3 changes the text here, so the fallback really ran generate with it.
     assert got != want
 
 
-# -- batched steps (service/models/fusebatch.py) ------------------------------------------------
+# -- batched steps (service/models/fusers/fusebatch.py) ------------------------------------------------
 
 
 def _batched_ids(lean: Any, encs: list[dict[str, Any]], settings: list[tuple[int, int]], stagger: int) -> list[Any]:
@@ -274,7 +275,7 @@ def test_batched_steps_give_each_prompt_the_ids_of_generate(model_name: str, req
     decoder step: each gets exactly the ids transformers' generate gives it alone."""
     import torch
 
-    from service.models.t5decode import LeanT5
+    from service.models.fusers.t5decode import LeanT5
 
     tokenizer, model = request.getfixturevalue(model_name)
     encs = _prompts(tokenizer, 6, seed=11)
@@ -295,8 +296,8 @@ def test_batched_logits_are_bit_identical_to_alone(model_name: str, request: pyt
     (with the skinny products, whose floats depend on the row count, on the wide model)."""
     import torch
 
-    from service.models.genfuser import SKINNY_MIN_WEIGHTS, SKINNY_ROWS
-    from service.models.t5decode import LeanT5
+    from service.models.fusers.products import SKINNY_MIN_WEIGHTS, SKINNY_ROWS
+    from service.models.fusers.t5decode import LeanT5
 
     tokenizer, model = request.getfixturevalue(model_name)
     lean = LeanT5(model, SKINNY_MIN_WEIGHTS, SKINNY_ROWS)
@@ -308,8 +309,8 @@ def test_batched_logits_are_bit_identical_to_alone(model_name: str, request: pyt
         for d in alone:
             lean.step([d])  # moves past the first step, where every beam holds the start token
         lean.step(together)
-        want = [lean._step(torch.tensor(d.search.tokens()), d.pos, d.buf, d.rows) for d in alone]
-        got = lean._step_many(together)
+        want = [lean.logits([d]) for d in alone]
+        got = lean.logits(together)
     assert torch.equal(got, torch.cat(want))
 
 
@@ -337,8 +338,8 @@ def skinny_t5(checkpoint: Path) -> tuple[Any, Any]:
 
 
 def test_batched_skinny_products_give_the_ids_alone(skinny_t5: tuple[Any, Any]) -> None:
-    from service.models.genfuser import SKINNY_MIN_WEIGHTS, SKINNY_ROWS
-    from service.models.t5decode import LeanT5
+    from service.models.fusers.products import SKINNY_MIN_WEIGHTS, SKINNY_ROWS
+    from service.models.fusers.t5decode import LeanT5
 
     tokenizer, model = skinny_t5
     lean = LeanT5(model, SKINNY_MIN_WEIGHTS, SKINNY_ROWS)
@@ -367,7 +368,7 @@ async def test_concurrent_fusions_share_steps_and_keep_their_text(fusers: dict[b
     import asyncio
 
     batched, plain = fusers[True], fusers[False]
-    assert batched._batcher is not None and plain._batcher is None
+    assert batched.batcher is not None and plain.batcher is None
     alone = [plain.fuse_sync(*case) for case in CASES]
     pieces_alone: list[list[str]] = []
     for case in CASES:
@@ -381,7 +382,7 @@ async def test_concurrent_fusions_share_steps_and_keep_their_text(fusers: dict[b
     streams = await asyncio.gather(*(stream(case) for case in CASES))
     assert list(texts) == alone
     assert [[p for p in s if p] for s in streams] == [[p for p in s if p] for s in pieces_alone]
-    assert batched._batcher.largest_batch > 1, "the fusions shared steps"
+    assert batched.batcher.largest_batch > 1, "the fusions shared steps"
 
 
 async def test_a_cancelled_stream_leaves_the_others(fusers: dict[bool, GenFuser]) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from service.cli import main
 from service.config import RankerConfig
-from service.models.pairrm import PairRMRanker
-from service.models.tiny import make_pairrm
+from service.models.checkpoints.tiny import make_pairrm
+from service.models.rankers.pairrm import PairRMRanker
 from service.quality.train_ranker import read_preferences, split
 
 GOOD, BAD = "the answer is in the house", "of was for on that with"

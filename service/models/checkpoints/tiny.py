@@ -149,7 +149,7 @@ def _corpus(seed: int, lines: int = 400) -> list[str]:
 def _llama_tokenizer(seed: int, vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from service.models.formats import MEMBER_SPECIALS, member_tokenizer
+    from service.models.checkpoints.formats import MEMBER_SPECIALS, member_tokenizer
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -223,7 +223,7 @@ def make_pairrm(out: Path, seed: int = 7) -> None:
     """A PairRM-hf checkpoint: DeBERTa-v2 encoder + PairRM head, DeBERTa-style tokenizer."""
     import torch
 
-    from service.models.formats import DEBERTA_SPECIALS, pairrm_model, pairrm_tokenizer
+    from service.models.checkpoints.formats import DEBERTA_SPECIALS, pairrm_model, pairrm_tokenizer
 
     fast = pairrm_tokenizer(_unigram_tokenizer(seed, DEBERTA_SPECIALS, unk="[UNK]"))
     model = pairrm_model(

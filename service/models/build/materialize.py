@@ -22,9 +22,9 @@ from typing import Any
 
 from service.config import GatewayConfig, MemberConfig, ServerConfig
 from service.members.checks import check_members
-from service.models.cache import default_cache_root, tree_fingerprint
-from service.models.merges import build_merge, merge_inputs
-from service.models.soups import build_soup, soup_inputs
+from service.models.build.cache import default_cache_root, tree_fingerprint
+from service.models.build.merges import build_merge, merge_inputs
+from service.models.build.soups import build_soup, soup_inputs
 
 logger = logging.getLogger(__name__)
 

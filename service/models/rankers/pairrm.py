@@ -4,7 +4,7 @@ Each ``PairRMRanker`` owns one worker thread and the model. Requests hand their 
 worker and await a future; the worker tokenizes each text once, gathers the pairs of every request
 waiting (up to ``max_batch_tokens``, waiting at most ``max_wait_ms`` for company), sorts them by
 length and runs them in as few padded forwards as the bounds allow. Identical candidates are
-compared once. A comparison scheme's rounds (``service.models.ranking``) batch with everything
+compared once. A comparison scheme's rounds (``service.models.rankers.ranking``) batch with everything
 else in flight.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 from service.config import RankerConfig
 from service.errors import ModelError
 from service.models.compat import torch_dtype
-from service.models.deberta import PackedDeberta, supports
-from service.models.ranking import Pair, Plan, Ranking, make_plan
+from service.models.rankers.deberta import PackedDeberta, supports
+from service.models.rankers.ranking import Pair, Plan, Ranking, make_plan
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class PairRMRanker:
         mc = self.model.config
         self._marker_ids = (mc.source_prefix_id, mc.cand1_prefix_id, mc.cand2_prefix_id)
         self._pad = self.tokenizer.pad_token_id or 0
-        self._packed = PackedDeberta(self.model.pretrained_model) if config.packed and supports(mc) else None
+        self.packed = PackedDeberta(self.model.pretrained_model) if config.packed and supports(mc) else None
         self.forwards = 0  # forward passes run, for the benchmark and tests
         self.pairs_scored = 0
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -155,6 +155,11 @@ class PairRMRanker:
             return Ranking(scores=[0.0], ranks=[1])
         outcome = await asyncio.wrap_future(self.submit(source, candidates, scheme))
         return outcome.ranking
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread runs (``close`` ends it)."""
+        return self._thread.is_alive()
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop taking requests, fail those not started, and end the worker once its current
@@ -284,30 +289,30 @@ class PairRMRanker:
             active.append(job)
 
     @staticmethod
-    def _pair_len(job: _Job, pair: Pair) -> int:
+    def pair_len(job: _Job, pair: Pair) -> int:
         t = job.texts
         assert t is not None
         return len(t.source) + len(t.cand1[pair[0]]) + len(t.cand2[pair[1]])
 
     def _pending_tokens(self, active: list[_Job]) -> int:
-        return sum(self._pair_len(job, p) for job in active for p in job.need)
+        return sum(self.pair_len(job, p) for job in active for p in job.need)
 
     def _score(self, items: list[tuple[_Job, Pair]]) -> None:
         """Logits for every (request, pair), shortest first, in forwards bounded in pairs and in
         padded tokens; each forward is padded only to its own longest pair."""
-        lengths = [self._pair_len(job, pair) for job, pair in items]
+        lengths = [self.pair_len(job, pair) for job, pair in items]
         order = sorted(range(len(items)), key=lengths.__getitem__)
         cfg = self.config
         chunk: list[int] = []
         for k in order:
             if chunk and ((len(chunk) + 1) * lengths[k] > cfg.max_batch_tokens or len(chunk) >= cfg.max_batch_pairs):
-                self._forward([items[i] for i in chunk])
+                self.forward([items[i] for i in chunk])
                 chunk = []
             chunk.append(k)
         if chunk:
-            self._forward([items[i] for i in chunk])
+            self.forward([items[i] for i in chunk])
 
-    def _forward(self, items: list[tuple[_Job, Pair]]) -> None:
+    def forward(self, items: list[tuple[_Job, Pair]]) -> None:
         torch = self._torch
         seqs: list[list[int]] = []
         where = np.zeros((3, len(items)), dtype=np.int64)
@@ -322,8 +327,8 @@ class PairRMRanker:
             where[2, row] = len(t.source) + len(t.cand1[u]) + t.cand2[v].index(c2_id)
         device = self.config.device
         with torch.inference_mode():
-            if self._packed is not None:
-                hidden, starts = self._packed.encode(seqs)  # [tokens, hidden], each pair's first row
+            if self.packed is not None:
+                hidden, starts = self.packed.encode(seqs)  # [tokens, hidden], each pair's first row
                 pos = torch.from_numpy(where + np.array(starts)[None, :]).to(device)
                 src, c1, c2 = hidden[pos[0]], hidden[pos[1]], hidden[pos[2]]
             else:

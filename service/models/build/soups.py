@@ -17,7 +17,7 @@ from service.config import GatewayConfig, MemberConfig
 from service.config.members import EQUAL_RANK_METHODS, SoupConfig
 from service.errors import ConfigError
 from service.members.checks import check_lora_server, read_adapter_dir
-from service.models.cache import publish, staging
+from service.models.build.cache import publish, staging
 
 SOUP_NAME = "soup"
 

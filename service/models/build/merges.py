@@ -22,7 +22,7 @@ import yaml
 
 from service.config import ServerConfig
 from service.errors import ConfigError
-from service.models.cache import publish, staging
+from service.models.build.cache import publish, staging
 
 
 @dataclass(frozen=True)

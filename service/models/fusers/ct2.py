@@ -16,10 +16,15 @@ import logging
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from service.config import FuserConfig
 from service.errors import ConfigError
-from service.models.cache import publish, staging, tree_fingerprint
+from service.models.build.cache import publish, staging, tree_fingerprint
+
+if TYPE_CHECKING:
+    from service.models.fusers.prefix import FinalPrefix
+    from service.models.fusers.t5decode import Decode
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +52,31 @@ def converted(checkpoint: str, cache: Path) -> Path:
 
 
 class CT2Engine:
-    """A converted T5 in a ``ctranslate2.Translator``: token ids in, the best beam's token ids out."""
+    """A converted T5 in a ``ctranslate2.Translator``: token ids in, the best beam's token ids out,
+    whole (it has no per-step hook: a stream gets the text in one piece at the end)."""
 
-    def __init__(self, checkpoint: str, device: str, compute_type: str, threads: int, cache: Path, tokenizer: Any):
+    kind = "ctranslate2"
+
+    def __init__(self, config: FuserConfig, threads: int, cache: Path, tokenizer: Any):
         import ctranslate2
 
-        kind, _, index = device.partition(":")
+        kind, _, index = config.device.partition(":")
+        self.num_beams = config.num_beams
         self.tokenizer = tokenizer
         self.translator = ctranslate2.Translator(
-            str(converted(checkpoint, cache)),
+            str(converted(config.checkpoint, cache)),
             device=kind,
             device_index=int(index or 0),
-            compute_type=compute_type,
+            compute_type=config.compute_type,
             intra_threads=threads if kind == "cpu" else 0,
         )
+
+    def start(self, enc: Any, max_new_tokens: int, watcher: FinalPrefix | None) -> Decode | list[int]:
+        return self.generate(enc["input_ids"][0].tolist(), self.num_beams, max_new_tokens)
+
+    def complete(self, started: Decode | list[int]) -> list[int]:
+        assert isinstance(started, list)  # CTranslate2 finishes in start
+        return started
 
     def generate(self, ids: list[int], num_beams: int, max_new_tokens: int) -> list[int]:
         tokens = self.tokenizer.convert_ids_to_tokens(ids)

@@ -13,7 +13,7 @@ the same step with raw torch ops on the model's own weights:
   of q.k, cross-attention without a bias, the gated or plain feed-forward, the final norm and
   ``lm_head`` (with ``scale_decoder_outputs`` as the model applies it). Attention uses the
   model's own implementation, ``sdpa`` or ``eager``, with the same arguments as transformers;
-- the search is transformers 5's ``_beam_search`` for one prompt (``service.models.t5search``).
+- the search is transformers 5's ``_beam_search`` for one prompt (``service.models.fusers.t5search``).
   One beam is ``_sample``'s greedy search;
 - several prompts' searches can share a step (``LeanT5.step``, batched fusion): their beams'
   rows go through the norms and products together (``F.linear`` gives every row the same floats
@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from service.models.t5search import Beams, Greedy, Plan, StepHook, plan_for
+from service.models.fusers.products import rows_invariant
+from service.models.fusers.t5search import Beams, Buffers, Decode, Greedy, Plan, StepHook, plan_for
 
 __all__ = ["Decode", "LeanT5", "Plan", "StepHook"]
 
@@ -55,62 +56,6 @@ class _Layer:
     ln_ff: torch.Tensor
     wi: tuple[torch.Tensor, ...]  # (wi_0, wi_1) gated, (wi,) plain
     wo: torch.Tensor
-
-
-@dataclass
-class _Buffers:
-    """One call's per-layer tensors: self-attention keys and values [beams, heads, max_len, d_kv]
-    (written step by step), cross-attention keys and values (fixed), the zero cross bias."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    cross: list[tuple[torch.Tensor, torch.Tensor]]
-    cross_bias: torch.Tensor
-
-
-@dataclass(eq=False)
-class Decode:
-    """One prompt's decode in progress: its buffers, its search, its rows (one per beam), the next
-    position."""
-
-    buf: _Buffers
-    search: Greedy | Beams
-    rows: int
-    pos: int = 0
-
-    @property
-    def done(self) -> bool:
-        return self.search.done
-
-    @property
-    def source_tokens(self) -> int:
-        return int(self.buf.cross_bias.shape[-1])
-
-    def result(self) -> list[int]:
-        return self.search.result()
-
-
-PROBE_ROWS = 48  # more rows than a shared step of max_batch_requests prompts usually has
-PROBE_SLICES = ((0, 1), (0, 2), (0, 3), (0, 4), (4, 8), (0, 8), (8, 16), (0, 12), (16, 32), (0, 24), (3, 35))
-
-
-def rows_invariant(weights: list[torch.Tensor]) -> bool:
-    """Whether ``F.linear`` gives each row the same floats alone as among other rows, for every
-    weight shape given: true of the CPU where batched fusion was built (every row count tried), not
-    of another (an Intel Xeon with AVX-512-FP16, MKL 2024.2: 2 rows already differ from 1 in the
-    last bits). Measured once per model, on random rows, with the model's own weights."""
-    gen = torch.Generator().manual_seed(0)
-    seen: set[tuple[int, ...]] = set()
-    with torch.inference_mode():
-        for w in weights:
-            if tuple(w.shape) in seen:
-                continue
-            seen.add(tuple(w.shape))
-            x = torch.randn(PROBE_ROWS, w.shape[1], generator=gen).to(w.dtype)
-            full = F.linear(x, w)
-            if not all(torch.equal(F.linear(x[a:b], w), full[a:b]) for a, b in PROBE_SLICES):
-                return False
-    return True
 
 
 class LeanT5:
@@ -164,12 +109,12 @@ class LeanT5:
                 )
             )
         big = [w for layer in self.layers for w in (layer.q, layer.o, layer.cq, layer.co, *layer.wi, layer.wo)]
-        self._skinny_any = skinny_min_weights is not None and any(
+        self.skinny = skinny_min_weights is not None and any(
             w.numel() >= skinny_min_weights for w in [*big, self.lm_head]
         )
         # Sharing a step's products across prompts is exact only where this CPU's kernels give a
         # row the same floats whatever the rows around it (not so on every CPU: see rows_invariant).
-        self.shares_products = not self._skinny_any and rows_invariant(
+        self.shares_products = not self.skinny and rows_invariant(
             [w for layer in self.layers for w in (layer.q, layer.k, layer.o, layer.cq, *layer.wi, layer.wo)]
             + [self.lm_head]
         )
@@ -240,7 +185,7 @@ class LeanT5:
         self,
         tokens: torch.Tensor,
         pos: int,
-        buf: _Buffers,
+        buf: Buffers,
         hf_rows: int,
     ) -> torch.Tensor:
         """Logits [beams, vocab] for the next token of each beam; writes position ``pos`` of the
@@ -358,9 +303,14 @@ class LeanT5:
             size = (nb, h, plan.max_new_tokens, dk)
             keys = [torch.empty(size, dtype=hidden.dtype, device=hidden.device) for _ in self.layers]
             values = [torch.empty(size, dtype=hidden.dtype, device=hidden.device) for _ in self.layers]
-        buf = _Buffers(keys, values, cross, cross_bias)
+        buf = Buffers(keys, values, cross, cross_bias)
         search = Greedy(plan, on_step) if nb == 1 else Beams(plan, on_step, hidden.device)
         return Decode(buf, search, nb)
+
+    def logits(self, parts: list[Decode]) -> torch.Tensor:
+        """Logits [rows, vocab] of every prompt's beams (in ``parts``' order) for their next token:
+        one prompt alone, several in a shared step."""
+        return self._step_one(parts[0]) if len(parts) == 1 else self._step_many(parts)
 
     def step(self, parts: list[Decode]) -> None:
         """One decoder step for every unfinished decode in ``parts``, batched."""
@@ -368,7 +318,7 @@ class LeanT5:
         if not live:
             return
         with torch.inference_mode():
-            logits = self._step_one(live[0]) if len(live) == 1 else self._step_many(live)
+            logits = self.logits(live)
             at = 0
             for d in live:
                 d.search.advance(logits[at : at + d.rows], d.pos, [*d.buf.keys, *d.buf.values])

@@ -1,6 +1,7 @@
-"""The lean T5 decoder's plan and bookkeeping (``service.models.t5decode``): which ``generate``
-settings it implements (``plan_for``), and one prompt's search: transformers 5's ``_beam_search``
-for one prompt, or ``_sample``'s greedy search for one beam.
+"""The lean T5 decoder's plan and bookkeeping (``service.models.fusers.t5decode``): which ``generate``
+settings it implements (``plan_for``), one prompt's search (transformers 5's ``_beam_search`` for
+one prompt, or ``_sample``'s greedy search for one beam), and one prompt's decode in progress
+(``Decode``: its buffers, its search, its position).
 
 A search hands out the tokens its beams feed the next decoder step and takes that step's logits
 for its own rows; it knows nothing of the other prompts in a batched step, so a prompt's tokens do
@@ -228,3 +229,36 @@ class Beams:
 
     def result(self) -> list[int]:
         return self.fin_seqs[0]
+
+
+@dataclass
+class Buffers:
+    """One call's per-layer tensors: self-attention keys and values [beams, heads, max_len, d_kv]
+    (written step by step), cross-attention keys and values (fixed), the zero cross bias."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_bias: torch.Tensor
+
+
+@dataclass(eq=False)
+class Decode:
+    """One prompt's decode in progress: its buffers, its search, its rows (one per beam), the next
+    position."""
+
+    buf: Buffers
+    search: Greedy | Beams
+    rows: int
+    pos: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.search.done
+
+    @property
+    def source_tokens(self) -> int:
+        return int(self.buf.cross_bias.shape[-1])
+
+    def result(self) -> list[int]:
+        return self.search.result()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
-from service.models.t5decode import Decode, LeanT5
+from service.models.fusers.t5decode import Decode, LeanT5
 
 logger = logging.getLogger(__name__)
 
