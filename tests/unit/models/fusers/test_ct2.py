@@ -15,7 +15,7 @@ from service.errors import ConfigError
 from service.models.checkpoints.tiny import make_genfuser
 from service.models.fusers import ct2
 from service.models.fusers.genfuser import GenFuser
-from tests.unit.models.test_genfuser import CASES
+from tests.unit.models.fusers.test_genfuser import CASES
 
 pytest.importorskip("ctranslate2")
 
