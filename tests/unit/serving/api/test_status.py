@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from service.serving.app import create_app
 from service.serving.build import Components
-from service.serving.runtime import is_loopback
+from service.serving.probes import is_loopback
 from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config
 
 
