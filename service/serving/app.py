@@ -20,9 +20,9 @@ from service.config import GatewayConfig, package_version
 from service.errors import GatewayError, NotFoundError, RequestError
 from service.ops.launcher import Launcher
 from service.protocol import error_payload
+from service.serving import edge
 from service.serving.api import admin, generate, health, openai, responses, status
 from service.serving.build import Components
-from service.serving.middleware import EdgeMiddleware
 from service.serving.runtime import Runtime
 from service.serving.summary import startup_summary
 from service.telemetry.metrics import Metrics
@@ -124,7 +124,7 @@ def create_app(
     )
     app.state.runtime = runtime
     app.state.metrics = metrics
-    app.add_middleware(EdgeMiddleware, config=lambda: runtime.config, draining=lambda: runtime.admission.draining)
+    edge.install(app, config=lambda: runtime.config, draining=lambda: runtime.admission.draining)
     _install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from service.protocol import ERROR_RESPONSES
 from service.serving.api.deps import RuntimeDep
 
-router = APIRouter(prefix="/admin")
+router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 @router.post("/reload", responses=ERROR_RESPONSES)

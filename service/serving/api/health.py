@@ -13,13 +13,13 @@ from service.serving.api.deps import MetricsDep, RuntimeDep
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", tags=["probes"])
 async def health() -> dict[str, str]:
     """Liveness: the process serves HTTP."""
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "Not ready; the body says why."}})
+@router.get("/ready", tags=["probes"], responses={503: {"description": "Not ready; the body says why."}})
 async def ready(runtime: RuntimeDep, metrics: MetricsDep) -> JSONResponse:
     """Ready when the models are loaded and every ensemble can reach its quorum of members."""
     config = runtime.config
@@ -47,7 +47,7 @@ async def ready(runtime: RuntimeDep, metrics: MetricsDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if is_ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", tags=["metrics"])
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     """Prometheus text format."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,22 +6,23 @@ import time
 from importlib.resources import files
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from service.config import package_version
 from service.serving.api.deps import RuntimeDep
 
 router = APIRouter()
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.get("/", response_class=HTMLResponse, include_in_schema=False, tags=["public"])
 async def page() -> HTMLResponse:
     html = files("service.serving").joinpath("static/status.html").read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/status.json")
-async def status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+@router.get("/status.json", tags=["metrics"])
+async def status(runtime: RuntimeDep) -> dict[str, Any]:
     """Each ensemble's members with health, circuit, p50 latency, win rate and selection share;
     the last requests with their ranking; the gateway's own counters."""
     config = runtime.config
@@ -55,7 +56,7 @@ async def status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     return {
         "time": time.time(),
         "uptime_s": round(time.time() - book.started, 1),
-        "version": request.app.version,
+        "version": package_version(),
         "default_ensemble": config.default,
         "answered": book.answered,
         "in_flight": admission.running,

@@ -1,0 +1,63 @@
+"""API keys: client keys for the API, the admin key for ``/admin``; compared in constant time
+against every configured key. Routes declare who may call them (``access``)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.config import GatewayConfig
+from service.errors import AuthenticationError, GatewayError, PermissionDenied
+from service.serving.edge.access import Access, access_map
+from service.serving.edge.errors import header, send_error
+
+
+def _key_matches(given: str, keys: list[str]) -> bool:
+    """Constant time in the key's content: every configured key is compared, always."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given.encode(), key.encode())
+    return found
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, config: Callable[[], GatewayConfig]):
+        self.app = app
+        self.config = config
+        self._access: dict[str, Access] | None = None  # read from the app's routes on first use
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._access is None:
+            self._access = access_map(scope["app"])
+        try:
+            self.authorize(self._access.get(scope["path"], "clients"), scope)
+        except GatewayError as e:
+            await send_error(send, e)
+            return
+        await self.app(scope, receive, send)
+
+    def authorize(self, access: Access, scope: Scope) -> None:
+        auth = self.config().auth
+        if access == "public":
+            return
+        if access == "probes" and not auth.protect_health:
+            return
+        if access == "metrics" and not auth.protect_metrics:
+            return
+        scheme, _, given = header(scope, b"authorization").partition(" ")
+        given = given.strip() if scheme.lower() == "bearer" else ""
+        if access == "admin":
+            admin = auth.admin_key()
+            if admin is None:
+                raise PermissionDenied("the admin API is disabled: set the admin key (auth.admin_key_env)")
+            if not given or not _key_matches(given, [admin]):
+                raise AuthenticationError("a valid admin key is required", code="invalid_api_key")
+            return
+        keys = auth.client_keys()
+        if keys and (not given or not _key_matches(given, keys)):
+            raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
