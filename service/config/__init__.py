@@ -9,7 +9,17 @@ config points at (API keys) are read once, when the file is loaded or reloaded.
 from service.config.base import Name, Strict, package_version
 from service.config.gateway import EnsembleConfig, GatewayConfig
 from service.config.loading import expand_env, load_config, parse_config
-from service.config.members import ADAPTER_KINDS, MemberConfig, Sampling, ServerConfig
+from service.config.members import (
+    ADAPTER_KINDS,
+    LibraryAdapterMemberConfig,
+    LoRAMemberConfig,
+    MemberConfig,
+    ModelMemberConfig,
+    Sampling,
+    ServerConfig,
+    SoftPromptMemberConfig,
+    member_config,
+)
 from service.config.models import (
     DEFAULT_AGGREGATION_TEMPLATE,
     AnyFuserConfig,
@@ -38,18 +48,23 @@ __all__ = [
     "GatewayConfig",
     "HealthCheckConfig",
     "LLMFuserConfig",
+    "LibraryAdapterMemberConfig",
     "LimitsConfig",
+    "LoRAMemberConfig",
     "LoggingConfig",
     "MemberConfig",
+    "ModelMemberConfig",
     "Name",
     "RankerConfig",
     "ResilienceConfig",
     "RetryConfig",
     "Sampling",
     "ServerConfig",
+    "SoftPromptMemberConfig",
     "Strict",
     "expand_env",
     "load_config",
+    "member_config",
     "package_version",
     "parse_config",
 ]

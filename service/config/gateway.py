@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from service.config.base import Name, Strict
-from service.config.members import ADAPTER_KINDS, MemberConfig, ServerConfig
+from service.config.members import ADAPTER_KINDS, AnyMemberConfig, MemberConfig, ServerConfig
 from service.config.models import AnyFuserConfig, LLMFuserConfig, RankerConfig
 from service.config.policies import AuthConfig, LimitsConfig, LoggingConfig, ResilienceConfig
 
@@ -74,7 +74,7 @@ class EnsembleConfig(Strict):
 class GatewayConfig(Strict):
     """The whole file."""
 
-    members: list[MemberConfig] = Field(min_length=1, description="Every model that may answer.")
+    members: list[AnyMemberConfig] = Field(min_length=1, description="Every model that may answer.")
     servers: list[ServerConfig] = Field(
         default_factory=list, description="vLLM servers the gateway starts itself (single-node mode)."
     )

@@ -13,6 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from service.config.gateway import GatewayConfig
+from service.config.members import member_kind
+from service.config.models import fuser_kind
 from service.errors import ConfigError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -58,7 +60,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            parts = [str(p) for p in err["loc"]]
+            parts = _without_union_tag([str(p) for p in err["loc"]], data)
             # members.3 -> members.3 (soup-x): the member's or server's name, where the file gives one
             if len(parts) >= 2 and parts[0] in ("members", "servers") and parts[1].isdigit():
                 name = _name_at(data, parts[0], int(parts[1]))
@@ -67,6 +69,24 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
             loc = ".".join(parts) or "(top level)"
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(lines)) from e
+
+
+def _without_union_tag(parts: list[str], data: dict[str, Any]) -> list[str]:
+    """pydantic names the kind's model in a member's or fuser's error location (members.0.lora.adapter);
+    the file has no such level, so it goes (members.0.adapter)."""
+    if len(parts) < 3:
+        return parts
+    item: object = None
+    if parts[0] == "members" and parts[1].isdigit() and isinstance(data.get("members"), list):
+        members = data["members"]
+        item = members[int(parts[1])] if int(parts[1]) < len(members) else None
+        tag = member_kind(item)
+    elif parts[0] == "fusers" and isinstance(data.get("fusers"), dict):
+        item = data["fusers"].get(parts[1])
+        tag = fuser_kind(item)
+    else:
+        return parts
+    return [*parts[:2], *parts[3:]] if parts[2] == tag else parts
 
 
 def _name_at(data: dict[str, Any], section: str, index: int) -> str | None:

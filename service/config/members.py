@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from service.config.base import Device, DType, Name, Strict
 
@@ -65,48 +65,13 @@ class SoupConfig(Strict):
         return self
 
 
-class MemberConfig(Strict):
-    """One model of an ensemble, reached through an OpenAI-compatible API.
-
-    Kinds: ``model`` (a whole model), ``lora`` (a LoRA adapter on a server started with
-    ``--enable-lora``) and ``soft_prompt`` (a PEFT prompt-tuning checkpoint over a base model served
-    with ``--enable-prompt-embeds``). All take the same sampling settings and report the same metrics.
-    """
+class _Member(Strict):
+    """What every member kind has: where it is reached (an OpenAI-compatible API), how it samples,
+    how long it may take, and how many candidates it gives."""
 
     name: Name = Field(description="Unique member name, used in responses and metrics.")
-    kind: Literal["model", "lora", "soft_prompt", "bottleneck", "prefix"] = Field(
-        "model",
-        description="What this member is. bottleneck, prefix: an adapter saved by the `adapters` library "
-        "(`save_adapter`), served by an `engine: adapters` server of its base.",
-    )
     endpoint: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://host:8000/v1.")
     server: Name | None = Field(None, description="Name of a server under `servers` instead.")
-    model: str | None = Field(
-        None,
-        description="The model name on that server. For `lora`: the adapter's name there (default: "
-        "the member name); for `soft_prompt`: the base model's name.",
-    )
-    adapter: str | None = Field(
-        None, description="`lora`: the PEFT LoRA directory; `soft_prompt`: the prompt-tuning directory."
-    )
-    soup: SoupConfig | None = Field(
-        None,
-        description="`lora` only, instead of `adapter`: a weighted merge of LoRA adapters, built by the gateway at "
-        "start-up or reload into its cache (one folder per recipe and inputs, reused), then served like any LoRA. "
-        "Its name on the server defaults to the member name plus the recipe's digest, so a changed recipe is "
-        "served beside the old one until the swap.",
-    )
-    load: Literal["runtime", "startup"] = Field(
-        "runtime",
-        description="`lora` only. runtime: the gateway loads the adapter through vLLM's "
-        "/v1/load_lora_adapter (and unloads it when the member goes); startup: the launched server "
-        "loads it with --lora-modules.",
-    )
-    base_checkpoint: str | None = Field(
-        None,
-        description="`soft_prompt` only: the base model's directory or hub id (tokenizer and input "
-        "embeddings). Default: the model of the member's `server`.",
-    )
     api: Literal["chat", "completions"] = Field(
         "chat", description="chat: /chat/completions with messages; completions: raw prompt."
     )
@@ -129,37 +94,118 @@ class MemberConfig(Strict):
     api_key_env: str | None = Field(None, description="Env var holding this member's API key.")
 
     @model_validator(mode="after")
-    def _one_target(self) -> MemberConfig:
+    def _one_target(self) -> Any:
         if (self.endpoint is None) == (self.server is None):
             raise ValueError("set exactly one of `endpoint` or `server`")
         if self.endpoint is not None and not re.match(r"^https?://", self.endpoint):
             raise ValueError("`endpoint` must be an http(s) URL")
-        if self.kind == "model" and self.model is None:
-            raise ValueError("`model` is required")
-        if self.kind == "model" and self.adapter is not None:
-            raise ValueError("`adapter` is only for kinds lora, soft_prompt, bottleneck and prefix")
-        if self.kind in ADAPTER_KINDS and self.server is not None and self.adapter is None:
-            raise ValueError(f"a {self.kind} member on a launched server needs `adapter` (its save_adapter directory)")
-        if self.kind in ADAPTER_KINDS and self.endpoint is not None and self.model is None:
-            raise ValueError(f"a {self.kind} member on an `endpoint` needs `model`: the adapter's name there")
-        if self.soup is not None and self.kind != "lora":
-            raise ValueError("`soup` is only for kind lora")
-        if self.kind == "lora" and self.soup is not None and self.adapter is not None:
-            raise ValueError("set `adapter` or `soup`, not both")
-        if self.kind in ("lora", "soft_prompt") and self.adapter is None and self.soup is None:
-            raise ValueError(f"a {self.kind} member needs `adapter`" + (" or `soup`" if self.kind == "lora" else ""))
-        if self.kind == "soft_prompt" and self.model is None:
-            raise ValueError("a soft_prompt member needs `model`: the base model's name on its server")
-        if self.kind == "soft_prompt" and self.endpoint is not None and self.base_checkpoint is None:
-            raise ValueError("a soft_prompt member on an `endpoint` needs `base_checkpoint`")
-        if self.kind == "lora" and self.load == "startup" and self.server is None:
-            raise ValueError("load: startup needs a `server` the gateway launches")
         return self
 
     @property
     def served_name(self) -> str:
         """The name requests use on the server."""
-        return self.model or self.name
+        model: str | None = getattr(self, "model", None)
+        return model or self.name
+
+
+class ModelMemberConfig(_Member):
+    """A whole model on an OpenAI-compatible server (vLLM, or any other)."""
+
+    kind: Literal["model"] = Field("model", description="A whole model (the default kind).")
+    model: str = Field(description="The model name on that server.")
+
+    @property
+    def adapter(self) -> None:
+        """A whole model has none (read alike on every kind; refused as a field here)."""
+        return None
+
+
+class LoRAMemberConfig(_Member):
+    """A LoRA adapter on a vLLM server started with ``--enable-lora``; requests name the adapter."""
+
+    kind: Literal["lora"] = Field(description="A PEFT LoRA adapter.")
+    model: str | None = Field(None, description="The adapter's name on the server (default: the member name).")
+    adapter: str | None = Field(None, description="The PEFT LoRA directory.")
+    soup: SoupConfig | None = Field(
+        None,
+        description="Instead of `adapter`: a weighted merge of LoRA adapters, built by the gateway at start-up or "
+        "reload into its cache (one folder per recipe and inputs, reused), then served like any LoRA. Its name on "
+        "the server defaults to the member name plus the recipe's digest, so a changed recipe is served beside the "
+        "old one until the swap.",
+    )
+    load: Literal["runtime", "startup"] = Field(
+        "runtime",
+        description="runtime: the gateway loads the adapter through vLLM's /v1/load_lora_adapter (and unloads it "
+        "when the member goes); startup: the launched server loads it with --lora-modules.",
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> LoRAMemberConfig:
+        if (self.adapter is None) == (self.soup is None):
+            raise ValueError("set exactly one of `adapter` or `soup`")
+        if self.load == "startup" and self.server is None:
+            raise ValueError("load: startup needs a `server` the gateway launches")
+        return self
+
+
+class SoftPromptMemberConfig(_Member):
+    """A PEFT prompt-tuning checkpoint over a base model served with ``--enable-prompt-embeds``."""
+
+    kind: Literal["soft_prompt"] = Field(description="A soft prompt (PEFT prompt tuning).")
+    model: str = Field(description="The base model's name on its server.")
+    adapter: str = Field(description="The prompt-tuning directory.")
+    base_checkpoint: str | None = Field(
+        None,
+        description="The base model's directory or hub id (tokenizer and input embeddings). Default: the model "
+        "of the member's `server`.",
+    )
+
+    @model_validator(mode="after")
+    def _base(self) -> SoftPromptMemberConfig:
+        if self.endpoint is not None and self.base_checkpoint is None:
+            raise ValueError("a soft_prompt member on an `endpoint` needs `base_checkpoint`")
+        return self
+
+
+class LibraryAdapterMemberConfig(_Member):
+    """A bottleneck or prefix-tuning adapter saved by the `adapters` library (``save_adapter``),
+    served by an ``engine: adapters`` server of its base."""
+
+    kind: Literal["bottleneck", "prefix"] = Field(description="bottleneck or prefix (the `adapters` library).")
+    model: str | None = Field(None, description="On an `endpoint`: the adapter's name there.")
+    adapter: str | None = Field(None, description="On a launched server: the adapter's save_adapter directory.")
+
+    @model_validator(mode="after")
+    def _source(self) -> LibraryAdapterMemberConfig:
+        if self.server is not None and self.adapter is None:
+            raise ValueError(f"a {self.kind} member on a launched server needs `adapter` (its save_adapter directory)")
+        if self.endpoint is not None and self.model is None:
+            raise ValueError(f"a {self.kind} member on an `endpoint` needs `model`: the adapter's name there")
+        return self
+
+
+def member_kind(value: object) -> str:
+    kind = value.get("kind", "model") if isinstance(value, dict) else getattr(value, "kind", "model")
+    return "adapters_library" if kind in ADAPTER_KINDS else str(kind)
+
+
+MemberConfig = ModelMemberConfig | LoRAMemberConfig | SoftPromptMemberConfig | LibraryAdapterMemberConfig
+"""One model of an ensemble, reached through an OpenAI-compatible API: one model per ``kind``, so
+that a field a kind does not take is refused by name."""
+
+AnyMemberConfig = Annotated[
+    Annotated[ModelMemberConfig, Tag("model")]
+    | Annotated[LoRAMemberConfig, Tag("lora")]
+    | Annotated[SoftPromptMemberConfig, Tag("soft_prompt")]
+    | Annotated[LibraryAdapterMemberConfig, Tag("adapters_library")],
+    Discriminator(member_kind),
+]
+
+
+def member_config(data: dict[str, Any]) -> MemberConfig:
+    """A member's config from its fields (the model its ``kind`` names)."""
+    out: MemberConfig = _MEMBER.validate_python(data)
+    return out
 
 
 ADAPTER_KINDS = ("bottleneck", "prefix")
@@ -221,3 +267,6 @@ class ServerConfig(Strict):
         if self.model is None:
             raise ValueError(f"server {self.name}: its merge is not built yet")
         return self.model
+
+
+_MEMBER: TypeAdapter[MemberConfig] = TypeAdapter(AnyMemberConfig)

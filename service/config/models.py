@@ -174,12 +174,12 @@ class LLMFuserConfig(Strict):
         return self
 
 
-def _fuser_kind(value: object) -> str:
+def fuser_kind(value: object) -> str:
     kind = value.get("kind", "genfuser") if isinstance(value, dict) else getattr(value, "kind", "genfuser")
     return str(kind)
 
 
 AnyFuserConfig = Annotated[
     Annotated[FuserConfig, Tag("genfuser")] | Annotated[LLMFuserConfig, Tag("llm")],
-    Discriminator(_fuser_kind),
+    Discriminator(fuser_kind),
 ]

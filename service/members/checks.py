@@ -16,7 +16,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from service.config import ADAPTER_KINDS, GatewayConfig, MemberConfig, ServerConfig
+from service.config import (
+    ADAPTER_KINDS,
+    GatewayConfig,
+    LibraryAdapterMemberConfig,
+    LoRAMemberConfig,
+    MemberConfig,
+    ServerConfig,
+    SoftPromptMemberConfig,
+)
 from service.errors import ConfigError
 from service.members.soft_prompt import load_prompt_embeddings
 
@@ -54,7 +62,7 @@ def read_adapter_config(member: MemberConfig) -> dict[str, Any]:
     return read_adapter_dir(member.adapter, f"members.{member.name}.adapter")
 
 
-def check_lora(member: MemberConfig, server: ServerConfig | None) -> dict[str, Any]:
+def check_lora(member: LoRAMemberConfig, server: ServerConfig | None) -> dict[str, Any]:
     cfg = read_adapter_config(member)
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"members.{member.name}.adapter: peft_type is {cfg.get('peft_type')!r}, not LORA")
@@ -62,7 +70,7 @@ def check_lora(member: MemberConfig, server: ServerConfig | None) -> dict[str, A
     return cfg
 
 
-def check_lora_server(member: MemberConfig, rank: int, server: ServerConfig | None) -> None:
+def check_lora_server(member: LoRAMemberConfig, rank: int, server: ServerConfig | None) -> None:
     """A LoRA of ``rank`` can be served by ``server`` as ``member`` asks (LoRA enabled, rank, load)."""
     if server is not None:
         if "--enable-lora" not in server.args:
@@ -83,14 +91,14 @@ def check_lora_server(member: MemberConfig, rank: int, server: ServerConfig | No
             )
 
 
-def base_checkpoint(config: GatewayConfig, member: MemberConfig) -> str:
+def base_checkpoint(config: GatewayConfig, member: SoftPromptMemberConfig) -> str:
     if member.base_checkpoint is not None:
         return member.base_checkpoint
     server = next(s for s in config.servers if s.name == member.server)
     return server.checkpoint
 
 
-def check_soft_prompt(config: GatewayConfig, member: MemberConfig, server: ServerConfig | None) -> None:
+def check_soft_prompt(config: GatewayConfig, member: SoftPromptMemberConfig, server: ServerConfig | None) -> None:
     cfg = read_adapter_config(member)
     if cfg.get("peft_type") != "PROMPT_TUNING":
         raise ConfigError(f"members.{member.name}.adapter: peft_type is {cfg.get('peft_type')!r}, not PROMPT_TUNING")
@@ -154,11 +162,11 @@ def check_members(config: GatewayConfig) -> None:
     servers = {s.name: s for s in config.servers}
     for m in config.members:
         server = servers.get(m.server) if m.server else None
-        if m.kind == "lora" and m.adapter is not None:  # a soup is checked where it is built
+        if isinstance(m, LoRAMemberConfig) and m.adapter is not None:  # a soup is checked where it is built
             check_lora(m, server)
-        elif m.kind == "soft_prompt":
+        elif isinstance(m, SoftPromptMemberConfig):
             check_soft_prompt(config, m, server)
-        elif m.kind in ADAPTER_KINDS and m.adapter is not None:
+        elif isinstance(m, LibraryAdapterMemberConfig) and m.adapter is not None:
             check_adapters_member(m, server)
 
 
@@ -167,7 +175,7 @@ def check_members(config: GatewayConfig) -> None:
 _ADAPTER_TYPES = {"bottleneck": "bottleneck", "prefix": "prefix_tuning"}
 
 
-def check_adapters_member(member: MemberConfig, server: ServerConfig | None) -> None:
+def check_adapters_member(member: LibraryAdapterMemberConfig, server: ServerConfig | None) -> None:
     """What the gateway can tell of a bottleneck or prefix member's adapter before its server loads it
     (the server checks the rest with the library and refuses to start, naming the adapter): an
     ``adapters``-library adapter of the member's kind, for a base like the server's."""

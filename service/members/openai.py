@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from service.config import MemberConfig
+from service.config import LoRAMemberConfig, MemberConfig
 from service.errors import MemberFailure
 from service.members.base import Completion, MemberRequest, render_prompt
 from service.members.gate import ClassGate
@@ -189,8 +189,14 @@ class LoRAMember(OpenAIMember):
     ``prepare`` and unloads it in ``release``; with ``load: startup`` the server loaded it itself.
     """
 
+    def __init__(
+        self, config: LoRAMemberConfig, base_url: str, client: httpx.AsyncClient, gate: ClassGate | None = None
+    ):
+        super().__init__(config, base_url, client, gate)
+        self.lora = config
+
     async def prepare(self) -> None:
-        if self.config.load != "runtime":
+        if self.lora.load != "runtime":
             return
         assert self.config.adapter is not None
         body = {"lora_name": self.config.served_name, "lora_path": str(Path(self.config.adapter).resolve())}
@@ -208,7 +214,7 @@ class LoRAMember(OpenAIMember):
     async def release(self) -> None:
         # vLLM 0.32 only forgets the name here; the engine keeps the adapter (vllm#54839), and
         # after unload/reload cycles we saw base requests answered with an adapter's output.
-        if self.config.load != "runtime":
+        if self.lora.load != "runtime":
             return
         body = {"lora_name": self.config.served_name}
         resp = await self._send("POST", f"{self.base_url}/unload_lora_adapter", body, ADAPTER_TIMEOUT_S)

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from service.config import MemberConfig
+from service.config import MemberConfig, SoftPromptMemberConfig
 from service.errors import ConfigError, MemberFailure
 from service.members.base import MemberRequest
 from service.members.gate import ClassGate
@@ -28,7 +28,7 @@ from service.members.openai import OpenAIMember
 logger = logging.getLogger(__name__)
 
 
-def load_prompt_embeddings(member: MemberConfig) -> Any:
+def load_prompt_embeddings(member: SoftPromptMemberConfig) -> Any:
     """PEFT's ``prompt_embeddings`` tensor [num_virtual_tokens, hidden]."""
     import torch
     from safetensors import safe_open

@@ -58,7 +58,7 @@ async def unload_replaced_adapters(old: Pipeline, new: GatewayConfig, urls: dict
         prev_cfg = next((o for o in old.config.members if o.name == m.name), None)
         if not isinstance(prev, LoRAMember) or prev_cfg is None or prev_cfg == m or m.kind != "lora":
             continue
-        if prev.base_url == urls.get(m.server or "", m.endpoint or "").rstrip("/") and prev.config.load == "runtime":
+        if prev.base_url == urls.get(m.server or "", m.endpoint or "").rstrip("/") and prev.lora.load == "runtime":
             await release(prev)
 
 

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from service.config import GatewayConfig, MemberConfig, ServerConfig
+from service.config import GatewayConfig, LoRAMemberConfig, ServerConfig
 from service.members.checks import check_members
 from service.models.build.cache import default_cache_root, tree_fingerprint
 from service.models.build.merges import build_merge, merge_inputs
@@ -67,7 +67,7 @@ def _merge_server(server: ServerConfig, root: Path, build: bool) -> ServerConfig
     return server.model_copy(update={"model": str(out), "served_model_names": names})
 
 
-def _soup_member(config: GatewayConfig, member: MemberConfig, root: Path, build: bool) -> MemberConfig:
+def _soup_member(config: GatewayConfig, member: LoRAMemberConfig, root: Path, build: bool) -> LoRAMemberConfig:
     inputs = soup_inputs(config, member)
     if not build:
         return member
@@ -104,7 +104,8 @@ def materialize(config: GatewayConfig, build: bool = True) -> GatewayConfig:
     servers = [_merge_server(s, root, build) if s.merge is not None and s.model is None else s for s in config.servers]
     config = config.model_copy(update={"servers": servers})
     members = [
-        _soup_member(config, m, root, build) if m.soup is not None and m.adapter is None else m for m in config.members
+        _soup_member(config, m, root, build) if isinstance(m, LoRAMemberConfig) and m.soup and not m.adapter else m
+        for m in config.members
     ]
     config = config.model_copy(update={"members": members})
     check_members(config)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import GatewayConfig, MemberConfig
+from service.config import GatewayConfig, LoRAMemberConfig
 from service.config.members import EQUAL_RANK_METHODS, SoupConfig
 from service.errors import ConfigError
 from service.members.checks import check_lora_server, read_adapter_dir
@@ -47,7 +47,7 @@ def _same_path(a: str, b: str) -> bool:
     return a == b
 
 
-def soup_inputs(config: GatewayConfig, member: MemberConfig) -> SoupInputs:
+def soup_inputs(config: GatewayConfig, member: LoRAMemberConfig) -> SoupInputs:
     """The soup of ``member`` resolved and checked; a ``ConfigError`` naming the member and field."""
     assert member.soup is not None
     where = f"members.{member.name}.soup"
@@ -56,7 +56,7 @@ def soup_inputs(config: GatewayConfig, member: MemberConfig) -> SoupInputs:
         field = f"{where}.adapters.{i}"
         if part.member is not None:
             ref = next((m for m in config.members if m.name == part.member), None)
-            if ref is None or ref.kind != "lora" or ref.adapter is None or ref.soup is not None:
+            if not isinstance(ref, LoRAMemberConfig) or ref.adapter is None or ref.soup is not None:
                 raise ConfigError(f"{field}.member: {part.member!r} is not a lora member with an `adapter`")
             path, label = ref.adapter, part.member
         else:

@@ -138,14 +138,17 @@ def test_wrong_peft_type(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("member", "message"),
     [
-        ("{name: v, kind: lora, server: s}", "needs `adapter`"),
-        ("{name: v, kind: soft_prompt, server: s, adapter: x}", "needs `model`"),
+        ("{name: v, kind: lora, server: s}", "one of `adapter` or `soup`"),
+        ("{name: v, kind: soft_prompt, server: s, adapter: x}", r"members.1 \(v\).model: Field required"),
         (
             '{name: v, kind: soft_prompt, endpoint: "http://h/v1", model: m, adapter: x}',
             "needs `base_checkpoint`",
         ),
         ('{name: v, kind: lora, endpoint: "http://h/v1", adapter: x, load: startup}', "needs a `server`"),
-        ("{name: v, server: s, model: m, adapter: x}", "only for kinds"),
+        # A field its kind does not take is refused by the kind's model, by name.
+        ("{name: v, server: s, model: m, adapter: x}", r"members.1 \(v\).adapter: Extra inputs"),
+        ("{name: v, kind: soft_prompt, server: s, model: m, adapter: x, load: startup}", r"\(v\).load: Extra"),
+        ('{name: v, kind: bottleneck, server: s, adapter: x, soup: {adapters: []}}', r"\(v\).soup: Extra"),
     ],
 )
 def test_kind_fields_are_validated(member: str, message: str) -> None:

@@ -4,7 +4,7 @@ import json
 import httpx
 import pytest
 
-from service.config import MemberConfig
+from service.config import member_config
 from service.errors import MemberFailure
 from service.members.base import MemberRequest, render_prompt
 from service.members.http import MemberClient
@@ -14,7 +14,7 @@ REQ = MemberRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=7, 
 
 
 def member(handler, **cfg) -> OpenAIMember:  # type: ignore[no-untyped-def]
-    config = MemberConfig(name="m", endpoint="http://up/v1", model="tiny", **cfg)
+    config = member_config({"name": "m", "endpoint": "http://up/v1", "model": "tiny", **cfg})
     # The gateway's own client class, so that member calls take its direct path (send_direct).
     client = MemberClient(httpx.MockTransport(handler))
     return OpenAIMember(config, "http://up/v1", client)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from service.config import GatewayConfig, parse_config
+from service.config import GatewayConfig, LoRAMemberConfig, parse_config
 from service.errors import ConfigError
 from service.models.build import materialize as artifacts
 from service.models.build import soups
@@ -188,7 +188,9 @@ def test_every_method_builds_and_dare_is_seeded(files: dict[str, Path], tmp_path
 
 def test_soup_rank_follows_the_method(files: dict[str, Path]) -> None:
     cfg = parse_config(config(files, Path("/unused"), linear(files, "a", "r8", method="svd", svd_rank=6), max_rank=16))
-    assert soups.soup_rank(soups.soup_inputs(cfg, cfg.member("mix"))) == 6
+    mix = cfg.member("mix")
+    assert isinstance(mix, LoRAMemberConfig)
+    assert soups.soup_rank(soups.soup_inputs(cfg, mix)) == 6
 
 
 def merge_config(recipe: Any, cache: Path) -> str:
