@@ -141,7 +141,7 @@ def gateway_config(
         "members": [m.name for m in ms],
         "ranker": "pairrm",
         "fuser": "genfuser",
-        "top_k": TOP_K,
+        "fuse_top_k": TOP_K,
         "min_candidates": len(ms),
     }
     # Wait for every member, as the sequential pipeline does, and always fuse.

@@ -124,7 +124,7 @@ rankers:
 fusers:
   join: {checkpoint: unused}
 ensembles:
-  main: {members: [a, b, c], ranker: length, fuser: join, top_k: 2, min_candidates: 2, quorum: 3, deadline_s: 1}
+  main: {members: [a, b, c], ranker: length, fuser: join, fuse_top_k: 2, min_candidates: 2, quorum: 3, deadline_s: 1}
   plain: {members: [a, b], top_k: 1}
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from service.config.base import Name, Strict
 from service.config.members import ADAPTER_KINDS, AnyMemberConfig, MemberConfig, ServerConfig
@@ -24,14 +24,24 @@ class EnsembleConfig(Strict):
         "period dropped, case-folded) before fusion or instead of it; the ranker's score, if any, else member "
         "order, breaks ties. For short answers: free text rarely repeats, so there the tie-break decides.",
     )
-    top_k: int = Field(3, ge=1, description="Candidates given to the fuser.")
+    fuse_top_k: int = Field(
+        3,
+        ge=1,
+        validation_alias=AliasChoices("fuse_top_k", "top_k"),
+        description="Candidates given to the fuser, best first (a request's `fuse_top_k` overrides it); "
+        "`top_k` is its older name.",
+    )
     fusion: Literal["always", "adaptive", "never"] = Field(
         "always",
-        description="adaptive: skip the fuser and return the top candidate when its score leads the "
-        "runner-up's by at least `fusion_margin` (or when only one candidate arrived).",
+        description="adaptive: skip the fuser and return the top candidate when only one candidate arrived, "
+        "when every candidate says the same, or when the top candidate's score leads the best candidate that "
+        "says something else by at least `fusion_margin`.",
     )
     fusion_margin: float = Field(
-        1.0, ge=0, description="adaptive fusion: the lead in ranker score that makes fusion unnecessary."
+        1.0,
+        ge=0,
+        description="adaptive fusion: the lead in ranker score, over the best candidate with a different answer, "
+        "that makes fusion unnecessary.",
     )
     min_candidates: int = Field(1, ge=1, description="Candidates needed to answer at all.")
     deadline_s: float = Field(

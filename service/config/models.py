@@ -48,7 +48,9 @@ class RankerConfig(Strict):
         "rounds), topk (the knockout, then replays among those beaten only by the selected, to select "
         "`select_k` in order).",
     )
-    select_k: int = Field(3, ge=1, description="topk scheme: candidates selected in order (the ensemble's top_k).")
+    select_k: int = Field(
+        3, ge=1, description="topk scheme: candidates found in order; give it the ensembles' `fuse_top_k`."
+    )
     max_batch_tokens: int = Field(
         16384, ge=64, description="Padded tokens (pairs x longest pair) per forward pass at most."
     )

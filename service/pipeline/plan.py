@@ -68,7 +68,7 @@ def plan(config: GatewayConfig, query: Query) -> Plan:
         ensemble=ens,
         instruction=query.instruction if query.instruction is not None else ens.instruction,
         input_text=input_text(query),
-        fuse_top_k=query.fuse_top_k or ens.top_k,
+        fuse_top_k=query.fuse_top_k or ens.fuse_top_k,
         fusion=query.fusion or ens.fusion,
         max_tokens=query.max_tokens,
         start=start,

@@ -21,7 +21,7 @@ def startup_summary(
         default = " (default)" if name == config.default else ""
         parts = [f"ranker {ens.ranker or '-'}", f"fuser {ens.fuser or '-'}"]
         if ens.fuser is not None:
-            parts.append(f"fusion {ens.fusion}, top {ens.top_k}")
+            parts.append(f"fusion {ens.fusion}, fuse_top_k {ens.fuse_top_k}")
         lines.append(f"  ensemble {name}{default}: {', '.join(parts)}")
         for m in ens.members:
             error = health.get(m)

@@ -143,7 +143,7 @@ def test_reload_under_load_adds_changes_and_removes_members_and_loras(
                 "sampling": {"max_tokens": 16},
             }
         )
-        d["ensembles"]["late"] = {"members": ["late-lora", "llama-b"], "ranker": "pairrm", "top_k": 1}
+        d["ensembles"]["late"] = {"members": ["late-lora", "llama-b"], "ranker": "pairrm", "fuse_top_k": 1}
 
     def change_sampling(d: dict[str, Any]) -> None:
         add_lora(d)
@@ -181,7 +181,7 @@ def test_reload_adds_and_retires_a_server(gateway: Gateway) -> None:
         d["members"].append(
             {"name": "llama-c", "server": "base-c", "model": "tiny-llama-b", "sampling": {"max_tokens": 8}}
         )
-        d["ensembles"]["with-c"] = {"members": ["llama-c", "llama-b"], "ranker": "pairrm", "top_k": 1}
+        d["ensembles"]["with-c"] = {"members": ["llama-c", "llama-b"], "ranker": "pairrm", "fuse_top_k": 1}
 
     seen: dict[str, Any] = {}
 
@@ -206,9 +206,9 @@ def test_reload_adds_and_retires_a_server(gateway: Gateway) -> None:
 def test_bad_reload_keeps_serving_and_sighup_reloads(gateway: Gateway) -> None:
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     try:
-        gateway.config_path.write_text(gateway.config_text.replace("top_k: 3", "top_k: 0"))
+        gateway.config_path.write_text(gateway.config_text.replace("fuse_top_k: 3", "fuse_top_k: 0"))
         r = httpx.post(f"{gateway.url}/admin/reload", headers=admin, timeout=60)
-        assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "fuse_top_k" in r.json()["error"]["message"]
         assert httpx.post(f"{gateway.url}/generate", json={"prompt": "q"}, timeout=120).status_code == 200
 
         gateway.config_path.write_text(

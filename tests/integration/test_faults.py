@@ -48,7 +48,7 @@ EXPECTED_KINDS = {
 def test_misbehaving_members_degrade_the_answer_never_the_gateway(tiny_models: Path, tmp_path: Path) -> None:
     n, conc, deadline = (200, 8, 10.0) if full_scale() else (30, 4, 10.0)
     with stub_server(delay_ms=20, drip_ms=300) as stub:
-        cfg = stub_config(stub, BAD, ranker="pairrm", fuser="genfuser", top_k=2, deadline_s=30)
+        cfg = stub_config(stub, BAD, ranker="pairrm", fuser="genfuser", fuse_top_k=2, deadline_s=30)
         cfg.update(models_section(tiny_models))
         cfg["resilience"] = {"health_checks": {"interval_s": 1}, "breaker": {"failures": 3, "cooldown_s": 60}}
         with gateway_process(cfg, tmp_path) as gw:
@@ -118,7 +118,7 @@ class _Broken:
 def test_ranker_or_fuser_raising_degrades(tiny_models: Path, broken: str) -> None:
     n = 40 if full_scale() else 8
     with stub_server(delay_ms=5) as stub:
-        cfg = stub_config(stub, ["ok", "ok", "ok"], ranker="pairrm", fuser="genfuser", top_k=2)
+        cfg = stub_config(stub, ["ok", "ok", "ok"], ranker="pairrm", fuser="genfuser", fuse_top_k=2)
         cfg.update(models_section(tiny_models))
         cfg["resilience"] = {"health_checks": {"interval_s": 0}}
         app = create_app(parse_config(_yaml(cfg)))

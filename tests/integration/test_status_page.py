@@ -71,7 +71,7 @@ def chromium() -> str:
 def test_status_page_renders_live_member_data(tiny_models: Path, tmp_path: Path) -> None:
     exe = chromium()
     with stub_server(delay_ms=10) as stub:
-        cfg = stub_config(stub, ["ok", "ok", "err500"], ranker="pairrm", top_k=1, deadline_s=10)
+        cfg = stub_config(stub, ["ok", "ok", "err500"], ranker="pairrm", fuse_top_k=1, deadline_s=10)
         cfg["rankers"] = {"pairrm": {"checkpoint": str(tiny_models / "pairrm"), "device": "cpu"}}
         with gateway_process(cfg, tmp_path) as gw:
             for i in range(5):

@@ -28,10 +28,10 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_serve_refuses_a_bad_config_and_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(FAKE_CONFIG.replace("top_k: 2", "top_k: 0"))
+    path.write_text(FAKE_CONFIG.replace("fuse_top_k: 2", "fuse_top_k: 0"))
     assert main(["serve", "--config", str(path), "--port", "1"]) == 2
     err = capsys.readouterr().err
-    assert "ensembles.main.top_k" in err
+    assert "ensembles.main.fuse_top_k" in err
 
 
 def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -55,7 +55,7 @@ def test_startup_summary_names_ensembles_members_urls_and_keys(monkeypatch: pyte
     monkeypatch.delenv("GATEWAY_API_KEYS", raising=False)
     text = startup_summary(fake_config(), {"a": None, "b": "connect: refused"}, "http://127.0.0.1:8000", 2.5, "1.2.3")
     assert text.splitlines()[0] == "ensemble-gateway 1.2.3 ready in 2.5s"
-    assert "ensemble main (default): ranker length, fuser join, fusion always, top 2" in text
+    assert "ensemble main (default): ranker length, fuser join, fusion always, fuse_top_k 2" in text
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")}
     assert lines["a"].split()[1:3] == ["model", "endpoint"] and lines["a"].endswith(" up")
     assert "DOWN (connect: refused)" in lines["b"] and lines["c"].endswith(" unknown")

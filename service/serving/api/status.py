@@ -49,7 +49,7 @@ async def status(runtime: RuntimeDep) -> dict[str, Any]:
             "fuser": ens.fuser,
             "fusion": ens.fusion,
             "fusion_margin": ens.fusion_margin,
-            "top_k": ens.top_k,
+            "fuse_top_k": ens.fuse_top_k,
             "quorum": ens.effective_quorum,
         }
     admission = runtime.admission

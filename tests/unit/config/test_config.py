@@ -32,7 +32,7 @@ def test_defaults_follow_llm_blender() -> None:
     assert isinstance(f, FuserConfig)
     assert (r.source_max_length, r.candidate_max_length, r.aggregation) == (1224, 412, "max_logits")
     assert (f.max_length, f.candidate_max_length, f.num_beams, f.max_new_tokens) == (1024, 128, 4, None)
-    assert cfg.ensembles["plain"].top_k == 1 and cfg.ensembles["main"].top_k == 2
+    assert cfg.ensembles["plain"].fuse_top_k == 1 and cfg.ensembles["main"].fuse_top_k == 2  # plain: the older name
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_defaults_follow_llm_blender() -> None:
         (("temperature: 0.5", "temperature: 7"), "members.0 (a).sampling.temperature"),
         (("min_candidates: 2", "min_candidates: 9"), "ensembles.main"),
         (("deadline_s: 1", "deadline_s: -1"), "ensembles.main.deadline_s"),
-        (("top_k: 2", "top_k: 2, colour: red"), "ensembles.main.colour"),
+        (("fuse_top_k: 2", "fuse_top_k: 2, colour: red"), "ensembles.main.colour"),
     ],
 )
 def test_bad_config_names_the_field(patch: tuple[str, str], field: str) -> None:

@@ -28,7 +28,7 @@ members:
 rankers: {length: {checkpoint: unused}}
 fusers: {join: {checkpoint: unused}}
 ensembles:
-  self-moa: {members: [solo], ranker: length, fuser: join, top_k: 3, min_candidates: 1}
+  self-moa: {members: [solo], ranker: length, fuser: join, fuse_top_k: 3, min_candidates: 1}
   mixed: {members: [solo, other], ranker: length, vote: true, fusion: never}
 """
 

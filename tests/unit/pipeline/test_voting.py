@@ -48,7 +48,7 @@ VOTE_CONFIG = (
 ensembles:
   ranked: {members: [a, b, c], ranker: length, vote: true, fuser: join, fusion: never}
   plain: {members: [a, b, c], vote: true}
-  fused: {members: [a, b, c], ranker: length, vote: true, fuser: join, top_k: 2}
+  fused: {members: [a, b, c], ranker: length, vote: true, fuser: join, fuse_top_k: 2}
 """
 )
 

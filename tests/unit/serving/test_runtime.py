@@ -23,7 +23,7 @@ members:
 rankers: {{length: {{checkpoint: unused}}}}
 fusers: {{join: {{checkpoint: unused}}}}
 ensembles:
-  main: {{members: [{main}], ranker: length, fuser: join, top_k: 2}}
+  main: {{members: [{main}], ranker: length, fuser: join, fuse_top_k: 2}}
 {extra}
 """
 ADMIN = {"Authorization": "Bearer secret"}
