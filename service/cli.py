@@ -5,106 +5,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
-
-import uvicorn
 
 from service.config import load_config, package_version
-from service.errors import ConfigError, GatewayError
-from service.pipeline.admission import Admission
+from service.errors import ConfigError
 from service.telemetry.logs import setup_logging
 
 logger = logging.getLogger("service.cli")
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
-
-
-class _DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: for ``drain_grace_s`` keep listening but answer new requests with 503
-    and ``Connection: close`` (and fail /ready), so that clients leave their keep-alive
-    connections cleanly; then close the listener while uvicorn lets the requests in flight
-    finish, for up to ``drain_timeout_s``. A second signal stops at once."""
-
-    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float):
-        super().__init__(config)
-        self.admission = admission
-        self.grace_s = grace_s
-        self.timer: threading.Timer | None = None
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.timer is not None or self.grace_s <= 0:
-            super().handle_exit(sig, frame)
-            return
-        logger.info("draining: %d requests in flight", self.admission.running)
-        self.admission.draining = True
-        timer = threading.Timer(self.grace_s, super().handle_exit, (sig, frame))
-        timer.daemon = True
-        timer.start()
-        self.timer = timer
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.members.checks import startup_server_args
-    from service.models.build.materialize import materialize
-    from service.ops.launcher import Launcher
-    from service.serving.app import create_app
+    from service.serving.server import serve
 
-    try:
-        config = load_config(args.config)
-        setup_logging(config.logging.level, config.logging.json_logs)
-        config = materialize(config)  # merges and soups built (or found in the cache), adapters checked
-    except ConfigError as e:
-        print(f"ensemble-gateway: {e}", file=sys.stderr)
-        return 2
-    launcher = Launcher(Path(args.log_dir))
-    # SIGTERM/SIGINT unwind through the finally below. While serving, uvicorn handles them (it
-    # drains requests), then restores this handler and re-raises the signal, which lands here too.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_on_signal)
-    try:
-        if config.servers:
-            launcher.start(config.servers, startup_server_args(config))
-        app = create_app(
-            config,
-            launcher=launcher,
-            config_path=Path(args.config),
-            members_checked=True,
-            host=args.host,
-            port=args.port,
-        )
-        logger.info("serving on http://%s:%d", args.host, args.port)
-        server_config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_config=None,
-            log_level=config.logging.level,
-            access_log=False,
-            timeout_graceful_shutdown=max(1, round(config.resilience.drain_timeout_s)),
-        )
-        _DrainingServer(server_config, app.state.runtime.admission, config.resilience.drain_grace_s).run()
-        return 0
-    except _Interrupted as e:
-        logger.info("stopping on %s", e)
-        return 0
-    except GatewayError as e:
-        print(f"ensemble-gateway: {e}", file=sys.stderr)
-        return 1
-    finally:
-        # Stopping is bounded (SIGTERM, then SIGKILL); a second signal must not cut it short.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-        launcher.stop()
+    return serve(Path(args.config), args.host, args.port, Path(args.log_dir))
 
 
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:

@@ -182,14 +182,3 @@ def write_jsonl(path: Path, items: Sequence[Item]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for item in items:
             f.write(json.dumps(asdict(item), ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[Item]:
-    """Items written by ``write_jsonl`` (blank lines skipped)."""
-    items = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                obj = json.loads(line)
-                items.append(Item(str(obj["prompt"]), str(obj["reference"]), str(obj["tag"])))
-    return items

@@ -38,7 +38,7 @@ def ranker_ckpt(tiny_models: Path) -> str:
 def test_pairrm_equals_llm_blender(ranker_ckpt: str, aggregation: str, source: str, candidates: list[str]) -> None:
     ranker = PairRMRanker("pairrm", RankerConfig(checkpoint=ranker_ckpt, aggregation=aggregation, max_batch_pairs=5))
     try:
-        ours = ranker.compare_matrix(source, candidates)
+        ours = ranker.submit(source, candidates, "full").result().matrix()
         ref = reference_matrix(ranker_ckpt, source, candidates)
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
         ranking = ranker.rank_sync(source, candidates)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import shutil
 import string
 import time
@@ -27,123 +26,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from service.models.checkpoints.corpus import corpus
 
-_WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "an",
-    "were",
-    "are",
-    "which",
-    "this",
-    "be",
-    "has",
-    "have",
-    "had",
-    "one",
-    "not",
-    "but",
-    "all",
-    "new",
-    "more",
-    "first",
-    "two",
-    "after",
-    "who",
-    "they",
-    "their",
-    "been",
-    "its",
-    "also",
-    "time",
-    "city",
-    "world",
-    "year",
-    "people",
-    "capital",
-    "france",
-    "paris",
-    "river",
-    "music",
-    "science",
-    "history",
-    "water",
-    "energy",
-    "answer",
-    "question",
-    "model",
-    "language",
-    "learning",
-    "system",
-    "data",
-    "light",
-    "power",
-    "number",
-    "small",
-    "large",
-    "good",
-    "better",
-    "best",
-    "great",
-    "simple",
-    "clear",
-    "short",
-    "long",
-    "fast",
-    "slow",
-    "open",
-    "close",
-    "red",
-    "blue",
-    "green",
-    "what",
-    "where",
-    "when",
-    "why",
-    "how",
-    "who",
-    "can",
-    "will",
-    "would",
-    "should",
-    "could",
-    "may",
-    "might",
-    "must",
-    "do",
-    "does",
-    "did",
-]
+logger = logging.getLogger(__name__)
 
 # Bump when a generator changes: checkpoints written by another version are rewritten.
 GENERATOR_VERSION = 2
 
 FUSER_EXTRA_IDS = 100
-
-
-def _corpus(seed: int, lines: int = 400) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        n = rng.randint(4, 16)
-        sentence = " ".join(rng.choice(_WORDS) for _ in range(n))
-        out.append(sentence.capitalize() + rng.choice([".", "?", "!", ","]) + " 0123456789")
-    return out
 
 
 def _llama_tokenizer(seed: int, vocab_size: int) -> Any:
@@ -160,7 +50,7 @@ def _llama_tokenizer(seed: int, vocab_size: int) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(corpus(seed), trainer=trainer)
     return member_tokenizer(tok)
 
 
@@ -202,7 +92,7 @@ def _unigram_tokenizer(seed: int, specials: list[str], unk: str) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     counts: Counter[str] = Counter()
-    for line in _corpus(seed):
+    for line in corpus(seed):
         for word in line.split():
             counts["\u2581" + word] += 1
     total = sum(counts.values())

@@ -25,21 +25,10 @@ from service.config import RankerConfig
 from service.errors import ModelError
 from service.models.compat import torch_dtype
 from service.models.rankers.deberta import PackedDeberta, supports
+from service.models.rankers.pairinput import PairTexts, encode_texts
 from service.models.rankers.ranking import Pair, Plan, Ranking, make_plan
 
 logger = logging.getLogger(__name__)
-
-SOURCE_PREFIX = "<|source|>"
-CAND1_PREFIX = "<|candidate1|>"
-CAND2_PREFIX = "<|candidate2|>"
-
-
-def _strip_markers(text: str) -> str:
-    """PairRM locates its three marker tokens by id: a text that contains one would break it."""
-    for marker in (SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, "<|candidate|>"):
-        text = text.replace(marker, "")
-    return text
-
 
 # ---------------------------------------------------------------------------------------------
 # The batching worker.
@@ -66,22 +55,13 @@ class Outcome:
 
 
 @dataclass
-class _Texts:
-    """A request's texts, tokenized once: the source and each unique candidate in both roles."""
-
-    source: list[int]
-    cand1: list[list[int]]
-    cand2: list[list[int]]
-
-
-@dataclass
 class _Job:
     source: str
     candidates: list[str]
     scheme: str
     future: Future[Outcome]
     where: list[int] = field(default_factory=list)
-    texts: _Texts | None = None
+    texts: PairTexts | None = None
     plan: Plan | None = None
     logits: dict[Pair, float] = field(default_factory=dict)
     need: list[Pair] = field(default_factory=list)
@@ -191,25 +171,10 @@ class PairRMRanker:
             return Ranking(scores=[0.0], ranks=[1])
         return self.submit(source, candidates, scheme).result().ranking
 
-    def compare_matrix(self, source: str, candidates: list[str]) -> np.ndarray:
-        """M[i, j] for every ordered pair i ≠ j (M[i, i] = 0), as the "full" scheme computes it."""
-        return self.submit(source, candidates, "full").result().matrix()
-
     # -- tokenization ---------------------------------------------------------------------
 
-    def _encode(self, source: str, unique: list[str]) -> _Texts:
-        """Tokenized as the PairRM-hf model card does, each text once: a candidate's ids depend
-        only on its prefix and the length budget the source leaves, so every pair reuses them."""
-        cfg = self.config
-        tok = self.tokenizer
-        source_ids = tok.encode(
-            SOURCE_PREFIX + _strip_markers(source), max_length=cfg.source_max_length, truncation=True
-        )
-        budget = (cfg.source_max_length + 2 * cfg.candidate_max_length - len(source_ids)) // 2
-        texts = [_strip_markers(c) for c in unique]
-        c1 = [tok.encode(CAND1_PREFIX + c, max_length=budget, truncation=True) for c in texts]
-        c2 = [tok.encode(CAND2_PREFIX + c, max_length=budget, truncation=True) for c in texts]
-        return _Texts(source_ids, c1, c2)
+    def _encode(self, source: str, unique: list[str]) -> PairTexts:
+        return encode_texts(self.tokenizer, self.config, source, unique)
 
     def encode_pairs(self, source: str, candidates: list[str], pairs: list[Pair]) -> list[list[int]]:
         """Token ids of the given ordered pairs (source + candidate1 + candidate2)."""

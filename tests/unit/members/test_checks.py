@@ -148,7 +148,7 @@ def test_wrong_peft_type(tmp_path: Path) -> None:
         # A field its kind does not take is refused by the kind's model, by name.
         ("{name: v, server: s, model: m, adapter: x}", r"members.1 \(v\).adapter: Extra inputs"),
         ("{name: v, kind: soft_prompt, server: s, model: m, adapter: x, load: startup}", r"\(v\).load: Extra"),
-        ('{name: v, kind: bottleneck, server: s, adapter: x, soup: {adapters: []}}', r"\(v\).soup: Extra"),
+        ("{name: v, kind: bottleneck, server: s, adapter: x, soup: {adapters: []}}", r"\(v\).soup: Extra"),
     ],
 )
 def test_kind_fields_are_validated(member: str, message: str) -> None:

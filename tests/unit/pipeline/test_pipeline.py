@@ -182,7 +182,8 @@ ADAPTIVE = (
     THREE_MEMBERS
     + """
 ensembles:
-  main: {members: [a, b, c], ranker: length, fuser: join, fuse_top_k: 2, quorum: 3, fusion: adaptive, fusion_margin: MARGIN}
+  main: {members: [a, b, c], ranker: length, fuser: join, fuse_top_k: 2, quorum: 3, fusion: adaptive,
+         fusion_margin: MARGIN}
   never: {members: [a, b, c], ranker: length, fuser: join, fusion: never}
 """
 )

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from service.quality.train import default_recipe, read_manifest, train_all
+from service.quality.recipe import default_recipe
+from service.quality.train import read_manifest, train_all
 
 
 def test_small_training_writes_every_checkpoint_and_reruns_nothing(tmp_path: Path) -> None:

@@ -67,9 +67,8 @@ def test_batched_matrix_equals_pair_by_pair(make_ranker: Any, packed: bool) -> N
     ranker = make_ranker(max_batch_pairs=7, packed=packed)
     assert (ranker.packed is not None) == packed
     for source, candidates in [*PROMPTS[:3], (LONG, [LONG[:400], "short", LONG[:900] + " twist"])]:
-        np.testing.assert_allclose(
-            ranker.compare_matrix(source, candidates), one_by_one(ranker, source, candidates), rtol=0, atol=1e-5
-        )
+        batched = ranker.submit(source, candidates, "full").result().matrix()
+        np.testing.assert_allclose(batched, one_by_one(ranker, source, candidates), rtol=0, atol=1e-5)
 
 
 async def test_concurrent_requests_share_forwards_and_get_their_own_scores(make_ranker: Any) -> None:
