@@ -84,11 +84,12 @@ def _own_private_names() -> set[str]:
 
 
 def test_no_private_attribute_of_another_object() -> None:
-    """``x._name`` of this package's own private attributes only on ``self`` or ``cls`` (a library's
-    private attributes, where we must read one, are outside this rule: see service/models/fusers/t5decode.py)."""
+    """``x._name`` of the package's own private attributes only on ``self`` or ``cls``, in the package
+    and in its tests: tests go through public behaviour (a library's private attributes, where we must
+    read one, are outside this rule: see service/models/fusers/t5decode.py)."""
     own = _own_private_names()
     found = []
-    for path in PACKAGE.rglob("*.py"):
+    for path in [*PACKAGE.rglob("*.py"), *TESTS.rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Attribute)
