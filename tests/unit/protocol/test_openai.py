@@ -1,5 +1,5 @@
-"""Wire models: the error body, stream chunks as OpenAI sends them, and the OpenAI requests'
-conversion to the pipeline's request."""
+"""The OpenAI API's wire models: stream chunks as OpenAI sends them, and the requests made into
+/generate's request (fields an ensemble cannot honour refused by name)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from service.errors import MemberFailure, NotFoundError, Overloaded, RequestError
+from service.errors import RequestError
 from service.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -15,24 +15,7 @@ from service.protocol import (
     ChatDelta,
     CompletionRequest,
     Usage,
-    error_payload,
 )
-from service.serving.convert import query_of
-
-
-def test_error_payload_is_the_openai_shape() -> None:
-    body = error_payload(NotFoundError("no such model", param="model", code="model_not_found"))
-    assert body == {
-        "error": {"message": "no such model", "type": "not_found_error", "param": "model", "code": "model_not_found"}
-    }
-    # Without a code, the type stands in for it (OpenAI clients read `code`).
-    assert error_payload(Overloaded("full"))["error"]["code"] == "rate_limit_error"
-
-
-def test_member_failure_shows_kind_not_upstream_body() -> None:
-    failure = MemberFailure("http_5xx", "HTTP 500 from /v1/chat/completions")
-    assert str(failure) == "http_5xx: HTTP 500 from /v1/chat/completions"
-    assert error_payload(failure)["error"]["code"] == "http_5xx" and failure.status == 502
 
 
 def test_chunks_carry_only_what_changed() -> None:
@@ -57,10 +40,10 @@ def test_openai_requests_name_the_ensemble_by_model() -> None:
     chat = ChatCompletionRequest.model_validate(
         {"model": "demo", "messages": [{"role": "developer", "content": "x"}], "max_completion_tokens": 5}
     ).to_generate()
-    assert chat.ensemble == "demo" and query_of(chat, "model").ensemble_param == "model" and chat.max_tokens == 5
+    assert chat.ensemble == "demo" and chat.max_tokens == 5
     assert chat.messages is not None and chat.messages[0].role == "system"
     text = CompletionRequest.model_validate({"model": "demo", "prompt": ["once"]}).to_generate()
-    assert text.prompt == "once" and query_of(text, "model").ensemble_param == "model"
+    assert text.prompt == "once" and text.ensemble == "demo"
 
 
 @pytest.mark.parametrize(("extra", "field"), [({"n": 2}, "n"), ({"stop": ["\n"]}, "stop")])
