@@ -98,3 +98,17 @@ def test_no_private_attribute_of_another_object() -> None:
             ):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
     assert not found, found
+
+
+def test_architecture_names_files_that_exist() -> None:
+    """Every file or folder docs/ARCHITECTURE.md names (``pipeline/plan.py``, ``serving/edge/``) is in
+    the package, so that the map follows the code when a file moves."""
+    import re
+
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:service/)?[a-z_/]+(?:\.py|/))`", text))
+    present = {str(p.relative_to(ROOT)) + ("/" if p.is_dir() else "") for p in PACKAGE.rglob("*")}
+    missing = sorted(
+        n for n in named if not (ROOT / n).exists() and not any(p.endswith(n.removeprefix("service/")) for p in present)
+    )
+    assert named and not missing, missing
