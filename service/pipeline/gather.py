@@ -1,5 +1,5 @@
-"""The fan-out stage: each member's request built from the query, the members asked at once
-(``service.members.fanout``), and the candidates that arrived checked against the quorum.
+"""The fan-out stage: the members asked at once what the plan says (``service.members.fanout``),
+and the candidates that arrived checked against the quorum.
 
 The result is a ``Ballot``: the candidates in the ensemble's member order, which ranking and voting
 then order; everything after this stage works on it.
@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from service.config import GatewayConfig
 from service.errors import DeadlineExceeded, NoQuorumError
-from service.members.base import Completion, MemberRequest
+from service.members.base import Completion
 from service.members.fanout import FanOut, Wait
 from service.pipeline.plan import Plan
-from service.pipeline.types import Failure, Query
+from service.pipeline.types import Failure
 
 
 @dataclass
@@ -47,48 +46,12 @@ class Ballot:
         return self.completions[self.order[0]]
 
 
-def member_messages(query: Query, instruction: str) -> list[dict[str, str]]:
-    """The conversation members receive: the instruction, if any, leads the first user turn."""
-    if query.prompt is not None:
-        messages = [{"role": "user", "content": query.prompt}]
-    else:
-        messages = [{"role": m.role, "content": m.content} for m in query.messages or ()]
-    if instruction:
-        for m in messages:
-            if m["role"] == "user":
-                m["content"] = f"{instruction}\n\n{m['content']}"
-                break
-    return messages
-
-
-def member_requests(config: GatewayConfig, plan: Plan, query: Query) -> dict[str, MemberRequest]:
-    """Each candidate's request, keyed ``name`` (or ``name#i`` per sample): the query's sampling
-    settings where it gives them, else the member's; samples count their seed up from it."""
-    messages = member_messages(query, plan.instruction)
-    out: dict[str, MemberRequest] = {}
-    for name in plan.ensemble.members:
-        member = config.member(name)
-        sampling = member.sampling
-        seed = query.seed if query.seed is not None else sampling.seed
-        for i in range(member.samples):
-            key = name if member.samples == 1 else f"{name}#{i + 1}"
-            out[key] = MemberRequest(
-                messages=[dict(m) for m in messages],
-                max_tokens=query.max_tokens or sampling.max_tokens,
-                temperature=query.temperature if query.temperature is not None else sampling.temperature,
-                top_p=query.top_p if query.top_p is not None else sampling.top_p,
-                seed=None if seed is None else seed + i,
-                extensions=query.extensions,
-            )
-    return out
-
-
-async def gather(fan_out: FanOut, plan: Plan, requests: dict[str, MemberRequest]) -> Ballot:
-    """Ask the members; raise ``NoQuorumError`` (``DeadlineExceeded`` when lateness was a cause) if
+async def gather(fan_out: FanOut, plan: Plan) -> Ballot:
+    """Ask the members what the plan says; raise ``NoQuorumError`` (``DeadlineExceeded`` when lateness was a cause) if
     fewer than ``min_candidates`` answered."""
     ens = plan.ensemble
     wait = Wait(plan.members_until(), ens.effective_quorum, ens.straggler_ratio, ens.straggler_min_s)
-    outcomes = await fan_out.gather(requests, wait)
+    outcomes = await fan_out.gather(plan.requests, wait)
     ok = [o for o in outcomes if o.completion is not None]
     failed = [Failure(member=o.member, error=o.error or "", kind=o.kind) for o in outcomes if o.completion is None]
     if len(ok) < ens.min_candidates:

@@ -24,7 +24,7 @@ from service.models.rankers.ranking import Ranker
 from service.pipeline.admission import Admission
 from service.pipeline.choose import count_votes, rank
 from service.pipeline.fuse import Fusion
-from service.pipeline.gather import gather, member_requests
+from service.pipeline.gather import gather
 from service.pipeline.plan import Plan, plan
 from service.pipeline.respond import record, respond
 from service.pipeline.types import Answer, Query
@@ -87,7 +87,7 @@ class Pipeline:
         with self.hold() as hold:
             p = plan(self.config, query)
             await hold.admit(self.lasting.admission, p)
-            fusion = await self._choose(p, query)
+            fusion = await self._choose(p)
             answer = await respond(p, fusion, await fusion.text())
             self._record(answer, p)
         return answer
@@ -99,15 +99,15 @@ class Pipeline:
         with hold.on_error():
             p = plan(self.config, query)
             await hold.admit(self.lasting.admission, p)
-            fusion = await self._choose(p, query)
+            fusion = await self._choose(p)
         return AnswerStream(p, fusion, hold, lambda answer: self._record(answer, p))
 
     # --- the stages between plan and respond -------------------------------------------------
 
-    async def _choose(self, p: Plan, query: Query) -> Fusion:
+    async def _choose(self, p: Plan) -> Fusion:
         """Fan out, rank, vote: the ballot in its final order, and the fusion decided."""
         ens = p.ensemble
-        ballot = await gather(self.fan_out, p, member_requests(self.config, p, query))
+        ballot = await gather(self.fan_out, p)
         ranked = True
         if ens.ranker is not None:
             ranked = await rank(self.rankers[ens.ranker], p, ballot, self.metrics)

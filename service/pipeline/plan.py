@@ -1,8 +1,8 @@
 """The first stage: what a query asks of its ensemble, fixed once, before any work is done.
 
 The ensemble is looked up, the request's limits checked, the deadline fixed (admission queueing
-counts against it), the instruction, input text and fusion settings chosen, and the answer's id
-minted. Every later stage reads the ``Plan``; none of them recomputes any of it.
+counts against it), the instruction, input text and fusion settings chosen, each member's request
+made, and the answer's id minted. Every later stage reads the ``Plan``; none of them recomputes any of it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from service.config import EnsembleConfig, GatewayConfig, LimitsConfig
 from service.errors import NotFoundError, RequestError
+from service.members.base import MemberRequest
 from service.pipeline.types import Fusion, Query
 
 
@@ -26,6 +27,7 @@ class Plan:
     fuse_top_k: int  # candidates fused
     fusion: Fusion  # the policy in force: the query's, else the ensemble's
     max_tokens: int | None  # the query's own limit, which also bounds the fuser
+    requests: dict[str, MemberRequest]  # each candidate's: ``name``, or ``name#i`` per sample
     start: float  # time.perf_counter() when the request began
     deadline_at: float  # time.monotonic() by which it must be answered
 
@@ -62,15 +64,17 @@ def plan(config: GatewayConfig, query: Query) -> Plan:
             f"{field}={query.fuse_top_k} exceeds the {most} candidates of ensemble {name!r}", param=field
         )
     deadline_s = ens.deadline_s if query.deadline_s is None else min(ens.deadline_s, query.deadline_s)
+    instruction = query.instruction if query.instruction is not None else ens.instruction
     return Plan(
         id=uuid.uuid4().hex,
         name=name,
         ensemble=ens,
-        instruction=query.instruction if query.instruction is not None else ens.instruction,
+        instruction=instruction,
         input_text=input_text(query),
         fuse_top_k=query.fuse_top_k or ens.fuse_top_k,
         fusion=query.fusion or ens.fusion,
         max_tokens=query.max_tokens,
+        requests=member_requests(config, ens, instruction, query),
         start=start,
         deadline_at=now + deadline_s,
     )
@@ -114,3 +118,41 @@ def input_text(query: Query) -> str:
     if len(messages) == 1 and messages[0].role == "user":
         return messages[0].content
     return "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+
+def member_messages(query: Query, instruction: str) -> list[dict[str, str]]:
+    """The conversation members receive: the instruction, if any, leads the first user turn."""
+    if query.prompt is not None:
+        messages = [{"role": "user", "content": query.prompt}]
+    else:
+        messages = [{"role": m.role, "content": m.content} for m in query.messages or ()]
+    if instruction:
+        for m in messages:
+            if m["role"] == "user":
+                m["content"] = f"{instruction}\n\n{m['content']}"
+                break
+    return messages
+
+
+def member_requests(
+    config: GatewayConfig, ens: EnsembleConfig, instruction: str, query: Query
+) -> dict[str, MemberRequest]:
+    """Each candidate's request, keyed ``name`` (or ``name#i`` per sample): the query's sampling
+    settings where it gives them, else the member's; samples count their seed up from it."""
+    messages = member_messages(query, instruction)
+    out: dict[str, MemberRequest] = {}
+    for name in ens.members:
+        member = config.member(name)
+        sampling = member.sampling
+        seed = query.seed if query.seed is not None else sampling.seed
+        for i in range(member.samples):
+            key = name if member.samples == 1 else f"{name}#{i + 1}"
+            out[key] = MemberRequest(
+                messages=[dict(m) for m in messages],
+                max_tokens=query.max_tokens or sampling.max_tokens,
+                temperature=query.temperature if query.temperature is not None else sampling.temperature,
+                top_p=query.top_p if query.top_p is not None else sampling.top_p,
+                seed=None if seed is None else seed + i,
+                extensions=query.extensions,
+            )
+    return out

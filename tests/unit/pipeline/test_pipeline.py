@@ -3,9 +3,8 @@ import asyncio
 import pytest
 
 from service.errors import DeadlineExceeded, ModelError, NoQuorumError, NotFoundError, RequestError
-from service.pipeline.gather import member_messages
 from service.pipeline.pipeline import Pipeline
-from service.pipeline.plan import input_text
+from service.pipeline.plan import input_text, member_messages
 from service.pipeline.types import Message, Query
 from service.telemetry.metrics import Metrics
 from tests.fakes import THREE_MEMBERS, FakeMember, JoinFuser, LengthRanker, fake_config, fake_pipeline, sample
