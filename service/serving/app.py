@@ -34,12 +34,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     """The one place where exceptions become HTTP responses, all through ``error_payload`` (the
     requests are counted where they are taken: ``service.serving.accounting``)."""
 
-    def respond(request: Request, error: GatewayError, status: int | None = None) -> JSONResponse:
+    def error_response(error: GatewayError, status: int | None = None) -> JSONResponse:
         return JSONResponse(error_payload(error), status_code=status or error.status, headers=error.headers)
 
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
-        return respond(request, exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,18 +51,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             msg = "request body is not valid JSON"
         message = f"{param}: {msg}" if param else str(msg)
-        return respond(request, RequestError(message, param=param, code="invalid_request"))
+        return error_response(RequestError(message, param=param, code="invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = NotFoundError(str(exc.detail)) if exc.status_code == 404 else RequestError(str(exc.detail))
         error.code = error.type
-        return respond(request, error, exc.status_code)
+        return error_response(error, exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return respond(request, GatewayError("internal error", code="internal_error"))
+        return error_response(GatewayError("internal error", code="internal_error"))
 
 
 def create_app(
