@@ -8,46 +8,22 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import Response
 
-from service.errors import GatewayError
-from service.pipeline.pipeline import AnswerStream, Pipeline
-from service.pipeline.plan import ensemble_label
-from service.pipeline.types import Query
+from service.pipeline.pipeline import AnswerStream
 from service.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,
     EnsembleResult,
     GenerateRequest,
-    error_payload,
 )
-from service.serving.accounting import Account
+from service.serving.base import Serving
 from service.serving.convert import generate_response, query_of
-from service.serving.sse import DONE, AnswerEvents, model_json, now, sse
-
-
-class Serving:
-    """What every API's serving class shares: the current pipeline, the request's account, and a
-    query's answer, whole or as a stream."""
-
-    def __init__(self, pipeline: Pipeline, account: Account):
-        self.pipeline = pipeline
-        self.account = account
-
-    def begin(self, query: Query) -> Query:
-        """Label the request's account with the ensemble the query names."""
-        self.account.ensemble = ensemble_label(self.pipeline.config, query.ensemble)
-        return query
-
-    def events(self, stream: AnswerStream, events: AsyncIterator[str]) -> AnswerEvents:
-        """The chunk-shaped APIs' stream: their events; an error as one OpenAI error event; ``[DONE]``."""
-        return AnswerEvents(stream, self.account, events, _error_event, [DONE])
-
-
-def _error_event(error: GatewayError) -> list[str]:
-    return [sse(error_payload(error))]
+from service.serving.sse import model_json, now, sse
 
 
 class ServingGenerate(Serving):
+    """POST /generate."""
+
     async def create(self, body: GenerateRequest) -> Response:
         query = self.begin(query_of(body))
         if not body.stream:

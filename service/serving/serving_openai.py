@@ -26,8 +26,8 @@ from service.protocol import (
     CompletionResponse,
     GenerateRequest,
 )
+from service.serving.base import Serving
 from service.serving.convert import evidence, query_of, usage_of
-from service.serving.serving_generate import Serving
 from service.serving.sse import model_json, now, sse
 
 Chunk = ChatCompletionChunk | CompletionChunk

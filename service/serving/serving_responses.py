@@ -15,8 +15,8 @@ from service.errors import GatewayError
 from service.pipeline.pipeline import AnswerStream
 from service.pipeline.types import Answer
 from service.protocol import OutputMessage, OutputText, ResponseObject, ResponsesRequest, ResponseUsage, error_payload
+from service.serving.base import Serving
 from service.serving.convert import evidence, query_of, usage_of
-from service.serving.serving_generate import Serving
 from service.serving.sse import AnswerEvents, sse_event
 
 EMPTY_TEXT = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}

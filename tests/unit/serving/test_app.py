@@ -190,6 +190,7 @@ def test_ready_shows_circuit_and_draining(client: TestClient) -> None:
     client.app.state.runtime.admission.draining = True  # type: ignore[attr-defined]
     resp = client.get("/ready")
     assert resp.status_code == 503 and resp.json()["draining"] is True
+    assert resp.headers["connection"] == "close"  # no client should reuse a draining gateway's connection
     assert_openai_error(client.post("/generate", json={"prompt": "q"}), 503, "shutting_down")
 
 

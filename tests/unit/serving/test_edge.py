@@ -1,4 +1,4 @@
-"""Keys, limits, request ids and logs at the gateway's edge."""
+"""The gateway's edge (service/serving/edge): keys, limits, request ids and logs."""
 
 from __future__ import annotations
 

@@ -1,0 +1,36 @@
+"""What every API's serving class shares: the current pipeline, the request's account, and a
+query's stream as the chunk-shaped APIs send it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from service.errors import GatewayError
+from service.pipeline.pipeline import AnswerStream, Pipeline
+from service.pipeline.plan import ensemble_label
+from service.pipeline.types import Query
+from service.protocol import error_payload
+from service.serving.accounting import Account
+from service.serving.sse import DONE, AnswerEvents, sse
+
+
+class Serving:
+    """What every API's serving class shares: the current pipeline, the request's account, and a
+    query's answer, whole or as a stream."""
+
+    def __init__(self, pipeline: Pipeline, account: Account):
+        self.pipeline = pipeline
+        self.account = account
+
+    def begin(self, query: Query) -> Query:
+        """Label the request's account with the ensemble the query names."""
+        self.account.ensemble = ensemble_label(self.pipeline.config, query.ensemble)
+        return query
+
+    def events(self, stream: AnswerStream, events: AsyncIterator[str]) -> AnswerEvents:
+        """The chunk-shaped APIs' stream: their events; an error as one OpenAI error event; ``[DONE]``."""
+        return AnswerEvents(stream, self.account, events, _error_event, [DONE])
+
+
+def _error_event(error: GatewayError) -> list[str]:
+    return [sse(error_payload(error))]
