@@ -1,5 +1,6 @@
 """The OpenAI-compatible surface's wire models: chat and text completions, their stream chunks, and
-the model list. Each converts to the pipeline's ``GenerateRequest``."""
+the model list. Each request converts to /generate's ``GenerateRequest`` (which the serving layer makes
+the pipeline's ``Query``)."""
 
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ class ChatCompletionRequest(_OpenAIRequest):
         return super().unsupported()
 
     def to_generate(self) -> GenerateRequest:
-        """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
+        """The request as /generate's; a ``RequestError`` names a field it cannot honour."""
         messages = [
             ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in self.messages
         ]
@@ -208,7 +209,7 @@ class CompletionRequest(_OpenAIRequest):
         return super().unsupported()
 
     def to_generate(self) -> GenerateRequest:
-        """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
+        """The request as /generate's; a ``RequestError`` names a field it cannot honour."""
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return self._generate(prompt=prompt, max_tokens=self.max_tokens)
 

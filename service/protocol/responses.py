@@ -1,5 +1,6 @@
 """The Responses API's wire models (``POST /v1/responses``, OpenAI's current API): the request, the
-response object, and its stream's events. The request converts to the pipeline's ``GenerateRequest``."""
+response object, and its stream's events. The request converts to /generate's ``GenerateRequest``
+(which the serving layer makes the pipeline's ``Query``)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ class ResponsesRequest(Wire):
         return out
 
     def to_generate(self) -> GenerateRequest:
-        """The request as the pipeline takes it; a ``RequestError`` names a field it cannot honour."""
+        """The request as /generate's; a ``RequestError`` names a field it cannot honour."""
         refuse(self.unsupported())
         return GenerateRequest(
             messages=self.messages(),
