@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.errors import DeadlineExceeded, NotFoundError, RequestError
+from service.errors import DeadlineExceeded, NotFoundError, Overloaded, RequestError
 from service.pipeline.plan import ensemble_label, plan
 from service.pipeline.types import Message, Query
 from tests.fakes import FAKE_CONFIG, FakeMember, JoinFuser, LengthRanker, fake_config, fake_pipeline
@@ -60,7 +60,9 @@ async def test_queueing_counts_against_the_deadline() -> None:
     first = asyncio.create_task(p.answer(Query(prompt="q", ensemble="plain")))  # 120 s deadline, holds the slot
     await asyncio.sleep(0.1)
     start = time.monotonic()
-    with pytest.raises(DeadlineExceeded):
+    # Past its deadline while its members answer, or (on a machine slow enough that the slot comes
+    # free only after the whole second) shed from the queue: either way never answered after 1 s.
+    with pytest.raises((DeadlineExceeded, Overloaded)):
         await p.answer(Query(prompt="q"))  # "main": 1 s
     assert time.monotonic() - start < 1.5
     assert (await first).output
