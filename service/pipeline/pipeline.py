@@ -71,7 +71,6 @@ class Pipeline:
         self.rankers = dict(rankers)
         self.fusers = dict(fusers)
         self.lasting = lasting
-        self.metrics = lasting.metrics
         self.unavailable = dict(unavailable or {})
         self.server_urls = dict(server_urls or {})
         self.fan_out = FanOut(
@@ -79,6 +78,10 @@ class Pipeline:
         )
         self.active = 0
         self._idle: asyncio.Event | None = None
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.lasting.metrics
 
     # --- the two entries ---------------------------------------------------------------------
 
@@ -193,11 +196,18 @@ class AnswerStream:
         self._hold = hold
         self.id = plan.id
         self.ensemble = plan.name
-        self.answer: Answer | None = None
+        self._answer: Answer | None = None
 
     @property
     def finish_reason(self) -> str:
         return self._fusion.finish_reason
+
+    @property
+    def answer(self) -> Answer:
+        """The whole answer, once ``pieces`` has ended without an error."""
+        if self._answer is None:
+            raise GatewayError("internal error: the answer is not complete", code="internal_error")
+        return self._answer
 
     async def pieces(self) -> AsyncGenerator[str, None]:
         """The answer's text in pieces. Raises only ``GatewayError`` (an unexpected failure is
@@ -207,8 +217,8 @@ class AnswerStream:
             async for piece in self._fusion.pieces():
                 parts.append(piece)
                 yield piece
-            self.answer = await respond(self._plan, self._fusion, "".join(parts))
-            self._record(self.answer)
+            self._answer = await respond(self._plan, self._fusion, "".join(parts))
+            self._record(self._answer)
         except (GatewayError, GeneratorExit, asyncio.CancelledError):
             raise
         except Exception as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.pipeline.types import Answer, Message, Query
-from service.protocol import Candidate, FailedMember, GenerateRequest, GenerateResponse, Timings, TokenCounts, Usage
+from service.protocol import GenerateRequest, GenerateResponse, Usage
 
 
 def query_of(request: GenerateRequest, ensemble_param: str = "ensemble") -> Query:
@@ -33,47 +33,17 @@ def query_of(request: GenerateRequest, ensemble_param: str = "ensemble") -> Quer
 
 
 def usage_of(answer: Answer) -> Usage:
-    u = answer.usage
-    return Usage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        total_tokens=u.total_tokens,
-        members={
-            k: TokenCounts(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
-            for k, c in u.members.items()
-        },
-    )
+    return Usage.model_validate(answer.usage, from_attributes=True)
 
 
 def generate_response(answer: Answer, with_candidates: bool) -> GenerateResponse:
-    """/generate's response; ``with_candidates``: the request asked for every candidate."""
-    t = answer.timings_ms
-    return GenerateResponse(
-        id=f"gen-{answer.id}",
-        ensemble=answer.ensemble,
-        output=answer.output,
-        fused=answer.fused,
-        selected=answer.selected,
-        candidates=[
-            Candidate(
-                member=c.member,
-                text=c.text,
-                score=c.score,
-                rank=c.rank,
-                votes=c.votes,
-                latency_ms=c.latency_ms,
-                finish_reason=c.finish_reason,
-            )
-            for c in answer.candidates
-        ]
-        if with_candidates
-        else None,
-        failed_members=[FailedMember(member=f.member, error=f.error, kind=f.kind) for f in answer.failed_members],
-        degraded=answer.degraded,
-        degraded_reasons=answer.degraded_reasons,
-        timings_ms=Timings(members=t.members, rank=t.rank, fuse=t.fuse, total=t.total),
-        usage=usage_of(answer),
-    )
+    """/generate's response, read off the answer's fields (pydantic's ``from_attributes``);
+    ``with_candidates``: the request asked for every candidate."""
+    response = GenerateResponse.model_validate(answer, from_attributes=True)
+    update: dict[str, Any] = {"id": f"gen-{answer.id}"}
+    if not with_candidates:
+        update["candidates"] = None
+    return response.model_copy(update=update)
 
 
 def evidence(answer: Answer, asked: bool) -> dict[str, Any] | None:

@@ -19,17 +19,20 @@ import httpx
 
 from service.config import GatewayConfig, load_config
 from service.errors import ConfigError, NotReadyError
+from service.members.breakers import Guards
 from service.members.gate import ClassGate
 from service.members.http import make_http_client
 from service.members.openai import LoRAMember
 from service.members.soft_prompt import BaseModelCache
 from service.models.build.materialize import materialize
 from service.ops.launcher import Launcher, RunningServer
+from service.pipeline.admission import Admission
 from service.pipeline.pipeline import Lasting, Pipeline
 from service.serving import reload
 from service.serving.build import Components, build_pipeline, prepare_members
 from service.serving.probes import MemberHealth, warnings
 from service.serving.supervision import Supervisor
+from service.telemetry.book import StatusBook
 from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -63,13 +66,22 @@ class Runtime:
         self.pipeline: Pipeline | None = None
         self.reloads = 0
         self.lasting = Lasting.new(config, metrics)
-        self.guards = self.lasting.guards
-        self.admission = self.lasting.admission
-        self.status = self.lasting.status
         self.health = MemberHealth(self.guards, lambda: self.pipeline, lambda: self.config)
         self._lock = asyncio.Lock()  # one reload or server restart at a time
         self._cleanups: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+
+    @property
+    def guards(self) -> Guards:
+        return self.lasting.guards
+
+    @property
+    def admission(self) -> Admission:
+        return self.lasting.admission
+
+    @property
+    def status(self) -> StatusBook:
+        return self.lasting.status
 
     def warnings(self) -> list[str]:
         """What an operator should know about this configuration (``probes.warnings``)."""

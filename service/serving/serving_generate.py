@@ -44,6 +44,5 @@ class ServingGenerate(Serving):
             async for piece in pieces:
                 yield chunk(ChatDelta(content=piece))
         yield chunk(ChatDelta(), "stop")
-        if stream.answer is not None:
-            response = generate_response(stream.answer, body.return_candidates)
-            yield sse(EnsembleResult(**response.model_dump()), exclude_none=True)
+        response = generate_response(stream.answer, body.return_candidates)
+        yield sse(EnsembleResult(**response.model_dump()), exclude_none=True)

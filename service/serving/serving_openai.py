@@ -35,9 +35,21 @@ Chunk = ChatCompletionChunk | CompletionChunk
 
 class _ServingOpenAI(Serving):
     prefix: str  # of the API's ids: the answer's id follows it
+    response: type[ChatCompletionResponse] | type[CompletionResponse]
+
+    def choice(self, answer: Answer) -> ChatChoice | CompletionChoice:
+        raise NotImplementedError
 
     def body(self, answer: Answer, created: int, asked: bool) -> BaseModel:
-        raise NotImplementedError
+        """The whole response: one choice, the usage, and the evidence where asked."""
+        return self.response(
+            id=f"{self.prefix}{answer.id}",
+            created=created,
+            model=answer.ensemble,
+            choices=[self.choice(answer)],
+            usage=usage_of(answer),
+            ensemble=evidence(answer, asked),
+        )
 
     def chunk(self, cid: str, created: int, model: str, piece: str | None, finish: str | None = None) -> Chunk:
         """A chunk with ``piece`` (None: the closing chunk, with ``finish``)."""
@@ -70,8 +82,6 @@ class _ServingOpenAI(Serving):
         last = self.chunk(cid, created, model, None, stream.finish_reason)
         yield sse(last)
         answer = stream.answer
-        if answer is None:
-            return
         proof = evidence(answer, asked)
         if proof is not None:
             yield sse(last.model_copy(update={"choices": [], "ensemble": proof}))
@@ -83,20 +93,13 @@ class ServingChat(_ServingOpenAI):
     """POST /v1/chat/completions."""
 
     prefix = "chatcmpl-"
+    response = ChatCompletionResponse
 
     async def create(self, body: ChatCompletionRequest) -> Response:
         return await self.answer(body, body.to_generate())
 
-    def body(self, answer: Answer, created: int, asked: bool) -> ChatCompletionResponse:
-        choice = ChatChoice(message=ChatChoiceMessage(content=answer.output), finish_reason=answer.finish_reason)
-        return ChatCompletionResponse(
-            id=f"{self.prefix}{answer.id}",
-            created=created,
-            model=answer.ensemble,
-            choices=[choice],
-            usage=usage_of(answer),
-            ensemble=evidence(answer, asked),
-        )
+    def choice(self, answer: Answer) -> ChatChoice:
+        return ChatChoice(message=ChatChoiceMessage(content=answer.output), finish_reason=answer.finish_reason)
 
     def opening(self, cid: str, created: int, model: str) -> list[Chunk]:
         choice = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
@@ -111,20 +114,13 @@ class ServingCompletion(_ServingOpenAI):
     """POST /v1/completions."""
 
     prefix = "cmpl-"
+    response = CompletionResponse
 
     async def create(self, body: CompletionRequest) -> Response:
         return await self.answer(body, body.to_generate())
 
-    def body(self, answer: Answer, created: int, asked: bool) -> CompletionResponse:
-        choice = CompletionChoice(text=answer.output, finish_reason=answer.finish_reason)
-        return CompletionResponse(
-            id=f"{self.prefix}{answer.id}",
-            created=created,
-            model=answer.ensemble,
-            choices=[choice],
-            usage=usage_of(answer),
-            ensemble=evidence(answer, asked),
-        )
+    def choice(self, answer: Answer) -> CompletionChoice:
+        return CompletionChoice(text=answer.output, finish_reason=answer.finish_reason)
 
     def chunk(self, cid: str, created: int, model: str, piece: str | None, finish: str | None = None) -> Chunk:
         choice = CompletionChunkChoice(text=piece or "", finish_reason=finish)

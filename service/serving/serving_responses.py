@@ -49,8 +49,6 @@ async def _events(out: _Shape, stream: AnswerStream) -> AsyncIterator[str]:
             parts.append(piece)
             yield sse_event(out.text_event("response.output_text.delta", delta=piece, logprobs=[]))
     answer = stream.answer
-    if answer is None:  # cannot happen: pieces end with the answer set, or raise
-        raise GatewayError("internal error", code="internal_error")
     text = "".join(parts)
     yield sse_event(out.text_event("response.output_text.done", text=text, logprobs=[]))
     yield sse_event(out.text_event("response.content_part.done", part={**EMPTY_TEXT, "text": text}))

@@ -233,3 +233,16 @@ ensembles: {{e: {{members: [plain, no-lora-server, too-big]}}}}
         assert 'gateway_member_available{member="plain"} 1.0' in metrics
         assert 'gateway_member_errors_total{error_type="unavailable",member="too-big"} 1.0' in metrics
     assert httpx.get(f"{base_a.removesuffix('/v1')}/health", timeout=5).status_code == 200
+
+
+def test_llm_fuser_streams_the_text_it_answers_whole(gateway: Gateway) -> None:
+    """The LLM fuser's stream (the fusing model's own SSE, relayed as the gateway's chunks) joins to
+    the text of the same request answered whole."""
+    whole = generate(gateway, prompt=PROMPT, ensemble="llm-fused", temperature=0.0)
+    body = {"prompt": PROMPT, "ensemble": "llm-fused", "temperature": 0.0, "stream": True}
+    text = httpx.post(f"{gateway.url}/generate", json=body, timeout=120).text
+    events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")]
+    result = next(e for e in events if e.get("object") == "ensemble.result")
+    assert "".join(pieces) == whole["output"] == result["output"] and result["fused"] is True
+    assert len([p for p in pieces if p]) > 1, "the text came in pieces"

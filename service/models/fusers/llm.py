@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -98,6 +98,16 @@ class LLMFuser:
     def _failed(self, what: str) -> ModelError:
         return ModelError(f"llm fuser {self.name}: {what}")
 
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """A transport failure of a call to the model as the fuser's ``ModelError``."""
+        try:
+            yield
+        except (TimeoutError, httpx.TimeoutException) as e:
+            raise self._failed(f"timeout: no answer within {self.config.timeout_s:g}s") from e
+        except httpx.HTTPError as e:
+            raise self._failed(f"connect: {type(e).__name__}: {e}") from e
+
     def _refused(self, r: httpx.Response) -> ModelError:
         """What the server said goes to the log (for operators), not to the client."""
         logger.warning("llm fuser %s: /chat/completions answered HTTP %d: %s", self.name, r.status_code, r.text[:500])
@@ -108,15 +118,11 @@ class LLMFuser:
     ) -> str:
         body = self._body(instruction, input_text, candidates, max_new_tokens, stream=False)
         timeout = self.config.timeout_s
-        try:
+        with self._reaching():
             async with asyncio.timeout(timeout), self._turn():
                 r = await self._client.post(
                     f"{self.base_url}/chat/completions", json=body, headers=self.headers, timeout=timeout
                 )
-        except (TimeoutError, httpx.TimeoutException) as e:
-            raise self._failed(f"timeout: no answer within {timeout:g}s") from e
-        except httpx.HTTPError as e:
-            raise self._failed(f"connect: {type(e).__name__}: {e}") from e
         if r.status_code >= 400:
             raise self._refused(r)
         try:
@@ -133,7 +139,7 @@ class LLMFuser:
         body = self._body(instruction, input_text, candidates, max_new_tokens, stream=True)
         timeout = self.config.timeout_s
         url = f"{self.base_url}/chat/completions"
-        try:
+        with self._reaching():
             async with (
                 asyncio.timeout(timeout),
                 self._turn(),
@@ -146,10 +152,6 @@ class LLMFuser:
                     piece = self._piece(line)
                     if piece:
                         yield piece
-        except (TimeoutError, httpx.TimeoutException) as e:
-            raise self._failed(f"timeout: no answer within {timeout:g}s") from e
-        except httpx.HTTPError as e:
-            raise self._failed(f"connect: {type(e).__name__}: {e}") from e
 
     def _piece(self, line: str) -> str | None:
         """The text of one server-sent event of OpenAI's chat stream (None: no text in it)."""
