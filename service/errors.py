@@ -7,6 +7,7 @@
     │   ├── AuthenticationError       401 authentication_error
     │   ├── PermissionDenied          403 permission_error
     │   └── PayloadTooLarge           413 request_too_large
+    ├── StoreUnavailable              503 service_unavailable (the store of answers is down)
     ├── UpstreamError                 502 upstream_error     (a member failed; per member)
     │   └── MemberFailure             502 member_failure     (one member's call; ``kind`` labels it)
     ├── LaunchError                   502 launch_error       (a local server did not start)
@@ -73,6 +74,13 @@ class PermissionDenied(RequestError):
 class PayloadTooLarge(RequestError):
     status = 413
     type = "request_too_large"
+
+
+class StoreUnavailable(GatewayError):
+    """The store of answers could not be read or written for a request that needs it."""
+
+    status = 503
+    type = "service_unavailable"
 
 
 class UpstreamError(GatewayError):

@@ -36,6 +36,7 @@ from service.config.policies import (
     ResilienceConfig,
     RetryConfig,
 )
+from service.config.store import StoreConfig
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -61,6 +62,7 @@ __all__ = [
     "Sampling",
     "ServerConfig",
     "SoftPromptMemberConfig",
+    "StoreConfig",
     "Strict",
     "expand_env",
     "load_config",

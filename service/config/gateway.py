@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -10,6 +12,7 @@ from service.config.base import Name, Strict
 from service.config.members import ADAPTER_KINDS, AnyMemberConfig, MemberConfig, ServerConfig
 from service.config.models import AnyFuserConfig, LLMFuserConfig, RankerConfig
 from service.config.policies import AuthConfig, LimitsConfig, LoggingConfig, ResilienceConfig
+from service.config.store import StoreConfig
 
 
 class EnsembleConfig(Strict):
@@ -69,6 +72,7 @@ class EnsembleConfig(Strict):
         0.05, ge=0, description="The stragglers' wait is at least this long (scheduling jitter is not lateness)."
     )
     instruction: str = Field("", description="Default instruction for ranking and fusion.")
+    store: bool = Field(True, description="Record this ensemble's answers in the store (when there is one).")
 
     @model_validator(mode="after")
     def _bounds(self) -> EnsembleConfig:
@@ -115,6 +119,9 @@ class GatewayConfig(Strict):
         "(~/.cache/ensemble-gateway).",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
+    store: StoreConfig | None = Field(
+        None, description="The store of answers and feedback; none: nothing is recorded (`store: {}`: SQLite)."
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and admission.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log format and level.")
     resilience: ResilienceConfig = Field(
@@ -125,6 +132,12 @@ class GatewayConfig(Strict):
         description="Never let soft-prompt (prompt_embeds) requests and token requests run at once "
         "on the same server: vLLM crashes on such batches when LoRA is enabled too (vllm#51122).",
     )
+
+    def cache_root(self) -> Path:
+        """``cache_dir``, or $XDG_CACHE_HOME/ensemble-gateway (~/.cache/ensemble-gateway)."""
+        if self.cache_dir:
+            return Path(os.path.expanduser(self.cache_dir))
+        return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "ensemble-gateway"
 
     @field_validator("members")
     @classmethod

@@ -46,9 +46,14 @@ class Fusion:
         self.ballot = ballot
         self.metrics = metrics
         self.fuser = fuser
-        if fuser is not None and (skip := skip_reason(plan, ballot)) is not None:
+        # Why the answer is not fused (None: it is): no fuser, the ranker failed, the policy's
+        # reason (``skip_reason``), or the fuser failed.
+        self.not_fused: str | None = None
+        if fuser is None:
+            self.not_fused = "no_fuser" if plan.ensemble.fuser is None else "ranker_failed"
+        elif (skip := skip_reason(plan, ballot)) is not None:
             metrics.fusion_skipped.labels(plan.name, skip).inc()
-            self.fuser = None
+            self.fuser, self.not_fused = None, skip
         n = plan.fuse_top_k if self.fuser is not None else 1
         self.selected = ballot.order[: min(n, len(ballot.order))]  # fed to the fuser, or the one returned
         self.started = time.perf_counter()
@@ -60,7 +65,7 @@ class Fusion:
 
     def _fall_back(self, fuser: Fuser, error: BaseException) -> str:
         degrade(self.ballot, self.plan.name, "fuse", fuser.name, error, self.metrics)
-        self.fuser = None
+        self.fuser, self.not_fused = None, "fuser_failed"
         self.selected = self.ballot.order[:1]
         return self.ballot.top.text
 

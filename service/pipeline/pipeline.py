@@ -1,7 +1,7 @@
 """``Pipeline``: one configuration's members, rankers and fusers, and the line of stages a query
 takes through them. Each entry reads top to bottom:
 
-    plan → admit → fan out → rank → vote → fuse (or skip) → respond → record
+    plan → admit → fan out → rank → vote → fuse (or skip) → respond → record (and keep)
 
 No HTTP here: a ``Query`` comes in, an ``Answer`` goes out (``service.pipeline.types``).
 """
@@ -26,8 +26,10 @@ from service.pipeline.choose import count_votes, rank
 from service.pipeline.fuse import Fusion
 from service.pipeline.gather import gather
 from service.pipeline.plan import Plan, plan
-from service.pipeline.respond import record, respond
+from service.pipeline.record import keep, record
+from service.pipeline.respond import respond
 from service.pipeline.types import Answer, Query
+from service.store import Store, config_digest
 from service.telemetry.book import StatusBook
 from service.telemetry.metrics import Metrics
 
@@ -36,18 +38,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Lasting:
-    """What outlives a reload: metrics, the members' breakers and health, admission, the status book."""
+    """What outlives a reload: metrics, the members' breakers and health, admission, the status
+    book, the store of answers (its settings take effect at a restart)."""
 
     metrics: Metrics
     guards: Guards
     admission: Admission
     status: StatusBook
+    store: Store | None = None
 
     @classmethod
     def new(cls, config: GatewayConfig, metrics: Metrics) -> Lasting:
         res = config.resilience
+        store = Store(config.store, config.cache_root(), metrics) if config.store is not None else None
         return cls(
-            metrics, Guards(metrics, res.breaker, res.health_checks), Admission(config.limits, metrics), StatusBook()
+            metrics,
+            Guards(metrics, res.breaker, res.health_checks),
+            Admission(config.limits, metrics),
+            StatusBook(),
+            store,
         )
 
 
@@ -78,6 +87,7 @@ class Pipeline:
         )
         self.active = 0
         self._idle: asyncio.Event | None = None
+        self.config_digest = config_digest(config.model_dump(mode="json"))
 
     @property
     def metrics(self) -> Metrics:
@@ -92,7 +102,7 @@ class Pipeline:
             await hold.admit(self.lasting.admission, p)
             fusion = await self._choose(p)
             answer = await respond(p, fusion, await fusion.text())
-            self._record(answer, p)
+            self._record(answer, fusion)
         return answer
 
     async def answer_stream(self, query: Query) -> AnswerStream:
@@ -103,7 +113,7 @@ class Pipeline:
             p = plan(self.config, query)
             await hold.admit(self.lasting.admission, p)
             fusion = await self._choose(p)
-        return AnswerStream(p, fusion, hold, lambda answer: self._record(answer, p))
+        return AnswerStream(p, fusion, hold, lambda answer: self._record(answer, fusion))
 
     # --- the stages between plan and respond -------------------------------------------------
 
@@ -119,8 +129,9 @@ class Pipeline:
         fuser = self.fusers[ens.fuser] if ens.fuser is not None and ranked else None
         return Fusion(p, ballot, fuser, self.metrics)
 
-    def _record(self, answer: Answer, p: Plan) -> None:
-        record(answer, p, self.metrics, self.lasting.status, self.config.logging.log_prompts)
+    def _record(self, answer: Answer, fusion: Fusion) -> None:
+        record(answer, fusion.plan, self.metrics, self.lasting.status, self.config.logging.log_prompts)
+        keep(self.lasting.store, answer, fusion, fusion.plan, self.config_digest)
 
     # --- requests in flight, for reloads -----------------------------------------------------
 

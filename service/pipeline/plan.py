@@ -20,6 +20,7 @@ from service.pipeline.types import Fusion, Query
 @dataclass(frozen=True)
 class Plan:
     id: str  # the answer's id (hex), minted here once
+    query: Query
     name: str  # the ensemble
     ensemble: EnsembleConfig
     instruction: str
@@ -67,6 +68,7 @@ def plan(config: GatewayConfig, query: Query) -> Plan:
     instruction = query.instruction if query.instruction is not None else ens.instruction
     return Plan(
         id=uuid.uuid4().hex,
+        query=query,
         name=name,
         ensemble=ens,
         instruction=instruction,

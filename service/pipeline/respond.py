@@ -8,13 +8,10 @@ import asyncio
 import logging
 import time
 
-from service.members.fanout import member_of
 from service.pipeline.fuse import Fusion
 from service.pipeline.gather import Ballot
 from service.pipeline.plan import Plan
 from service.pipeline.types import Answer, Candidate, Timings, TokenCounts, Usage
-from service.telemetry.book import StatusBook
-from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger("service.pipeline")
 
@@ -82,35 +79,3 @@ async def respond(plan: Plan, fusion: Fusion, output: str) -> Answer:
         ),
         finish_reason=fusion.finish_reason,
     )
-
-
-def record(answer: Answer, plan: Plan, metrics: Metrics, status: StatusBook, log_prompts: bool) -> None:
-    """What an answered request leaves behind: which members' candidates came, ranked first and
-    were selected (metrics, the status book), and one ``answered`` log line."""
-    name = answer.ensemble
-    for c in answer.candidates:
-        metrics.candidates.labels(name, member_of(c.member)).inc()
-    metrics.ranked_first.labels(name, member_of(answer.candidates[0].member)).inc()
-    for key in answer.selected:
-        metrics.selected.labels(name, member_of(key)).inc()
-    failed = [f.member for f in answer.failed_members]
-    status.answer(
-        id=answer.id,
-        ensemble=name,
-        ranking=[{"member": c.member, "score": c.score, "rank": c.rank} for c in answer.candidates],
-        selected=answer.selected,
-        failed=failed,
-        fused=answer.fused,
-        degraded=answer.degraded,
-        total_ms=answer.timings_ms.total,
-    )
-    extra: dict[str, object] = {
-        "ensemble": name,
-        "candidates": len(answer.candidates),
-        "failed": failed,
-        "selected": answer.selected,
-        "total_ms": round(answer.timings_ms.total, 1),
-    }
-    if log_prompts:
-        extra.update(input=plan.input_text, output=answer.output)
-    logger.info("answered", extra=extra)

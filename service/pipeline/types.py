@@ -19,6 +19,20 @@ class Message:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Who asked, through which API: what the store keeps beside the answer. ``key_id`` names the
+    client's key (a digest, never the key); ``echo``: the request's fields that the API's stored
+    object repeats when it is read again; ``retrievable``: whether it may be (the Responses
+    API's ``store``)."""
+
+    api: str = "generate"
+    key_id: str | None = None
+    metadata: Mapping[str, str] | None = None
+    echo: Mapping[str, object] | None = None
+    retrievable: bool = True
+
+
+@dataclass(frozen=True)
 class Query:
     """One request to an ensemble: ``prompt`` or ``messages`` (exactly one), and what overrides the
     ensemble's settings. ``None`` means "the ensemble's (or the member's) own"."""
@@ -35,6 +49,7 @@ class Query:
     fusion: Fusion | None = None
     deadline_s: float | None = None
     extensions: Mapping[str, object] | None = None  # vLLM's sampling extensions, for every member
+    origin: Origin = field(default_factory=Origin)
     # The client's field names, for the errors that point at them.
     ensemble_param: str = "ensemble"
     fuse_top_k_param: str = "fuse_top_k"

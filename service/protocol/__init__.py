@@ -3,6 +3,7 @@ turns a gateway error into the OpenAI error body. Requests share one strict base
 fields are refused); ``generate`` is /generate's, ``openai`` the OpenAI surface's."""
 
 from service.protocol.errors import ERROR_RESPONSES, ErrorDetail, ErrorResponse, error_payload
+from service.protocol.feedback import FeedbackRequest, FeedbackResponse, answer_key
 from service.protocol.generate import (
     MAX_MESSAGES,
     MAX_PROMPT_CHARS,
@@ -67,6 +68,8 @@ __all__ = [
     "ErrorDetail",
     "ErrorResponse",
     "FailedMember",
+    "FeedbackRequest",
+    "FeedbackResponse",
     "GenerateRequest",
     "GenerateResponse",
     "ModelCard",
@@ -84,5 +87,6 @@ __all__ = [
     "TokenCounts",
     "Usage",
     "Wire",
+    "answer_key",
     "error_payload",
 ]

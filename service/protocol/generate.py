@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -13,6 +14,24 @@ from pydantic import (
 
 MAX_PROMPT_CHARS = 200_000
 MAX_MESSAGES = 256
+# OpenAI's limits on a request's `metadata`: 16 pairs, keys of 64 characters, values of 512.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def _metadata_limits(v: dict[str, str] | None) -> dict[str, str] | None:
+    if v is None:
+        return v
+    if len(v) > METADATA_PAIRS:
+        raise ValueError(f"at most {METADATA_PAIRS} pairs")
+    for key, value in v.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise ValueError(f"keys of at most {METADATA_KEY_CHARS} characters")
+        if len(value) > METADATA_VALUE_CHARS:
+            raise ValueError(f"values of at most {METADATA_VALUE_CHARS} characters")
+    return v
+
+
+Metadata = Annotated[dict[str, str] | None, AfterValidator(_metadata_limits)]
 
 
 class Wire(BaseModel):
@@ -95,6 +114,7 @@ class GenerateRequest(Wire):
         description="Server-sent events: the answer in OpenAI chat chunks as it is generated, then one "
         "`ensemble.result` event with the whole response (ranking evidence included), then [DONE].",
     )
+    metadata: Metadata = Field(None, description="The client's own labels, kept with the answer in the store.")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:

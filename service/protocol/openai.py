@@ -22,6 +22,7 @@ from service.protocol.generate import (
     SAMPLING_EXTENSIONS,
     ChatMessage,
     GenerateRequest,
+    Metadata,
     SamplingExtensions,
     Usage,
     Wire,
@@ -115,6 +116,7 @@ class _OpenAIRequest(SamplingExtensions):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored.")
+    metadata: Metadata = Field(None, description="Kept with the answer in the store.")
     presence_penalty: float | None = Field(None, description="Only 0.")
     frequency_penalty: float | None = Field(None, description="Only 0.")
     logprobs: Any = Field(None, description="Not supported.")
@@ -172,8 +174,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
-    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
-    store: bool | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted (the gateway's store keeps every answer it records).")
 
     def unsupported(self) -> str | None:
         for f in UNSUPPORTED_CHAT_FIELDS:

@@ -14,6 +14,7 @@ from service.protocol.generate import (
     MAX_PROMPT_CHARS,
     ChatMessage,
     GenerateRequest,
+    Metadata,
     TokenCounts,
     Wire,
 )
@@ -25,8 +26,9 @@ TEXT_PARTS = ("input_text", "output_text", "text")
 
 class ResponsesRequest(Wire):
     """POST /v1/responses. Fields an ensemble cannot honour are refused with a 400 naming them;
-    harmless ones (``store``, ``metadata``, ``user``, caching hints) are accepted. Nothing is stored:
-    ``previous_response_id`` cannot be followed."""
+    harmless ones (``user``, caching hints) are accepted. With the gateway's store on, a response is
+    kept (``store``, default true) and can be read, deleted and continued
+    (``previous_response_id``) by the key that created it."""
 
     model: str = Field(description="An ensemble name (see GET /v1/models).")
     input: str | list[dict[str, Any]] = Field(description="Text, or a list of messages (`role`, `content`).")
@@ -36,9 +38,11 @@ class ResponsesRequest(Wire):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
-    metadata: dict[str, str] | None = Field(None, description="Echoed in the response.")
+    metadata: Metadata = Field(None, description="Echoed in the response and kept with it in the store.")
     user: str | None = Field(None, description="Accepted and ignored.")
-    store: bool | None = Field(None, description="Accepted; nothing is stored.")
+    store: bool | None = Field(
+        None, description="Whether the response can be read again and continued (default true; needs the store)."
+    )
     service_tier: str | None = Field(None, description="Accepted and ignored.")
     prompt_cache_key: str | None = Field(None, description="Accepted and ignored.")
     prompt_cache_retention: str | None = Field(None, description="Accepted and ignored.")
@@ -50,7 +54,9 @@ class ResponsesRequest(Wire):
     include: list[str] | None = Field(None, description="Only empty.")
     tools: list[Any] | None = Field(None, description="Only empty: an ensemble calls no tools.")
     tool_choice: Any = Field(None, description="Only `none` or `auto` (there are no tools).")
-    previous_response_id: str | None = Field(None, description="Not supported: nothing is stored.")
+    previous_response_id: str | None = Field(
+        None, max_length=128, description="Continue from a stored response: its turns come before `input`."
+    )
     conversation: Any = Field(None, description="Not supported: nothing is stored.")
     prompt: Any = Field(None, description="Not supported: stored prompt templates.")
     background: bool | None = Field(None, description="Only false.")
@@ -65,7 +71,7 @@ class ResponsesRequest(Wire):
             return "tools"
         if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice"
-        for f in ("previous_response_id", "conversation", "prompt", "reasoning"):
+        for f in ("conversation", "prompt", "reasoning"):
             if getattr(self, f) is not None:
                 return f
         if self.background:
@@ -80,9 +86,11 @@ class ResponsesRequest(Wire):
                 return "text"
         return None
 
-    def messages(self) -> list[ChatMessage]:
-        """The conversation: ``instructions`` as a system message, then the input."""
+    def messages(self, before: list[ChatMessage] | None = None) -> list[ChatMessage]:
+        """The conversation: ``instructions`` as a system message, the turns ``before`` (of the
+        previous response, whose instructions are not carried over), then the input."""
         out = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        out += before or []
         if isinstance(self.input, str):
             if len(self.input) > MAX_PROMPT_CHARS:
                 raise RequestError(f"input: at most {MAX_PROMPT_CHARS} characters", param="input")
@@ -95,11 +103,12 @@ class ResponsesRequest(Wire):
             out.append(_message(item, f"input.{i}"))
         return out
 
-    def to_generate(self) -> GenerateRequest:
-        """The request as /generate's; a ``RequestError`` names a field it cannot honour."""
+    def to_generate(self, before: list[ChatMessage] | None = None) -> GenerateRequest:
+        """The request as /generate's (after the turns ``before``); a ``RequestError`` names a field
+        it cannot honour."""
         refuse(self.unsupported())
         return GenerateRequest(
-            messages=self.messages(),
+            messages=self.messages(before),
             ensemble=self.model,
             max_tokens=self.max_output_tokens,
             temperature=self.temperature,
@@ -190,7 +199,7 @@ class ResponseObject(BaseModel):
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: str = "disabled"
     store: bool = False
-    previous_response_id: None = None
+    previous_response_id: str | None = None
     reasoning: None = None
     background: bool = False
     user: str | None = None

@@ -27,8 +27,9 @@ from service.telemetry.metrics import Metrics
 class Account:
     """One ensemble request's entry in the metrics; ``end`` counts it (only the first call counts)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, key_id: str | None = None):
         self.metrics = metrics
+        self.key_id = key_id  # the client key's id (``edge.auth.key_id``), when keys are on
         self.ensemble = "-"
         self.start = time.perf_counter()
         self.done = False
@@ -61,7 +62,7 @@ class EnsembleRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def accounted(request: Request) -> Response:
-            account = Account(request.app.state.metrics)
+            account = Account(request.app.state.metrics, getattr(request.state, "key_id", None))
             request.state.account = account
             try:
                 response = await handler(request)

@@ -21,7 +21,7 @@ from service.errors import GatewayError, NotFoundError, RequestError
 from service.ops.launcher import Launcher
 from service.protocol import error_payload
 from service.serving import edge
-from service.serving.api import admin, generate, health, openai, responses, status
+from service.serving.api import admin, feedback, generate, health, openai, responses, status
 from service.serving.build import Components
 from service.serving.runtime import Runtime
 from service.serving.summary import startup_summary
@@ -130,6 +130,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
+    app.include_router(feedback.router)
     app.include_router(admin.router)
     app.include_router(status.router)
     return app

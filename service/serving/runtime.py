@@ -101,6 +101,8 @@ class Runtime:
         return self.launcher.base_urls() if self.launcher is not None else {}
 
     async def start(self) -> Pipeline:
+        if self.lasting.store is not None:
+            await self.lasting.store.start()
         if not self._members_checked:
             self.config = await asyncio.to_thread(materialize, self.config)
         self.client = make_http_client(self.config.max_connections, self.config.member_http)
@@ -154,6 +156,8 @@ class Runtime:
             for fuser in self.pipeline.fusers.values():
                 fuser.close()
         self.bases.close()
+        if self.lasting.store is not None:
+            await self.lasting.store.close()
         # Runtime-loaded adapters stay loaded: other gateway replicas may share the server.
         # They are unloaded only when their member leaves the configuration.
 
@@ -192,6 +196,8 @@ class Runtime:
             self.reloads += 1
             summary = reload.summary(old, built, started, retired)
             summary["took_ms"] = round((time.perf_counter() - start) * 1000, 1)
+            if new.store != old.config.store:
+                summary["restart_needed"] = ["store"]  # the store is opened once, at start-up
             task = asyncio.create_task(reload.retire(old, built.pipeline, retired, self.launcher))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)

@@ -25,7 +25,7 @@ class ServingGenerate(Serving):
     """POST /generate."""
 
     async def create(self, body: GenerateRequest) -> Response:
-        query = self.begin(query_of(body))
+        query = self.begin(query_of(body), body.metadata)
         if not body.stream:
             answer = await self.pipeline.answer(query)
             return model_json(generate_response(answer, body.return_candidates), exclude_none=True)

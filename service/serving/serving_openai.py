@@ -59,7 +59,7 @@ class _ServingOpenAI(Serving):
         return []
 
     async def answer(self, body: ChatCompletionRequest | CompletionRequest, request: GenerateRequest) -> Response:
-        query = self.begin(query_of(request, "model"))
+        query = self.begin(query_of(request, "model"), body.metadata)
         asked = request.return_candidates
         if not body.stream:
             answer = await self.pipeline.answer(query)
@@ -93,6 +93,7 @@ class ServingChat(_ServingOpenAI):
     """POST /v1/chat/completions."""
 
     prefix = "chatcmpl-"
+    api = "chat"
     response = ChatCompletionResponse
 
     async def create(self, body: ChatCompletionRequest) -> Response:
@@ -114,6 +115,7 @@ class ServingCompletion(_ServingOpenAI):
     """POST /v1/completions."""
 
     prefix = "cmpl-"
+    api = "completions"
     response = CompletionResponse
 
     async def create(self, body: CompletionRequest) -> Response:

@@ -119,3 +119,15 @@ class Metrics:
         )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served.", registry=r)
         self.ready = Gauge("gateway_ready", "1 when the gateway is ready to serve.", registry=r)
+        # The store of answers (service/store): written off the request path.
+        self.store_written = Counter("gateway_store_records_written", "Answer records written.", registry=r)
+        self.store_dropped = Counter(
+            "gateway_store_records_dropped",
+            "Answer records dropped: queue_full, db_error, timeout, shutdown.",
+            ["reason"],
+            registry=r,
+        )
+        self.store_queue_depth = Gauge("gateway_store_queue_depth", "Answer records waiting to be written.", registry=r)
+        self.feedback = Counter(
+            "gateway_feedback_received", "Feedback accepted, by ensemble.", ["ensemble"], registry=r
+        )

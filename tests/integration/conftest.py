@@ -185,3 +185,13 @@ def _stop_and_check(proc: subprocess.Popen[bytes], log: Path) -> None:
         proc.wait()
     assert code == 0, f"gateway did not exit cleanly on SIGTERM (code {code}):\n{_log_tail(log)}"
     assert not alive, f"processes left running after SIGTERM: {[p.pid for p in alive]}"
+
+
+# A real PostgreSQL server (tests/postgres.py) for the store's tests: started once, on first use.
+from tests.postgres import Postgres, running_postgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    with running_postgres() as pg:
+        yield pg

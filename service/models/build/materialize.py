@@ -22,7 +22,7 @@ from typing import Any
 
 from service.config import GatewayConfig, LoRAMemberConfig, ServerConfig
 from service.members.checks import check_members
-from service.models.build.cache import default_cache_root, tree_fingerprint
+from service.models.build.cache import tree_fingerprint
 from service.models.build.merges import build_merge, merge_inputs
 from service.models.build.soups import build_soup, soup_inputs
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def cache_root(config: GatewayConfig) -> Path:
-    return Path(os.path.expanduser(config.cache_dir)) if config.cache_dir else default_cache_root()
+    return config.cache_root()
 
 
 def _version(dist: str) -> str:

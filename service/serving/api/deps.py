@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 
 from service.serving.accounting import Account
 from service.serving.runtime import Runtime
+from service.serving.serving_feedback import ServingFeedback
 from service.serving.serving_generate import ServingGenerate
 from service.serving.serving_openai import ServingChat, ServingCompletion
 from service.serving.serving_responses import ServingResponses
@@ -51,9 +52,15 @@ async def get_responses(request: Request) -> ServingResponses:
     return ServingResponses(request.app.state.runtime.current(), _account(request))
 
 
+async def get_feedback(request: Request) -> ServingFeedback:
+    runtime: Runtime = request.app.state.runtime
+    return ServingFeedback(runtime.lasting.store, getattr(request.state, "key_id", None), runtime.metrics)
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 GenerateDep = Annotated[ServingGenerate, Depends(get_generate)]
 ChatDep = Annotated[ServingChat, Depends(get_chat)]
 CompletionDep = Annotated[ServingCompletion, Depends(get_completion)]
 ResponsesDep = Annotated[ServingResponses, Depends(get_responses)]
+FeedbackDep = Annotated[ServingFeedback, Depends(get_feedback)]

@@ -3,6 +3,7 @@ against every configured key. Routes declare who may call them (``access``)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable
 
@@ -20,6 +21,11 @@ def _key_matches(given: str, keys: list[str]) -> bool:
     for key in keys:
         found |= hmac.compare_digest(given.encode(), key.encode())
     return found
+
+
+def key_id(key: str) -> str:
+    """What names a client key in the store and the logs: a digest, never the key."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class AuthMiddleware:
@@ -59,5 +65,8 @@ class AuthMiddleware:
                 raise AuthenticationError("a valid admin key is required", code="invalid_api_key")
             return
         keys = auth.client_keys()
-        if keys and (not given or not _key_matches(given, keys)):
+        if not keys:
+            return
+        if not given or not _key_matches(given, keys):
             raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
+        scope.setdefault("state", {})["key_id"] = key_id(given)

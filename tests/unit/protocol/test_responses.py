@@ -39,7 +39,7 @@ def test_instructions_lead_and_parts_join() -> None:
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}, "input.0.content.0"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input.0.role"),
         ({"input": "q", "tools": [{"type": "web_search"}]}, "tools"),
-        ({"input": "q", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": "q", "conversation": "conv_1"}, "conversation"),
         ({"input": []}, "input"),
     ],
 )
