@@ -1,5 +1,5 @@
 """Command line: ``ensemble-gateway serve | check-config | merge | make-tiny-models | train | suite | eval |
-train-ranker``."""
+train-ranker | export | retrain-ranker``."""
 
 from __future__ import annotations
 
@@ -103,27 +103,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from service.quality.cli import run_eval
 
     return run_eval(args)
-
-
-def cmd_train_ranker(args: argparse.Namespace) -> int:
-    import json
-
-    from service.quality.train_ranker import FineTune, fine_tune
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    fit = FineTune(steps=args.steps, lr=args.lr, seed=args.seed, batch=args.batch, warmup=args.warmup)
-    try:
-        result = fine_tune(args.checkpoint, args.data, args.out, fit, args.heldout)
-    except (OSError, ValueError) as e:
-        print(f"ensemble-gateway train-ranker: {e}", file=sys.stderr)
-        return 2
-    for bad in result["bad_lines"]:
-        print(f"{args.data}:{bad['line']}: skipped: {bad['why']}", file=sys.stderr)
-    print(json.dumps(result, indent=1))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,25 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pairs-out", type=Path, help="also write {source, chosen, rejected} pairs for train-ranker")
     ev.set_defaults(func=cmd_eval)
 
-    tr = sub.add_parser(
-        "train-ranker",
-        help="fine-tune a PairRM-hf checkpoint on preference pairs; writes a checkpoint the gateway serves",
-        description="Fine-tune any PairRM-hf checkpoint on JSONL preferences ({source, chosen, rejected}, or "
-        "{source, candidates, ranks} with 1 = best) with llm-blender's pairwise objective; report the held-out "
-        "pairwise accuracy before and after. `ensemble-gateway eval --pairs-out` makes such pairs from an "
-        "ensemble's own candidates.",
-    )
-    tr.add_argument("--checkpoint", type=Path, required=True, help="the PairRM-hf directory to start from")
-    tr.add_argument("--data", type=Path, required=True, help="JSONL preferences")
-    tr.add_argument("--out", type=Path, required=True, help="where the fine-tuned checkpoint goes")
-    tr.add_argument("--steps", type=int, default=300)
-    tr.add_argument("--lr", type=float, default=3e-5)
-    tr.add_argument("--batch", type=int, default=16, help="comparisons per step (a pair gives two, one per order)")
-    tr.add_argument("--warmup", type=int, default=30)
-    tr.add_argument("--heldout", type=float, default=0.1, help="share of sources kept aside (default 0.1)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--threads", type=int, help="torch threads")
-    tr.set_defaults(func=cmd_train_ranker)
+    from service.quality.learn_cli import add_commands
+
+    add_commands(sub)  # train-ranker, export, retrain-ranker
 
     ad = sub.add_parser(
         "adapter-server",

@@ -63,7 +63,7 @@ class Postgres:
             try:
                 user = pwd.getpwnam(USER)
             except KeyError:
-                pytest.fail(f"as root, PostgreSQL runs as the {USER!r} user, which is missing (the postgresql package adds it)")
+                pytest.fail(f"as root, PostgreSQL runs as the {USER!r} user: missing (the postgresql package adds it)")
             for path in (self.root, self.sockets):
                 os.chown(path, user.pw_uid, user.pw_gid)
         self._run("initdb", "--auth=trust", f"--username={USER}", "--no-sync", "--encoding=UTF8", "-D", str(self.data))

@@ -100,6 +100,15 @@ def fine_tune(checkpoint: Path, data: Path, out: Path, fit: FineTune, heldout: f
     pairs, bad = read_preferences(data)
     if not pairs:
         raise ValueError(f"no usable preference in {data}")
+    result = fine_tune_pairs(checkpoint, pairs, out, fit, heldout)
+    result["bad_lines"] = [{"line": n, "why": w} for n, w in bad]
+    return result
+
+
+def fine_tune_pairs(
+    checkpoint: Path, pairs: Sequence[ranker.Pair], out: Path, fit: FineTune, heldout: float = 0.1
+) -> dict[str, Any]:
+    """Train ``checkpoint`` on ``pairs`` (a share of their sources held out), save it to ``out``."""
     train, test = split(pairs, heldout, fit.seed)
     model, tok = ranker.load(checkpoint)
     before = accuracy(model, tok, test)
@@ -112,7 +121,6 @@ def fine_tune(checkpoint: Path, data: Path, out: Path, fit: FineTune, heldout: f
         "checkpoint": str(checkpoint),
         "out": str(out),
         "pairs": {"train": len(train), "heldout": len(test)},
-        "bad_lines": [{"line": n, "why": w} for n, w in bad],
         "heldout_accuracy": {"before": before, "after": after},
         "final_loss": loss,
     }

@@ -68,6 +68,8 @@ def serve(config_file: Path, tmp: Path) -> Iterator[Gateway]:
     data = yaml.safe_load(config_file.read_text())
     for server in data["servers"]:
         server["port"] = free_port()
+    if isinstance(data.get("store"), dict) and "url" not in data["store"]:
+        data["store"]["url"] = f"sqlite:///{tmp / 'store.db'}"  # each gateway its own store
     cfg_path = tmp / config_file.name
     cfg_path.write_text(yaml.safe_dump(data))
     config = parse_config(cfg_path.read_text())
