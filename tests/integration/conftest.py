@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -187,6 +188,45 @@ def _stop_and_check(proc: subprocess.Popen[bytes], log: Path) -> None:
         proc.wait()
     assert code == 0, f"gateway did not exit cleanly on SIGTERM (code {code}):\n{_log_tail(log)}"
     assert not alive, f"processes left running after SIGTERM: {[p.pid for p in alive]}"
+
+
+# The learning loop's gateway (tests/integration/test_learning.py, the README's commands).
+def learning_config(tiny: Path) -> dict[str, Any]:
+    return {
+        "servers": [
+            {
+                "name": "base-b",
+                "model": str(tiny / "llama-b"),
+                "served_model_names": ["tiny-llama-b"],
+                "args": ["--max-model-len", "512", "--dtype", "float32", "--enforce-eager"],
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+            }
+        ],
+        "members": [
+            {
+                "name": "b",
+                "server": "base-b",
+                "model": "tiny-llama-b",
+                "samples": 3,
+                "sampling": {"max_tokens": 12, "temperature": 1.0},
+                "timeout_s": 30,
+            }
+        ],
+        "rankers": {"pairrm": {"checkpoint": str(tiny / "pairrm"), "device": "cpu", "dtype": "float32"}},
+        "ensembles": {"ranked": {"members": ["b"], "ranker": "pairrm", "fuse_top_k": 1, "deadline_s": 60}},
+        "store": {},
+    }
+
+
+@pytest.fixture(scope="session")
+def learner(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One vLLM member sampled three times, the tiny PairRM, a store: the learning loop's gateway
+    (its ranker is replaced by the tests, so it is its own)."""
+    tmp = tmp_path_factory.mktemp("learning")
+    path = tmp / "learning.yaml"
+    path.write_text(yaml.safe_dump(learning_config(tiny_models)))
+    with serve(path, tmp) as gw:
+        yield gw
 
 
 # A real PostgreSQL server (tests/postgres.py) for the store's tests: started once, on first use.

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,45 +17,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import ADMIN_KEY, ROOT, Gateway, serve
+from tests.integration.conftest import ADMIN_KEY, ROOT, Gateway
 
 pytestmark = pytest.mark.integration
-
-
-def config(tiny: Path) -> dict[str, Any]:
-    return {
-        "servers": [
-            {
-                "name": "base-b",
-                "model": str(tiny / "llama-b"),
-                "served_model_names": ["tiny-llama-b"],
-                "args": ["--max-model-len", "512", "--dtype", "float32", "--enforce-eager"],
-                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
-            }
-        ],
-        "members": [
-            {
-                "name": "b",
-                "server": "base-b",
-                "model": "tiny-llama-b",
-                "samples": 3,
-                "sampling": {"max_tokens": 12, "temperature": 1.0},
-                "timeout_s": 30,
-            }
-        ],
-        "rankers": {"pairrm": {"checkpoint": str(tiny / "pairrm"), "device": "cpu", "dtype": "float32"}},
-        "ensembles": {"ranked": {"members": ["b"], "ranker": "pairrm", "fuse_top_k": 1, "deadline_s": 60}},
-        "store": {},
-    }
-
-
-@pytest.fixture(scope="module")
-def learner(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("learning")
-    path = tmp / "learning.yaml"
-    path.write_text(yaml.safe_dump(config(tiny_models)))
-    with serve(path, tmp) as gw:
-        yield gw
 
 
 def retrain(gw: Gateway, out: Path, *extra: str) -> dict[str, Any]:

@@ -149,3 +149,43 @@ def test_a_broken_snippet_fails_check_config(trained_models: Path, tmp_path: Pat
     exe = Path(sys.executable).with_name("ensemble-gateway")
     done = subprocess.run([str(exe), "check-config", str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "y" in done.stderr
+
+
+def learning_commands() -> list[str]:
+    """The README's store commands (export, retrain-ranker), each joined over its continued lines."""
+    out = []
+    for block in blocks("sh"):
+        text = block.replace("\\\n", " ")
+        out += [line.strip() for line in text.splitlines() if line.strip().startswith("ensemble-gateway ")]
+    return out
+
+
+README_STORE = "sqlite:///.cache/ensemble-gateway/store.db"
+
+
+def test_readme_learning_commands_run(learner: Gateway, tmp_path: Path) -> None:
+    """The README's commands, on the learning gateway (its store, its config, its address): the
+    demo's own ranker must stay what the other tests measure. With little feedback in its store the
+    loop may decline to train; it must run and say so."""
+    commands = learning_commands()
+    assert [c.split()[1] for c in commands] == ["export", "retrain-ranker"]
+    store = f"sqlite:///{learner.config_path.parent / 'store.db'}"
+    for command in commands:
+        line = command.replace(README_STORE, store).replace("config/demo.yaml", str(learner.config_path))
+        line = (
+            at(learner.url, line)
+            .replace("feedback/", str(tmp_path / "feedback"))
+            .replace("rankers/", str(tmp_path / "rankers"))
+        )
+        args = shlex.split(line)
+        args[0] = str(Path(sys.executable).with_name("ensemble-gateway"))
+        if args[1] == "retrain-ranker":
+            args += ["--steps", "10", "--threads", "1", "--min-gain", "1.0"]  # quick; never swaps the shared ranker
+        env = {**os.environ, "GATEWAY_ADMIN_KEY": "integration-admin-key"}
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+        report = json.loads(done.stdout)
+        if args[1] == "export":
+            assert (tmp_path / "feedback" / "records.jsonl").exists() and "pairs" in report
+        else:
+            assert report["swapped"] is False and report["why"]
