@@ -109,7 +109,11 @@ def run(parts: list[str], quick: bool, real_shape: str) -> dict[str, Any]:
             "gateway",
             gateway.run,
             gateway.Workload(
-                c1_requests=20, blocks=1, load_seconds=1.0, clients=("httpx_aiohttp", "aiohttp"), gateways=("shipped",)
+                c1_requests=20,
+                blocks=1,
+                load_seconds=1.0,
+                clients=("httpx_aiohttp", "aiohttp"),
+                gateways=("shipped", "store"),
             )
             if quick
             else gateway.Workload(c1_requests=100, blocks=3, load_seconds=5.0),

@@ -48,11 +48,12 @@ class Workload:
     blocks: int
     load_seconds: float
     clients: tuple[str, ...] = ("httpx_aiohttp", "httpx", "aiohttp")
-    gateways: tuple[str, ...] = ("shipped", "httpx")
+    gateways: tuple[str, ...] = ("shipped", "httpx", "store")
 
 
-def gateway_config(stub_urls: list[str], variant: str = "shipped") -> dict[str, Any]:
-    """``shipped``: the default config; ``httpx``: the same on httpx's own connection pool."""
+def gateway_config(stub_urls: list[str], variant: str = "shipped", tmp: Path | None = None) -> dict[str, Any]:
+    """``shipped``: the default config; ``httpx``: the same on httpx's own connection pool;
+    ``store``: the same recording every answer in an SQLite store (in ``tmp``)."""
     members = [
         {"name": f"m{i}", "endpoint": url, "model": "ok", "timeout_s": 5.0, "sampling": {"max_tokens": 16}}
         for i, url in enumerate(stub_urls)
@@ -60,6 +61,8 @@ def gateway_config(stub_urls: list[str], variant: str = "shipped") -> dict[str, 
     cfg: dict[str, Any] = {"members": members, "ensembles": {"bench": {"members": [m["name"] for m in members]}}}
     if variant == "httpx":
         cfg["member_http"] = "httpx"
+    if variant == "store":
+        cfg["store"] = {"url": f"sqlite:///{(tmp or Path(tempfile.gettempdir())) / 'bench-store.db'}"}
     return cfg
 
 
@@ -195,6 +198,14 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
         "overhead_p50_ms": p50["gateway"] - floor,
         "floor_ratio": p50["gateway"] / floor,
         "rps": load["gateway"].rps,
+        # The store's cost (a record queued per answer, batched inserts into SQLite), same run.
+        "store": {
+            "c1_p50_ratio": p50["gateway_store"] / p50["gateway"],
+            "rps_ratio": load["gateway_store"].rps / load["gateway"].rps,
+            "cpu_ratio": cpu["gateway_store"] / cpu["gateway"] if cpu.get("gateway") else None,
+        }
+        if "gateway_store" in p50
+        else None,
     }
 
 
@@ -249,7 +260,7 @@ def run(w: Workload) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(stub_server(delay_ms=LATENCY_MS)) for _ in range(MEMBERS)]
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gateway-")))
-        gateways = {v: stack.enter_context(serve(gateway_config(urls, v), tmp, v)) for v in w.gateways}
+        gateways = {v: stack.enter_context(serve(gateway_config(urls, v, tmp), tmp, v)) for v in w.gateways}
         logger.info("gateway: %s over %d stubs", gateways, len(urls))
         try:
             import uvloop

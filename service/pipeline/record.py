@@ -4,7 +4,6 @@ came, ranked first and were selected (metrics, the status book) and one ``answer
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -86,11 +85,13 @@ def answer_record(answer: Answer, fusion: Fusion, plan: Plan, config_digest: str
             "fuse_top_k": plan.fuse_top_k,
             "selected": answer.selected,
         },
-        candidates=[dataclasses.asdict(c) for c in answer.candidates],
-        failed=[dataclasses.asdict(f) for f in answer.failed_members],
+        candidates=[
+            dict(vars(c)) for c in answer.candidates
+        ],  # flat dataclasses: vars() is asdict() without its deep copy
+        failed=[dict(vars(f)) for f in answer.failed_members],
         degraded_reasons=list(answer.degraded_reasons),
-        timings_ms=dataclasses.asdict(answer.timings_ms),
-        usage=dataclasses.asdict(answer.usage),
+        timings_ms=dict(vars(answer.timings_ms)),
+        usage={**vars(answer.usage), "members": {k: dict(vars(v)) for k, v in answer.usage.members.items()}},
         finish_reason=answer.finish_reason,
         request=dict(origin.echo) if origin.echo else None,
         retrievable=origin.retrievable,

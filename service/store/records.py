@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -55,7 +55,8 @@ class AnswerRecord:
     retrievable: bool = True
 
     def row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as the table's row (shallow: a record is built fresh for each answer)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -71,4 +72,4 @@ class FeedbackRecord:
     comment: str | None = None
 
     def row(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}

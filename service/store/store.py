@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -36,6 +37,12 @@ def store_url(config: StoreConfig, cache_dir: Path) -> sa.URL:
     return url.set(drivername=STORE_DRIVERS[url.drivername])
 
 
+def _json(value: Any) -> str:
+    """JSON columns through orjson: json.dumps took 35 µs of the ~50 µs a record cost to write
+    (9 JSON columns; /tmp profile of 2,000 records), on the event loop's thread."""
+    return orjson.dumps(value).decode()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer
@@ -51,11 +58,12 @@ class Store:
         if self.url.get_backend_name() == "sqlite":
             if self.url.database:
                 Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: AsyncEngine = create_async_engine(self.url)
+            self.engine: AsyncEngine = create_async_engine(self.url, json_serializer=_json)
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_async_engine(
                 self.url,
+                json_serializer=_json,
                 pool_pre_ping=True,
                 connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": config.write_timeout_s},
             )

@@ -32,6 +32,10 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 VLLM_IMAGE = "vllm/vllm-openai"
 ADAPTERS_IMAGE = "ensemble-gateway-adapters"  # deploy/Dockerfile.adapters
 VLLM_PORT = 8000
+POSTGRES_IMAGE = "postgres"  # the official image: the store of answers and feedback
+POSTGRES_PORT = 5432
+# The Secrets deploy/k8s generates, each from an env file whose committed example is named here.
+K8S_SECRET_EXAMPLES = {"gateway-secrets": "secrets.env.example", "postgres-secrets": "postgres-secrets.env.example"}
 
 
 def require_tool(name: str, install: str) -> str:
@@ -81,14 +85,16 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def rendered_k8s(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """`kubectl kustomize deploy/k8s`, with secrets.env written from its committed example."""
+    """`kubectl kustomize deploy/k8s`, with each secrets file (secrets.env, postgres-secrets.env)
+    written from its committed example."""
     kubectl = require_tool(
         "kubectl", "kustomize is built into kubectl (`kubectl kustomize`); install kubectl to render deploy/k8s"
     )
     work = tmp_path_factory.mktemp("kustomize")
-    shutil.copytree(DEPLOY, work / "deploy", ignore=shutil.ignore_patterns("secrets.env", ".env"))
+    shutil.copytree(DEPLOY, work / "deploy", ignore=shutil.ignore_patterns("*.env"))
     k8s = work / "deploy" / "k8s"
-    shutil.copy(k8s / "secrets.env.example", k8s / "secrets.env")
+    for example in K8S_SECRET_EXAMPLES.values():
+        shutil.copy(k8s / example, k8s / example.removesuffix(".example"))
     proc = subprocess.run([kubectl, "kustomize", str(k8s)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"kubectl kustomize deploy/k8s failed:\n{proc.stderr}"
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]

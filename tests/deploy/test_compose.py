@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from service.config import load_config
 from tests.deploy.conftest import (
@@ -14,6 +16,8 @@ from tests.deploy.conftest import (
     COMPOSE_FILE,
     DEPLOY,
     EXAMPLE_CONFIG,
+    POSTGRES_IMAGE,
+    POSTGRES_PORT,
     PROMETHEUS_CONFIG,
     ROOT,
     VLLM_IMAGE,
@@ -21,6 +25,8 @@ from tests.deploy.conftest import (
     Server,
     check_members_served,
 )
+
+COMPOSE_ENV_EXAMPLE = DEPLOY / "compose.env.example"
 
 
 def _vllm_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -45,6 +51,7 @@ def test_compose_spec_schema() -> None:
 def test_every_member_is_served(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LLAMA_EMBEDS_URL", raising=False)
     monkeypatch.delenv("ADAPTERS_DIR", raising=False)
+    monkeypatch.setenv("STORE_PASSWORD", "from-deploy-env")
     config = load_config(EXAMPLE_CONFIG)
     member_servers = {
         **_vllm_services(compose),
@@ -122,3 +129,56 @@ def test_grafana_provisioning_paths(compose: dict[str, Any]) -> None:
     datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
     assert [d["url"] for d in datasources] == ["http://prometheus:9090"]
     assert provisioning.resolve() == (DEPLOY / "grafana" / "provisioning").resolve()
+
+
+def _env_var(value: str) -> str:
+    """The variable a compose value interpolates: `${NAME}`, `${NAME:-x}`, `${NAME:?msg}`."""
+    m = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}", value)
+    assert m, f"not a single variable: {value!r}"
+    return m.group(1)
+
+
+def test_postgres_service(compose: dict[str, Any]) -> None:
+    """The store's PostgreSQL: the official image at a pinned version, its data on a named volume,
+    healthy when pg_isready answers over TCP, not published on the host."""
+    postgres = compose["services"]["postgres"]
+    image, _, tag = postgres["image"].partition(":")
+    assert image == POSTGRES_IMAGE and tag.startswith("16.") and tag.count(".") == 1, postgres["image"]
+    test = postgres["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "pg_isready" and "-h" in test, test
+    assert "ports" not in postgres, "the database is for the gateway only"
+    volume, _, path = next(v for v in postgres["volumes"] if v.endswith(":/var/lib/postgresql/data")).partition(":")
+    assert volume in compose["volumes"], f"volume {volume} is not declared"
+    assert path == "/var/lib/postgresql/data"
+
+
+def test_gateway_waits_for_postgres_and_shares_its_password(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gateway, postgres = services["gateway"], services["postgres"]
+    assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"
+    password = _env_var(postgres["environment"]["POSTGRES_PASSWORD"])
+    assert _env_var(gateway["environment"]["STORE_PASSWORD"]) == password
+    # Required, like the API keys: compose refuses to start without it.
+    assert ":?" in postgres["environment"]["POSTGRES_PASSWORD"]
+    assert ":?" in gateway["environment"]["STORE_PASSWORD"]
+    example = {
+        line.split("=", 1)[0] for line in COMPOSE_ENV_EXAMPLE.read_text().splitlines() if line and line[0] != "#"
+    }
+    assert password in example, f"{password} is missing from deploy/compose.env.example"
+
+
+def test_store_url_points_at_the_postgres_service(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config the gateway mounts reaches the postgres service, as the user and database it
+    creates, with the password compose hands the gateway as STORE_PASSWORD."""
+    monkeypatch.setenv("STORE_PASSWORD", "from-deploy-env")
+    monkeypatch.delenv("ADAPTERS_DIR", raising=False)
+    config = load_config(EXAMPLE_CONFIG)
+    assert config.store is not None and config.store.url is not None
+    url = make_url(config.store.url)
+    postgres = compose["services"]["postgres"]
+    assert url.get_backend_name() == "postgresql"
+    assert url.host == "postgres" and url.host in compose["services"]
+    assert url.port == POSTGRES_PORT
+    assert url.username == postgres["environment"]["POSTGRES_USER"]
+    assert url.database == postgres["environment"]["POSTGRES_DB"]
+    assert url.password == "from-deploy-env"

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from service.cli import main
-from service.config import load_config
-from tests.deploy.conftest import EXAMPLE_CONFIG
+from service.config import load_config, parse_config
+from service.errors import ConfigError
+from tests.deploy.conftest import EXAMPLE_CONFIG, POSTGRES_PORT
 
 
 @pytest.mark.parametrize(
@@ -21,6 +23,7 @@ def test_check_config_passes(
 ) -> None:
     """The real `ensemble-gateway check-config`, adapters included (stand-ins in PEFT format)."""
     monkeypatch.setenv("ADAPTERS_DIR", str(adapters_dir))
+    monkeypatch.setenv("STORE_PASSWORD", "from-the-environment")
     if embeds_url is None:
         monkeypatch.delenv("LLAMA_EMBEDS_URL", raising=False)
     else:
@@ -31,6 +34,7 @@ def test_check_config_passes(
 
 def test_real_models_and_no_launched_servers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ADAPTERS_DIR", raising=False)
+    monkeypatch.setenv("STORE_PASSWORD", "from-the-environment")
     config = load_config(EXAMPLE_CONFIG)
     assert config.servers == [], "in compose and Kubernetes the members are servers of their own"
     assert {r.checkpoint for r in config.rankers.values()} == {"llm-blender/PairRM-hf"}
@@ -39,3 +43,25 @@ def test_real_models_and_no_launched_servers(monkeypatch: pytest.MonkeyPatch) ->
     assert {m.kind for m in config.members} == {"model", "lora", "soft_prompt", "bottleneck"}
     # Adapters are where the containers mount them.
     assert all(m.adapter.startswith("/adapters/") for m in config.members if m.adapter)
+
+
+def test_store_is_postgresql_with_the_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several gateway replicas share one PostgreSQL (the `postgres` service in compose and in
+    Kubernetes); the file holds no password, only `${STORE_PASSWORD}`."""
+    from service.store.store import store_url
+
+    monkeypatch.setenv("STORE_PASSWORD", "s3cret-hex")
+    config = parse_config(EXAMPLE_CONFIG.read_text(), str(EXAMPLE_CONFIG))
+    assert config.store is not None and config.store.url is not None
+    url = make_url(config.store.url)
+    assert url.drivername == "postgresql"
+    assert (url.host, url.port, url.password) == ("postgres", POSTGRES_PORT, "s3cret-hex")
+    assert store_url(config.store, config.cache_root()).drivername == "postgresql+asyncpg"
+    assert all(e.store for e in config.ensembles.values()), "every example ensemble is recorded"
+
+
+def test_store_password_has_no_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without STORE_PASSWORD the gateway refuses the file, rather than connecting with none."""
+    monkeypatch.delenv("STORE_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match="STORE_PASSWORD"):
+        parse_config(EXAMPLE_CONFIG.read_text(), str(EXAMPLE_CONFIG))

@@ -8,9 +8,19 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from service.config import expand_env, parse_config
-from tests.deploy.conftest import DEPLOY, EXAMPLE_CONFIG, VLLM_PORT, Server, check_members_served
+from tests.deploy.conftest import (
+    DEPLOY,
+    EXAMPLE_CONFIG,
+    K8S_SECRET_EXAMPLES,
+    POSTGRES_IMAGE,
+    POSTGRES_PORT,
+    VLLM_PORT,
+    Server,
+    check_members_served,
+)
 
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes these manifests are meant for
 
@@ -35,6 +45,45 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def _gateway(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return _by_kind(docs, "Deployment")["ensemble-gateway"]
+
+
+def _postgres(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _by_kind(docs, "StatefulSet")["postgres"]
+
+
+def _workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Everything that runs pods: Deployments and StatefulSets, by name."""
+    return {**_by_kind(docs, "Deployment"), **_by_kind(docs, "StatefulSet")}
+
+
+def _generated(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """A generated ConfigMap or Secret by its name without kustomize's hash suffix."""
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].rsplit("-", 1)[0] == name]
+    return found
+
+
+def _secret_refs(workload: dict[str, Any]) -> set[str]:
+    """Every Secret a workload's pods can read: env, envFrom and volumes, init containers too."""
+    pod = workload["spec"]["template"]["spec"]
+    names = set()
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        for e in c.get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                names.add(e["valueFrom"]["secretKeyRef"]["name"])
+        names |= {src["secretRef"]["name"] for src in c.get("envFrom", []) if "secretRef" in src}
+    for v in pod.get("volumes", []):
+        if "secret" in v:
+            names.add(v["secret"]["secretName"])
+        for src in v.get("projected", {}).get("sources", []):
+            if "secret" in src:
+                names.add(src["secret"]["name"])
+    return names
+
+
+def _network_policies_for(docs: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        p for p in _by_kind(docs, "NetworkPolicy").values() if _selects(p["spec"]["podSelector"]["matchLabels"], labels)
+    ]
 
 
 def _members(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -64,10 +113,17 @@ def test_the_expected_resources(rendered_k8s: list[dict[str, Any]]) -> None:
         ("HorizontalPodAutoscaler", "ensemble-gateway"),
         ("PodDisruptionBudget", "ensemble-gateway"),
         ("NetworkPolicy", "members-from-gateway-only"),
+        ("StatefulSet", "postgres"),
+        ("Service", "postgres"),
+        ("NetworkPolicy", "postgres-from-gateway-only"),
     ]:
         assert wanted in names, wanted
     generated = sorted(n for k, n in names if k in ("ConfigMap", "Secret"))
-    assert [n.rsplit("-", 1)[0] for n in generated] == ["ensemble-gateway-config", "gateway-secrets"], generated
+    assert [n.rsplit("-", 1)[0] for n in generated] == [
+        "ensemble-gateway-config",
+        "gateway-secrets",
+        "postgres-secrets",
+    ], generated
     assert {d["metadata"].get("namespace") for d in rendered_k8s if d["kind"] != "Namespace"} == {"ensemble"}
 
 
@@ -88,7 +144,7 @@ def test_config_map_is_the_example_config(rendered_k8s: list[dict[str, Any]]) ->
 
 
 def test_gateway_keys_come_from_the_secret(rendered_k8s: list[dict[str, Any]]) -> None:
-    (secret,) = [d for d in rendered_k8s if d["kind"] == "Secret"]
+    secret = _generated(rendered_k8s, "Secret", "gateway-secrets")
     env = {e["name"]: e for e in _container(_gateway(rendered_k8s))["env"]}
     config = load_config_with_env(rendered_k8s)
     for var in (config.auth.api_keys_env, config.auth.admin_key_env):
@@ -96,9 +152,18 @@ def test_gateway_keys_come_from_the_secret(rendered_k8s: list[dict[str, Any]]) -
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"], var
 
 
+SECRET_PLACEHOLDER = "from-the-secret"
+
+
 def load_config_with_env(docs: list[dict[str, Any]]) -> Any:
-    """The example config as the gateway pod reads it: with the Deployment's plain env values."""
-    env = {e["name"]: e["value"] for e in _container(_gateway(docs))["env"] if "value" in e}
+    """The example config as the gateway pod reads it: with the Deployment's plain env values, and
+    a placeholder for each one that a Secret supplies (no other variable is set in the pod)."""
+    env = {}
+    for e in _container(_gateway(docs))["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = SECRET_PLACEHOLDER
     return parse_config(expand_env(EXAMPLE_CONFIG.read_text(), env), str(EXAMPLE_CONFIG))
 
 
@@ -156,7 +221,7 @@ def test_gateway_is_non_root_and_scaled(rendered_k8s: list[dict[str, Any]]) -> N
 
 
 def test_only_the_gateway_reaches_the_members(rendered_k8s: list[dict[str, Any]]) -> None:
-    (policy,) = _by_kind(rendered_k8s, "NetworkPolicy").values()
+    policy = _by_kind(rendered_k8s, "NetworkPolicy")["members-from-gateway-only"]
     selector = policy["spec"]["podSelector"]["matchLabels"]
     members = _members(rendered_k8s)
     assert all(_selects(selector, _pod_labels(d)) for d in members.values()), "a member pod is not covered"
@@ -176,18 +241,29 @@ def test_only_the_gateway_reaches_the_members(rendered_k8s: list[dict[str, Any]]
 
 
 def test_secrets_example_lists_every_key_the_manifests_use(rendered_k8s: list[dict[str, Any]]) -> None:
-    example = {
-        line.split("=", 1)[0]
-        for line in (DEPLOY / "k8s" / "secrets.env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    }
-    used = {
-        e["valueFrom"]["secretKeyRef"]["key"]
-        for d in _by_kind(rendered_k8s, "Deployment").values()
-        for e in _container(d).get("env", [])
-        if "secretKeyRef" in e.get("valueFrom", {})
-    }
-    assert used <= example, f"missing from secrets.env.example: {used - example}"
+    """Each generated Secret's example file lists every key the pods read from that Secret."""
+    used: dict[str, set[str]] = {}
+    for d in _workloads(rendered_k8s).values():
+        for e in _container(d).get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                used.setdefault(ref["name"].rsplit("-", 1)[0], set()).add(ref["key"])
+    assert set(used) <= set(K8S_SECRET_EXAMPLES), f"Secrets without an example: {set(used) - set(K8S_SECRET_EXAMPLES)}"
+    for secret, keys in used.items():
+        example_file = K8S_SECRET_EXAMPLES[secret]
+        example = {
+            line.split("=", 1)[0]
+            for line in (DEPLOY / "k8s" / example_file).read_text().splitlines()
+            if line and not line.startswith("#")
+        }
+        assert keys <= example, f"missing from {example_file}: {keys - example}"
+        # The generator reads the example's name without `.example`.
+        generator = next(
+            g
+            for g in yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())["secretGenerator"]
+            if g["name"] == secret
+        )
+        assert generator["envs"] == [example_file.removesuffix(".example")], secret
 
 
 def test_kustomization_files_exist() -> None:
@@ -198,3 +274,142 @@ def test_kustomization_files_exist() -> None:
         for gen in data.get("configMapGenerator", []):
             for f in gen.get("files", []):
                 assert (kustomization.parent / f.split("=")[-1]).is_file(), f
+
+
+# --- the store: PostgreSQL ------------------------------------------------------------------------
+
+
+def test_postgres_statefulset(rendered_k8s: list[dict[str, Any]]) -> None:
+    """One PostgreSQL on the official image (a pinned version), its data on a claim of its own
+    (no storage class named: the cluster's default), ready when pg_isready answers over TCP."""
+    postgres = _postgres(rendered_k8s)
+    spec = postgres["spec"]
+    assert spec["replicas"] == 1
+    c = _container(postgres)
+    image, _, tag = c["image"].partition(":")
+    assert image == POSTGRES_IMAGE and tag.startswith("16.") and tag.count(".") == 1, c["image"]
+    assert {p["containerPort"] for p in c["ports"]} == {POSTGRES_PORT}
+    assert "limits" in c["resources"] and "memory" in c["resources"]["limits"]
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"])
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert probe[0] == "pg_isready" and "-h" in probe, probe
+    # Its data: a volumeClaimTemplate mounted where PGDATA lives.
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "storage" in claim["spec"]["resources"]["requests"]
+    assert "storageClassName" not in claim["spec"], "like storage.yaml: the operator's class, none hard-coded"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PGDATA"]["value"].startswith(mount["mountPath"].rstrip("/") + "/")
+    # Non-root, like the gateway.
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # Its governing Service selects it and serves PostgreSQL's port.
+    service = _by_kind(rendered_k8s, "Service")[spec["serviceName"]]
+    assert _selects(service["spec"]["selector"], _pod_labels(postgres))
+    assert [p["port"] for p in service["spec"]["ports"]] == [POSTGRES_PORT]
+
+
+def test_gateway_store_url_reaches_postgres(rendered_k8s: list[dict[str, Any]]) -> None:
+    """The example's store URL names the postgres Service, its port, and the user and database the
+    StatefulSet creates; its password is the gateway's STORE_PASSWORD, from the Secret."""
+    config = load_config_with_env(rendered_k8s)
+    assert config.store is not None and config.store.url is not None
+    url = make_url(config.store.url)
+    assert url.get_backend_name() == "postgresql"
+    services = _by_kind(rendered_k8s, "Service")
+    assert url.host in services, f"no Service {url.host!r}"
+    service = services[url.host]
+    postgres = _postgres(rendered_k8s)
+    assert _selects(service["spec"]["selector"], _pod_labels(postgres))
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    pg_env = {e["name"]: e for e in _container(postgres)["env"]}
+    assert url.username == pg_env["POSTGRES_USER"]["value"]
+    assert url.database == pg_env["POSTGRES_DB"]["value"]
+    assert url.password == SECRET_PLACEHOLDER, "the password must come from a Secret-backed variable"
+    assert "${STORE_PASSWORD}" in EXAMPLE_CONFIG.read_text()
+
+
+def test_store_password_comes_from_its_own_secret(rendered_k8s: list[dict[str, Any]]) -> None:
+    """The gateway's STORE_PASSWORD and PostgreSQL's POSTGRES_PASSWORD are one key of one Secret,
+    which is not the Secret that holds the client keys."""
+    gateway_env = {e["name"]: e for e in _container(_gateway(rendered_k8s))["env"]}
+    gw_ref = gateway_env["STORE_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    pg_env = {e["name"]: e for e in _container(_postgres(rendered_k8s))["env"]}
+    pg_ref = pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert gw_ref["name"] == pg_ref["name"] and gw_ref["key"] == pg_ref["key"]
+    assert not gw_ref.get("optional", False) and not pg_ref.get("optional", False)
+    keys_secret = gateway_env["GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"]
+    assert gw_ref["name"] != keys_secret, "the store's password must not share the client keys' Secret"
+    secret = _generated(rendered_k8s, "Secret", "postgres-secrets")
+    assert secret["metadata"]["name"] == gw_ref["name"]
+    assert set(secret["data"]) == {gw_ref["key"]}, "the store's Secret holds its password only"
+    assert "GATEWAY_API_KEYS" not in secret["data"]
+
+
+def test_store_password_reaches_only_gateway_and_postgres(rendered_k8s: list[dict[str, Any]]) -> None:
+    secret = _generated(rendered_k8s, "Secret", "postgres-secrets")["metadata"]["name"]
+    readers = {name for name, d in _workloads(rendered_k8s).items() if secret in _secret_refs(d)}
+    assert readers == {"ensemble-gateway", "postgres"}, readers
+    for name, d in _members(rendered_k8s).items():
+        assert secret not in _secret_refs(d), f"member {name} can read the store's password"
+
+
+def test_only_the_gateway_reaches_postgres(rendered_k8s: list[dict[str, Any]]) -> None:
+    """Every policy on the postgres pod admits the gateway's pods on 5432, and nothing else; the
+    members' policy does not cover it (nor the postgres one the members)."""
+    postgres_labels = _pod_labels(_postgres(rendered_k8s))
+    gateway_labels = _pod_labels(_gateway(rendered_k8s))
+    policies = _network_policies_for(rendered_k8s, postgres_labels)
+    assert [p["metadata"]["name"] for p in policies] == ["postgres-from-gateway-only"]
+    (policy,) = policies
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"], "an empty rule list would deny the gateway too"
+    admitted = False
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        assert rule.get("ports"), "a rule without `ports` admits every port"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"only pods of this namespace, selected: {peer}"
+            assert _selects(peer["podSelector"]["matchLabels"], gateway_labels)
+            assert peer["podSelector"]["matchLabels"], "an empty selector admits every pod"
+        assert [(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]] == [("TCP", POSTGRES_PORT)]
+        admitted = True
+    assert admitted
+    for member in _members(rendered_k8s).values():
+        assert policy not in _network_policies_for(rendered_k8s, _pod_labels(member))
+        peers = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+        assert not any(_selects(p, _pod_labels(member)) for p in peers), "a member pod may connect to postgres"
+
+
+def test_same_postgres_image_in_compose(rendered_k8s: list[dict[str, Any]], compose: dict[str, Any]) -> None:
+    assert _container(_postgres(rendered_k8s))["image"] == compose["services"]["postgres"]["image"]
+
+
+def test_secret_files_are_git_ignored() -> None:
+    """Every env file a Secret is generated from is ignored by deploy/.gitignore (its example is not)."""
+    import fnmatch
+
+    patterns = [
+        line.strip()
+        for line in (DEPLOY / ".gitignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for example in K8S_SECRET_EXAMPLES.values():
+        path = "/k8s/" + example.removesuffix(".example")
+        ignored = any(fnmatch.fnmatch(path, p if p.startswith("/") else "*/" + p) for p in patterns)
+        assert ignored, f"deploy/.gitignore does not ignore deploy{path}: a password could be committed"
+
+
+def test_postgres_takes_every_gateway_pool(rendered_k8s: list[dict[str, Any]]) -> None:
+    """Each replica's pool (SQLAlchemy's default: 5 + 10 overflow) fits PostgreSQL's
+    max_connections at the HPA's ceiling plus the rollout's surge, with the superuser's 3 reserved."""
+    pool = 5 + 10
+    args = [str(a) for a in _container(_postgres(rendered_k8s)).get("args", [])]
+    settings = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "-c")
+    max_connections = int(settings.get("max_connections", "100"))
+    hpa = _by_kind(rendered_k8s, "HorizontalPodAutoscaler")["ensemble-gateway"]
+    surge = int(_gateway(rendered_k8s)["spec"]["strategy"]["rollingUpdate"]["maxSurge"])
+    assert (hpa["spec"]["maxReplicas"] + surge) * pool <= max_connections - 3, max_connections
