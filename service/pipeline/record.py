@@ -76,7 +76,7 @@ def answer_record(answer: Answer, fusion: Fusion, plan: Plan, config_digest: str
         metadata=dict(origin.metadata) if origin.metadata else None,
         inputs_hashed=not record_inputs,
         input=given if record_inputs else hashed_input(given),
-        output=answer.output,
+        output=answer.output.replace("\x00", "\ufffd"),  # PostgreSQL's text refuses NUL
         fused=answer.fused,
         fusion={
             "policy": plan.fusion,

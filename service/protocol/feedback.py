@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from service.protocol.generate import Wire
 
@@ -37,6 +37,13 @@ class FeedbackRequest(Wire):
     reference: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS, description="The right answer's text.")
     rating: float | None = Field(None, ge=-1.0, le=1.0, description="The answer as a whole: -1 (bad) to 1 (good).")
     comment: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS)
+
+    @field_validator("preferred", "reference", "comment")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise ValueError("NUL characters are not accepted")
+        return v
 
     @model_validator(mode="after")
     def _something(self) -> FeedbackRequest:

@@ -140,7 +140,10 @@ def add_commands(sub: Any) -> None:
     rt.add_argument("--admin-key-env", default="GATEWAY_ADMIN_KEY", help="env var with the admin key")
     rt.add_argument("--min-pairs", type=int, default=20, help="fewer pairs than this: do nothing")
     rt.add_argument(
-        "--min-gain", type=float, default=0.01, help="held-out accuracy the new ranker must gain (0..1; default 0.01)"
+        "--min-gain",
+        type=float,
+        default=0.0,
+        help="held-out pairwise accuracy (0..1) the new ranker must gain beyond the old one's (default 0: any gain)",
     )
     rt.add_argument("--heldout", type=float, default=0.2, help="share of sources kept aside (default 0.2)")
     _training(rt, 300)

@@ -29,7 +29,7 @@ class Loop:
     admin_key: str | None = None
     ensemble: str | None = None  # only this ensemble's answers
     min_pairs: int = 20
-    min_gain: float = 0.01  # held-out accuracy (0..1) the new ranker must gain over the one in service
+    min_gain: float = 0.0  # held-out accuracy (0..1) the new ranker must gain beyond the one in service's
     heldout: float = 0.2
     chrf_threshold: float = CHRF_THRESHOLD
 
@@ -83,8 +83,8 @@ def run(loop: Loop, fit: FineTune) -> dict[str, Any]:
     if before is None or after is None:
         report["why"] = "no held-out pairs to compare on"
         return report
-    if after - before < loop.min_gain:
-        report["why"] = f"held-out accuracy {after:.3f} against {before:.3f}: less than {loop.min_gain} gained"
+    if after <= before + loop.min_gain:
+        report["why"] = f"held-out accuracy {after:.3f} against {before:.3f}: not more than {loop.min_gain} gained"
         return report
     old = point_config_at(loop.config, loop.ranker, out)
     if loop.gateway is not None:

@@ -18,7 +18,7 @@ answers = sa.Table(
     sa.Column("ensemble", sa.String(128), nullable=False, index=True),
     sa.Column("config_digest", sa.String(64), nullable=False),
     sa.Column("key_id", sa.String(64), nullable=True),  # which client key (its digest), never the key
-    sa.Column("metadata", sa.JSON, nullable=True),  # the client's own
+    sa.Column("metadata", sa.JSON(none_as_null=True), nullable=True),  # the client's own
     sa.Column("inputs_hashed", sa.Boolean, nullable=False),
     sa.Column("input", sa.JSON, nullable=False),  # prompt or messages, instruction, input_text
     sa.Column("output", sa.Text, nullable=False),
@@ -30,7 +30,8 @@ answers = sa.Table(
     sa.Column("timings_ms", sa.JSON, nullable=False),
     sa.Column("usage", sa.JSON, nullable=False),
     sa.Column("finish_reason", sa.String(32), nullable=False),
-    sa.Column("request", sa.JSON, nullable=True),  # what an API echoes back when its object is read again
+    # What an API echoes back when its object is read again.
+    sa.Column("request", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("retrievable", sa.Boolean, nullable=False),  # the Responses API's `store`
 )
 

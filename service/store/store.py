@@ -47,6 +47,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer
     cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")  # feedback only beside an answer, as on PostgreSQL
     cursor.close()
 
 
@@ -68,6 +69,9 @@ class Store:
                 connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": config.write_timeout_s},
             )
         self.migrated = False
+        # Alembic keeps its environment in module globals: two migrations at once in one process
+        # (the writer, a read, retention) break each other; one at a time, each re-checking.
+        self._migrating = asyncio.Lock()
         self.writer = Writer(
             self._write,
             metrics,
@@ -98,14 +102,18 @@ class Store:
             logger.warning("store: %d records not written at shutdown", left)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout_s)
         await self.engine.dispose()
 
     async def ensure_schema(self) -> None:
-        if not self.migrated:
-            async with self.engine.begin() as conn:
-                await conn.run_sync(migrate.upgrade)
-            self.migrated = True
+        if self.migrated:
+            return
+        async with self._migrating:
+            if not self.migrated:
+                async with self.engine.begin() as conn:
+                    await conn.run_sync(migrate.upgrade)
+                self.migrated = True
 
     # --- answers -------------------------------------------------------------------------
 
@@ -144,6 +152,7 @@ class Store:
 
     async def with_feedback(self, ensemble: str | None = None) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
         """Each answer that has feedback, with its feedback, oldest first."""
+        await self.writer.flush(READ_FLUSH_S)
         q = sa.select(answers).where(answers.c.id.in_(sa.select(feedback.c.answer_id)))
         if ensemble is not None:
             q = q.where(answers.c.ensemble == ensemble)
@@ -155,6 +164,7 @@ class Store:
         return [(row, by_answer.get(row["id"], [])) for row in rows]
 
     async def all_answers(self, ensemble: str | None = None) -> list[dict[str, Any]]:
+        await self.writer.flush(READ_FLUSH_S)
         q = sa.select(answers)
         if ensemble is not None:
             q = q.where(answers.c.ensemble == ensemble)
@@ -188,6 +198,8 @@ class Store:
                 if gone := await self.expire():
                     logger.info("store: %d answers past retention deleted", gone)
             except Exception as e:
+                if _cancelling():  # a cancellation a library turned into another error
+                    raise asyncio.CancelledError from e
                 logger.debug("store retention skipped: %s", e)
             await asyncio.sleep(RETENTION_EVERY_S)
 
@@ -207,6 +219,11 @@ class Store:
 
     def _guard(self) -> _Guard:
         return _Guard(self.where)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class _Guard:

@@ -82,6 +82,9 @@ class Writer:
             async with asyncio.timeout(self.timeout_s):
                 await self._write(batch)
         except Exception as e:  # any database failure: the batch is dropped, the gateway goes on
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # a cancellation a library turned into another error
+                raise asyncio.CancelledError from e
             reason = "timeout" if isinstance(e, TimeoutError) else "db_error"
             self._drop(reason, len(batch))
             self._failures += 1

@@ -63,12 +63,15 @@ def test_hashed_inputs_are_skipped_and_counted() -> None:
 
 def test_the_loop_repoints_only_the_rankers_checkpoint(tmp_path: Path) -> None:
     cfg = tmp_path / "gw.yaml"
-    text = "# keep me\nrankers:\n  r:\n    checkpoint: ${M}/pairrm  # and me\nfusers:\n  f:\n    checkpoint: ${M}/genfuser\n"
+    text = (
+        "# keep me\nrankers:\n  r:\n    checkpoint: ${M}/pairrm  # and me\n"
+        "fusers:\n  f:\n    checkpoint: ${M}/genfuser\n"
+    )
     cfg.write_text(text)
     old = point_config_at(cfg, "r", tmp_path / "new")
     assert old == text
     now = cfg.read_text()
     assert "# keep me" in now and "# and me" in now and "${M}/genfuser" in now
     assert yaml.safe_load(now)["rankers"]["r"]["checkpoint"] == str((tmp_path / "new").resolve())
-    with pytest.raises(ValueError, match="rankers.q.checkpoint"):
+    with pytest.raises(ValueError, match=r"rankers\.q\.checkpoint"):
         point_config_at(cfg, "q", tmp_path / "new")

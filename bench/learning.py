@@ -1,0 +1,231 @@
+"""``python -m bench.learning``: the learning loop measured (docs/QUALITY.md, "Learning from feedback").
+
+The `with-adapters` ensemble (seven members; its PairRM was trained on five of them) is served as
+`make demo` serves it, with a store. Training-suite prompts (training seed 600: never an evaluation
+prompt, and not the seed the ranker was trained on) go through the gateway as a user's would, each
+answer followed by its reference as feedback. After 100, 300 and 1,000 feedback events,
+`ensemble-gateway retrain-ranker` runs as a cron job would (train from the store, compare on held-out
+pairs, swap and reload only if better), and the 400 held-out prompts are evaluated through the same
+gateway. Writes ``bench/results/learning.json``; ``python -m bench.quality`` puts it in QUALITY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import ROOT, commit, machine
+
+logger = logging.getLogger("bench.learning")
+
+STEPS = (100, 300, 1000)
+ADMIN_KEY = "bench-learning-admin"
+EXE = str(Path(sys.executable).with_name("ensemble-gateway"))
+
+
+@contextlib.contextmanager
+def served(config: Path, log: Path) -> Iterator[str]:
+    from service.ops.launcher import free_port
+    from tests.load import stop_process
+
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [EXE, "serve", "--config", str(config), "--port", str(port), "--log-dir", str(log.parent / "logs")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            time.sleep(1)
+        yield url
+    finally:
+        stop_process(proc, timeout_s=60)
+
+
+async def feed(url: str, ensemble: str, items: list[Any], concurrency: int) -> dict[str, int]:
+    """Each item's prompt answered, then its reference sent as feedback; counts of what happened."""
+    counts = {"answered": 0, "feedback": 0, "errors": 0}
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            item = queue.get_nowait()
+            r = await client.post("/generate", json={"prompt": item.prompt, "ensemble": ensemble, "temperature": 0})
+            if r.status_code != 200:
+                counts["errors"] += 1
+                continue
+            counts["answered"] += 1
+            fb = await client.post("/v1/feedback", json={"id": r.json()["id"], "reference": item.reference})
+            counts["feedback" if fb.status_code == 200 else "errors"] += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return counts
+
+
+def evaluate(url: str, suite: Path, ensemble: str, out: Path, concurrency: int) -> dict[str, Any]:
+    done = subprocess.run(
+        [EXE, "--log-level", "warning", "eval", str(suite), "--url", url, "--ensemble", ensemble,
+         "--out", str(out), "--concurrency", str(concurrency), "--temperature", "0"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"eval failed: {done.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    overall = report["scores"]["overall"]
+    return {
+        "ranker_first": overall["ranker first"]["exact_match"],
+        "ensemble_policy": overall["ensemble (policy)"]["exact_match"],
+        "oracle": overall["oracle"]["exact_match"],
+        "by_skill": {t: report["scores"][t]["ensemble (policy)"]["exact_match"] for t in report["tags"]},
+    }
+
+
+def retrain(url: str, store: str, config: Path, ensemble: str, out: Path, fit: list[str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [EXE, "--log-level", "warning", "retrain-ranker", "--from-store", store, "--config", str(config),
+         "--ranker", "pairrm", "--ensemble", ensemble, "--out", str(out), "--gateway", url, *fit],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY},
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"retrain-ranker failed: {done.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from service.quality import suite
+
+    work: Path = args.work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    held_out = suite.eval_suite(args.eval_seed, args.per_skill)
+    suite_path = work / "suite.jsonl"
+    suite.write_jsonl(suite_path, held_out)
+    per_skill = -(-max(args.feedback) // len(suite.SKILLS))
+    items = suite.training_items(args.seed, per_skill, exclude={i.prompt for i in held_out})
+    random.Random(args.seed).shuffle(items)
+    store = f"sqlite:///{work / 'store.db'}"
+    config = work / "gateway.yaml"
+    text = args.config.read_text()
+    if "\nstore: {}" not in text:
+        raise SystemExit(f"{args.config}: expected `store: {{}}` to point at this run's own store")
+    config.write_text(text.replace("\nstore: {}", f"\nstore: {{url: '{store}'}}"))
+    fit = ["--steps", str(args.train_steps), "--lr", str(args.lr), "--threads", str(args.threads)]
+    rows: list[dict[str, Any]] = []
+    with served(config, work / "gateway.log") as url:
+        logger.info("baseline eval")
+        rows.append({"feedback": 0, "retrain": None, **evaluate(url, suite_path, args.ensemble, work / "eval-0", 8)})
+        fed = 0
+        for n in args.feedback:
+            logger.info("feeding %d..%d", fed, n)
+            counts = asyncio.run(feed(url, args.ensemble, items[fed:n], args.concurrency))
+            fed = n
+            report = retrain(url, store, config, args.ensemble, work / "rankers", fit)
+            logger.info("retrain after %d: %s", n, {k: report.get(k) for k in ("pairs", "swapped", "why")})
+            scores = evaluate(url, suite_path, args.ensemble, work / f"eval-{n}", 8)
+            logger.info("after %d feedback events: %s", n, scores)
+            rows.append({"feedback": n, "fed": counts, "retrain": report, **scores})
+    return {
+        "date": dt.date.today().isoformat(),
+        "commit": commit(),
+        "machine": machine(),
+        "ensemble": args.ensemble,
+        "feed_seed": args.seed,
+        "suite": {"seed": args.eval_seed, "per_skill": args.per_skill},
+        "train": {"steps": args.train_steps, "lr": args.lr, "threads": args.threads},
+        "rows": rows,
+    }
+
+
+def section(result: dict[str, Any] | None, demo_policy: float | None) -> list[str]:
+    """QUALITY.md's section for the loop's figures."""
+    if not result:
+        return []
+    rows = result["rows"]
+    skills = list(rows[0]["by_skill"])
+    lines = [
+        "## Learning from feedback",
+        "",
+        f"The `{result['ensemble']}` ensemble served with a store; training-suite prompts (seed "
+        f"{result['feed_seed']}, never an evaluation prompt) sent through the gateway as a user's, each answer "
+        "followed by its reference as feedback (`POST /v1/feedback`); after each step `ensemble-gateway "
+        f"retrain-ranker` ({result['train']['steps']} steps at lr {result['train']['lr']:g}, swapped in only when "
+        "better on held-out pairs), then the 400 held-out prompts through the same gateway (exact match, %).",
+        "",
+        "| feedback events | pairs | ranker swapped | " + " | ".join(skills) + " | ensemble | ranker first |",
+        "|---" * (len(skills) + 5) + "|",
+    ]
+    for r in rows:
+        re = r["retrain"] or {}
+        acc = (re.get("trained") or {}).get("heldout_accuracy") or {}
+        swap = "-" if not re else ("yes" if re.get("swapped") else "no")
+        if acc.get("before") is not None and acc.get("after") is not None:
+            swap += f" (pairwise {acc['before']:.3f} → {acc['after']:.3f})"
+        lines.append(
+            f"| {r['feedback']} | {re.get('pairs', '-')} | {swap} | "
+            + " | ".join(f"{r['by_skill'][s]:.1f}" for s in skills)
+            + f" | {r['ensemble_policy']:.1f} | {r['ranker_first']:.1f} |"
+        )
+    if demo_policy is not None:
+        lines += ["", f"The five-member `demo` ensemble on the same prompts: {demo_policy:.1f}."]
+    lines += ["", "`python -m bench.learning` (in `make quality`) reproduces it.", ""]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "demo.yaml")
+    parser.add_argument("--ensemble", default="with-adapters")
+    parser.add_argument("--seed", type=int, default=600, help="the training seed of the users' prompts")
+    parser.add_argument("--eval-seed", type=int, default=1_000_001)
+    parser.add_argument("--per-skill", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--feedback", type=lambda v: [int(x) for x in v.split(",")], default=list(STEPS), help="e.g. 100,300,1000"
+    )
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "quality" / "learning")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "learning.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    result = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    for line in section(result, None):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
