@@ -51,6 +51,7 @@ demo: models
 # docs/QUALITY.md, docs/quality.png and bench/results/quality.json (about 11 minutes on 2 cores
 # after training: 400 questions, fusion forced on so that every method is scored from one pass).
 quality: models
+	$(BIN)/python -m bench.learning
 	$(BIN)/python -m bench.quality
 
 test: models $(ADAPTERS_STAMP)
@@ -78,7 +79,7 @@ reliability: models
 	rm -f $(RELIABILITY_ROWS)
 	RELIABILITY_FULL=1 RELIABILITY_OUT=$(CURDIR)/$(RELIABILITY_ROWS) $(BIN)/pytest -q -p no:cacheprovider \
 		tests/integration/test_faults.py tests/integration/test_member_faults.py \
-		tests/integration/test_load.py tests/integration/test_schema_fuzz.py
+		tests/integration/test_load.py tests/integration/test_schema_fuzz.py tests/integration/test_store_faults.py
 	$(BIN)/python -m tests.reliability_report $(RELIABILITY_ROWS) docs/RELIABILITY.md
 
 # Static checks of docker-compose.yml and deploy/ (part of `make test` too). Needs promtool

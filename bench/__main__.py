@@ -149,6 +149,8 @@ def keys(parts: dict[str, Any]) -> dict[str, Any]:
         "fuse_in_e2e_ratio": get("e2e", "fuse_in_e2e_ratio"),
         "adapter_server_p50_ratio_c1": (get("adapters", "p50_ratio_c1") or {}).get("bn-sort"),
         "adapter_server_throughput_ratio_c8": (get("adapters", "throughput_ratio_c8") or {}).get("bn-sort"),
+        "gateway_store_rps_share": (get("gateway", "store") or {}).get("rps_ratio"),
+        "gateway_store_c1_p50_ratio": (get("gateway", "store") or {}).get("c1_p50_ratio"),
         "gateway_rps_floor_share": _ratio(
             get("gateway", "rps"), ((get("gateway", "load") or {}).get("floor_aiohttp") or {}).get("rps")
         ),

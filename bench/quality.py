@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import combinations
+from bench import combinations, learning
 from bench.common import ROOT, commit, machine
 
 logger = logging.getLogger("bench.quality")
@@ -177,6 +177,7 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         "",
         *_self_moa_section(result),
         *(combos or []),
+        *learning.section(_learning(), em.get("ensemble (policy)")),
         "## Reproduce",
         "",
         "```",
@@ -193,6 +194,12 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         "",
     ]
     return "\n".join(lines)
+
+
+def _learning() -> dict[str, Any] | None:
+    """``python -m bench.learning``'s last result, if it ran (``make quality`` runs it first)."""
+    path = ROOT / "bench" / "results" / "learning.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _self_moa_section(result: dict[str, Any]) -> list[str]:
