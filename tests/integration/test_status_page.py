@@ -73,6 +73,7 @@ def test_status_page_renders_live_member_data(tiny_models: Path, tmp_path: Path)
     with stub_server(delay_ms=10) as stub:
         cfg = stub_config(stub, ["ok", "ok", "err500"], ranker="pairrm", fuse_top_k=1, deadline_s=10)
         cfg["rankers"] = {"pairrm": {"checkpoint": str(tiny_models / "pairrm"), "device": "cpu"}}
+        cfg["store"] = {"url": f"sqlite:///{tmp_path / 'store.db'}"}
         with gateway_process(cfg, tmp_path) as gw:
             for i in range(5):
                 resp = httpx.post(gw.url + "/generate", json={"prompt": f"status page question {i}"}, timeout=30)
@@ -103,3 +104,5 @@ def test_status_page_renders_live_member_data(tiny_models: Path, tmp_path: Path)
     assert bad[4] == "–" and int(bad[7]) == 5  # never a candidate; 5 failed calls
     assert len(rows.requests) == 5 and all("m2-err500" in r[3] for r in rows.requests)
     assert shot.stat().st_size > 10_000
+    store = re.search(r'<div class="meta" id="store">([^<]*)</div>', dom)
+    assert store is not None and re.search(r": up · 5 written · 0 queued · 0 dropped$", store.group(1)), dom[:3000]
