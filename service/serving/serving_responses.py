@@ -80,7 +80,7 @@ class ServingResponses(Serving):
     async def delete(self, response_id: str) -> Response:
         store = store_or_refuse(self.pipeline.lasting.store, "deleting a response")
         row = await owned_answer(store, response_id, self.account.key_id, "response_id", "response")
-        if not row["retrievable"] or not await store.hide(row["id"]):
+        if not row["retrievable"] or not await store.delete(row["id"]):
             raise NotFoundError(f"no response with id {response_id!r}", param="response_id", code="not_found")
         return JSONResponse({"id": f"resp_{row['id']}", "object": "response", "deleted": True})
 

@@ -132,11 +132,12 @@ class Store:
         rows = await self._read(sa.select(answers).where(answers.c.id == answer_id))
         return rows[0] if rows else None
 
-    async def hide(self, answer_id: str) -> bool:
-        """The Responses API's DELETE: the answer is no longer retrievable (its evidence stays
-        for training until retention deletes it)."""
-        async with self._guard(), self.engine.begin() as conn:
-            result = await conn.execute(answers.update().where(answers.c.id == answer_id).values(retrievable=False))
+    async def delete(self, answer_id: str) -> bool:
+        """Remove an answer and its feedback (the Responses API's DELETE); False if it was not there."""
+        async with self._guard():
+            async with self.engine.begin() as conn:
+                await conn.execute(feedback.delete().where(feedback.c.answer_id == answer_id))
+                result = await conn.execute(answers.delete().where(answers.c.id == answer_id))
         return bool(result.rowcount)
 
     # --- feedback ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The store of answers on real databases, each test on an SQLite file and on a real PostgreSQL server
 (tests/postgres.py): the migrations bring an empty database to head and create exactly the schema
-of service/store/schema.py, records and feedback come back whole, hide and retention work, a second
+of service/store/schema.py, records and feedback come back whole, delete and retention work, a second
 store on the same database migrates nothing; and on PostgreSQL, a server that goes away while
 records are put costs records (counted, logged once), never an answer, and writing resumes on its
 own when it is back."""
@@ -202,17 +202,18 @@ async def test_feedback_is_kept_beside_its_answer(url: str, tmp_path: Path) -> N
             await store.add_feedback(notes[0])
 
 
-async def test_hide(url: str, tmp_path: Path) -> None:
+async def test_delete_removes_an_answer_and_its_feedback(url: str, tmp_path: Path) -> None:
     base = time.time()
     a, b = answer(2, base), answer(4, base + 1)
     async with opened(url, tmp_path) as store:
         store.put(a)
         store.put(b)
         assert (await store.answer(b.id) or {})["retrievable"] is True
-        assert await store.hide(a.id) is True
-        assert await store.answer(a.id) == {**a.row(), "retrievable": False}
+        await store.add_feedback(FeedbackRecord(id="fb_del", answer_id=a.id, created_at=base, key_id=None, rating=1.0))
+        assert await store.delete(a.id) is True
+        assert await store.answer(a.id) is None and await store.feedback_of(a.id) == []
         assert await store.answer(b.id) == b.row()
-        assert await store.hide("f" * 32) is False
+        assert await store.delete("f" * 32) is False
 
 
 async def test_expire_deletes_old_answers_and_their_feedback(url: str, tmp_path: Path) -> None:
