@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,22 @@ from service.quality.suite import normalize
 CHRF_THRESHOLD = 80.0
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One answer's candidates (distinct texts) and those the feedback says are right: the list a
+    ranker must put a right one first in (what the ensemble's answer depends on)."""
+
+    source: str
+    candidates: tuple[str, ...]
+    right: frozenset[str]
+
+
 @dataclass
 class Gathered:
     pairs: list[ranker.Pair]
     answers: int  # answers with feedback
     skipped_hashed: int  # of them, kept without input texts
+    choices: list[Choice] = field(default_factory=list)
 
 
 def source_of(row: dict[str, Any]) -> str:
@@ -54,9 +65,18 @@ def _answered_member(row: dict[str, Any]) -> str | None:
 
 def pairs_of(row: dict[str, Any], notes: Sequence[dict[str, Any]], chrf_threshold: float) -> list[ranker.Pair]:
     """The pairs one answer's feedback gives (without repeats)."""
+    return judged(row, notes, chrf_threshold)[0]
+
+
+def judged(
+    row: dict[str, Any], notes: Sequence[dict[str, Any]], chrf_threshold: float
+) -> tuple[list[ranker.Pair], set[str]]:
+    """The pairs one answer's feedback gives, and the candidate texts it says are right (preferred,
+    matching the reference, or rated well as the answer)."""
     source = source_of(row)
     text = {str(c["member"]): str(c["text"]) for c in row["candidates"]}
     better: set[tuple[str, str]] = set()
+    right_texts: set[str] = set()
 
     def prefer(good: str, bad: str) -> None:
         if good in text and bad in text and text[good] != text[bad]:
@@ -70,6 +90,7 @@ def pairs_of(row: dict[str, Any], notes: Sequence[dict[str, Any]], chrf_threshol
             elif note["rating"] < 0 and answered not in rejected:
                 rejected.append(answered)
         if preferred is not None:  # it beats every other candidate, the rejected ones included
+            right_texts.update([text[preferred]] if preferred in text else [])
             for other in text:
                 prefer(preferred, other)
         else:  # without a preferred one, every candidate not rejected beats each rejected one
@@ -79,25 +100,31 @@ def pairs_of(row: dict[str, Any], notes: Sequence[dict[str, Any]], chrf_threshol
                         prefer(other, bad)
         if note["reference"]:
             right = [m for m in text if matches(text[m], note["reference"], chrf_threshold)]
+            right_texts.update(text[m] for m in right)
             for good in right:
                 for bad in text:
                     if bad not in right:
                         prefer(good, bad)
-    return [ranker.Pair(source, good, bad) for good, bad in sorted(better)]
+    return [ranker.Pair(source, good, bad) for good, bad in sorted(better)], right_texts
 
 
 def gather_pairs(
     answered: Iterable[tuple[dict[str, Any], list[dict[str, Any]]]], chrf_threshold: float = CHRF_THRESHOLD
 ) -> Gathered:
     pairs: list[ranker.Pair] = []
+    choices: list[Choice] = []
     count = hashed = 0
     for row, notes in answered:
         count += 1
         if row["inputs_hashed"]:
             hashed += 1
             continue
-        pairs += pairs_of(row, notes, chrf_threshold)
-    return Gathered(pairs, count, hashed)
+        got, right = judged(row, notes, chrf_threshold)
+        pairs += got
+        texts = tuple(dict.fromkeys(str(c["text"]) for c in row["candidates"]))
+        if right and len(texts) > len(right & set(texts)):
+            choices.append(Choice(source_of(row), texts, frozenset(right)))
+    return Gathered(pairs, count, hashed, choices)
 
 
 async def read_store(url: str, ensemble: str | None = None) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:

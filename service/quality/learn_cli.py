@@ -32,7 +32,7 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
             gathered = gather_pairs(asyncio.run(read_store(args.from_store, args.ensemble)), args.chrf_threshold)
             if not gathered.pairs:
                 raise ValueError(f"no usable feedback in the store ({gathered.answers} answers with feedback)")
-            result = fine_tune_pairs(args.checkpoint, gathered.pairs, args.out, fit, args.heldout)
+            result = fine_tune_pairs(args.checkpoint, gathered.pairs, args.out, fit, args.heldout, gathered.choices)
             result["store"] = {"answers_with_feedback": gathered.answers, "skipped_hashed": gathered.skipped_hashed}
         else:
             result = fine_tune(args.checkpoint, args.data, args.out, fit, args.heldout)

@@ -59,6 +59,27 @@ def reload(gateway: str, admin_key: str | None) -> dict[str, Any]:
     return result
 
 
+def better_ranker(trained: dict[str, Any], min_gain: float) -> tuple[bool, str]:
+    """Whether the new ranker is better, and why not. First on the held-out lists (is its first
+    choice right, as the ensemble uses it), by more than ``min_gain``; where they tie, on the
+    held-out pairs. Pairwise accuracy alone saturates: a ranker right on 99% of pairs can still
+    put a wrong candidate first on one prompt in ten."""
+    t1, acc = trained["heldout_top1"], trained["heldout_accuracy"]
+    if t1["before"] is not None and t1["after"] is not None:
+        if t1["after"] > t1["before"] + min_gain:
+            return True, ""
+        if t1["after"] < t1["before"] or min_gain > 0:
+            return False, f"held-out first choices right {t1['after']:.3f} against {t1['before']:.3f}: not better"
+    if acc["before"] is None or acc["after"] is None:
+        return False, "no held-out pairs to compare on"
+    if acc["after"] > acc["before"] + min_gain:
+        return True, ""
+    return (
+        False,
+        f"held-out pairwise accuracy {acc['after']:.3f} against {acc['before']:.3f}: not more than {min_gain} gained",
+    )
+
+
 def run(loop: Loop, fit: FineTune) -> dict[str, Any]:
     config = load_config(loop.config)
     if loop.ranker not in config.rankers:
@@ -77,14 +98,11 @@ def run(loop: Loop, fit: FineTune) -> dict[str, Any]:
         report["why"] = f"{len(gathered.pairs)} pairs, fewer than {loop.min_pairs}"
         return report
     out = loop.out / f"{loop.ranker}-{time.strftime('%Y%m%d-%H%M%S')}"
-    trained = fine_tune_pairs(current, gathered.pairs, out, fit, loop.heldout)
+    trained = fine_tune_pairs(current, gathered.pairs, out, fit, loop.heldout, gathered.choices)
     report["trained"] = trained
-    before, after = trained["heldout_accuracy"]["before"], trained["heldout_accuracy"]["after"]
-    if before is None or after is None:
-        report["why"] = "no held-out pairs to compare on"
-        return report
-    if after <= before + loop.min_gain:
-        report["why"] = f"held-out accuracy {after:.3f} against {before:.3f}: not more than {loop.min_gain} gained"
+    better, why = better_ranker(trained, loop.min_gain)
+    if not better:
+        report["why"] = why
         return report
     old = point_config_at(loop.config, loop.ranker, out)
     if loop.gateway is not None:

@@ -105,15 +105,52 @@ def fine_tune(checkpoint: Path, data: Path, out: Path, fit: FineTune, heldout: f
     return result
 
 
+@torch.no_grad()
+def top1(model: Any, tok: Any, choices: Sequence[Any]) -> float | None:
+    """Share of lists whose best candidate is a right one: each candidate's score is the sum of its
+    logits against every other candidate, minus theirs against it (PairRM's full comparison)."""
+    if not choices:
+        return None
+    model.eval()
+    hits = 0
+    for choice in choices:
+        cands = list(choice.candidates)
+        order = [(i, j) for i in range(len(cands)) for j in range(len(cands)) if i != j]
+        logits: list[float] = []
+        for start in range(0, len(order), 64):
+            rows = [ranker.pair_ids(tok, choice.source, cands[i], cands[j]) for i, j in order[start : start + 64]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for k, r in enumerate(rows):
+                ids[k, : len(r)], mask[k, : len(r)] = torch.tensor(r), 1
+            logits += model(input_ids=ids, attention_mask=mask).logits.reshape(-1).tolist()
+        score = [0.0] * len(cands)
+        for (i, j), logit in zip(order, logits, strict=True):
+            score[i] += logit
+            score[j] -= logit
+        hits += cands[max(range(len(cands)), key=lambda k: score[k])] in choice.right
+    return hits / len(choices)
+
+
 def fine_tune_pairs(
-    checkpoint: Path, pairs: Sequence[ranker.Pair], out: Path, fit: FineTune, heldout: float = 0.1
+    checkpoint: Path,
+    pairs: Sequence[ranker.Pair],
+    out: Path,
+    fit: FineTune,
+    heldout: float = 0.1,
+    choices: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Train ``checkpoint`` on ``pairs`` (a share of their sources held out), save it to ``out``."""
+    """Train ``checkpoint`` on ``pairs`` (a share of their sources held out), save it to ``out``.
+    ``choices`` (``learn.Choice``: a candidate list and its right ones) of the held-out sources
+    are scored before and after as the ensemble uses the ranker: is its first choice right?"""
     train, test = split(pairs, heldout, fit.seed)
+    held = {p.source for p in test}
+    lists = [c for c in choices if c.source in held]
     model, tok = ranker.load(checkpoint)
-    before = accuracy(model, tok, test)
+    before, before_top1 = accuracy(model, tok, test), top1(model, tok, lists)
     loss = ranker.train(model, tok, train, fit, desc="train-ranker")
-    after = accuracy(model, tok, test)
+    after, after_top1 = accuracy(model, tok, test), top1(model, tok, lists)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -122,5 +159,6 @@ def fine_tune_pairs(
         "out": str(out),
         "pairs": {"train": len(train), "heldout": len(test)},
         "heldout_accuracy": {"before": before, "after": after},
+        "heldout_top1": {"lists": len(lists), "before": before_top1, "after": after_top1},
         "final_loss": loss,
     }

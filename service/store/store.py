@@ -134,10 +134,9 @@ class Store:
 
     async def delete(self, answer_id: str) -> bool:
         """Remove an answer and its feedback (the Responses API's DELETE); False if it was not there."""
-        async with self._guard():
-            async with self.engine.begin() as conn:
-                await conn.execute(feedback.delete().where(feedback.c.answer_id == answer_id))
-                result = await conn.execute(answers.delete().where(answers.c.id == answer_id))
+        async with self._guard(), self.engine.begin() as conn:
+            await conn.execute(feedback.delete().where(feedback.c.answer_id == answer_id))
+            result = await conn.execute(answers.delete().where(answers.c.id == answer_id))
         return bool(result.rowcount)
 
     # --- feedback ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from service.quality.learn import gather_pairs, pairs_of
-from service.quality.retrain import point_config_at
+from service.quality.retrain import better_ranker, point_config_at
 
 
 def answer(fused: bool = False, hashed: bool = False, selected: str = "a") -> dict[str, Any]:
@@ -75,3 +75,30 @@ def test_the_loop_repoints_only_the_rankers_checkpoint(tmp_path: Path) -> None:
     assert yaml.safe_load(now)["rankers"]["r"]["checkpoint"] == str((tmp_path / "new").resolve())
     with pytest.raises(ValueError, match=r"rankers\.q\.checkpoint"):
         point_config_at(cfg, "q", tmp_path / "new")
+
+
+def test_lists_record_what_the_feedback_says_is_right() -> None:
+    got = gather_pairs([(answer(), [note(reference="4")]), (answer(), [note(comment="meh")])])
+    assert len(got.choices) == 1
+    assert got.choices[0].candidates == ("5", "4", "four") and got.choices[0].right == {"4"}
+
+
+@pytest.mark.parametrize(
+    ("top1", "pairwise", "min_gain", "better"),
+    [
+        ((0.8, 0.9), (0.99, 0.99), 0.0, True),  # first choices better: swap
+        ((0.9, 0.8), (0.95, 0.99), 0.0, False),  # first choices worse: never, whatever the pairs say
+        ((0.9, 0.9), (0.95, 0.99), 0.0, True),  # tied lists: the pairs decide
+        ((0.9, 0.9), (0.99, 0.99), 0.0, False),
+        ((0.8, 0.85), (0.9, 0.99), 0.1, False),  # not by the margin asked
+        ((None, None), (0.9, 0.95), 0.0, True),  # no lists: pairs only
+    ],
+)
+def test_the_loop_swaps_only_a_better_ranker(
+    top1: tuple[float | None, float | None], pairwise: tuple[float, float], min_gain: float, better: bool
+) -> None:
+    trained = {
+        "heldout_top1": {"before": top1[0], "after": top1[1]},
+        "heldout_accuracy": {"before": pairwise[0], "after": pairwise[1]},
+    }
+    assert better_ranker(trained, min_gain)[0] is better
