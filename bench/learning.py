@@ -178,18 +178,22 @@ def section(result: dict[str, Any] | None, demo_policy: float | None) -> list[st
         f"The `{result['ensemble']}` ensemble served with a store; training-suite prompts (seed "
         f"{result['feed_seed']}, never an evaluation prompt) sent through the gateway as a user's, each answer "
         "followed by its reference as feedback (`POST /v1/feedback`); after each step `ensemble-gateway "
-        f"retrain-ranker` ({result['train']['steps']} steps at lr {result['train']['lr']:g}, swapped in only when "
-        "better on held-out pairs), then the 400 held-out prompts through the same gateway (exact match, %).",
+        f"retrain-ranker` ({result['train']['steps']} steps at lr {result['train']['lr']:g} from the ranker in "
+        "service, on every feedback so far; swapped in only when its first choice is right more often on the "
+        "held-out fifth of the feedback's prompts), then the 400 held-out evaluation prompts through the same "
+        "gateway (exact match, %).",
         "",
-        "| feedback events | pairs | ranker swapped | " + " | ".join(skills) + " | ensemble | ranker first |",
+        "| feedback events | pairs | swapped (held-out first choice right, before → after) | "
+        + " | ".join(skills)
+        + " | ensemble | ranker first |",
         "|---" * (len(skills) + 5) + "|",
     ]
     for r in rows:
         re = r["retrain"] or {}
-        acc = (re.get("trained") or {}).get("heldout_accuracy") or {}
+        t1 = (re.get("trained") or {}).get("heldout_top1") or {}
         swap = "-" if not re else ("yes" if re.get("swapped") else "no")
-        if acc.get("before") is not None and acc.get("after") is not None:
-            swap += f" (pairwise {acc['before']:.3f} → {acc['after']:.3f})"
+        if t1.get("before") is not None and t1.get("after") is not None:
+            swap += f" ({t1['before']:.3f} → {t1['after']:.3f} on {t1['lists']})"
         lines.append(
             f"| {r['feedback']} | {re.get('pairs', '-')} | {swap} | "
             + " | ".join(f"{r['by_skill'][s]:.1f}" for s in skills)
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "--feedback", type=lambda v: [int(x) for x in v.split(",")], default=list(STEPS), help="e.g. 100,300,1000"
     )
     parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "quality" / "learning")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "learning.json")

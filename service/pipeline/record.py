@@ -11,7 +11,7 @@ from typing import Any
 from service.members.fanout import member_of
 from service.pipeline.fuse import Fusion
 from service.pipeline.plan import Plan
-from service.pipeline.types import Answer
+from service.pipeline.types import Answer, Candidate
 from service.store import AnswerRecord, Store
 from service.store.records import hashed_input
 from service.telemetry.book import StatusBook
@@ -63,6 +63,16 @@ def stored_input(plan: Plan) -> dict[str, Any]:
     return out
 
 
+def candidate_row(c: Candidate, answer: Answer) -> dict[str, Any]:
+    """A candidate with its own tokens (flat dataclasses: ``vars`` is ``asdict`` without its deep copy)."""
+    tokens = answer.usage.members.get(c.member)
+    return {
+        **vars(c),
+        "prompt_tokens": tokens.prompt_tokens if tokens else None,
+        "completion_tokens": tokens.completion_tokens if tokens else None,
+    }
+
+
 def answer_record(answer: Answer, fusion: Fusion, plan: Plan, config_digest: str, record_inputs: bool) -> AnswerRecord:
     origin = plan.query.origin
     given = stored_input(plan)
@@ -85,9 +95,7 @@ def answer_record(answer: Answer, fusion: Fusion, plan: Plan, config_digest: str
             "fuse_top_k": plan.fuse_top_k,
             "selected": answer.selected,
         },
-        candidates=[
-            dict(vars(c)) for c in answer.candidates
-        ],  # flat dataclasses: vars() is asdict() without its deep copy
+        candidates=[candidate_row(c, answer) for c in answer.candidates],
         failed=[dict(vars(f)) for f in answer.failed_members],
         degraded_reasons=list(answer.degraded_reasons),
         timings_ms=dict(vars(answer.timings_ms)),

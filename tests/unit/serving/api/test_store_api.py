@@ -96,6 +96,7 @@ def test_every_api_records_its_answers_with_their_evidence(tmp_path: Path) -> No
     assert [x["member"] for x in g["candidates"]] == ["b", "c", "a"]  # the length ranker's order
     assert {x["text"] for x in g["candidates"]} == {"aa", "bbbb", "ccc"}
     assert all(x["score"] is not None and x["rank"] >= 1 for x in g["candidates"])
+    assert all(x["completion_tokens"] >= 1 and x["latency_ms"] >= 0 for x in g["candidates"])
     assert g["fusion"]["selected"] == ["b", "c"] and g["fusion"]["not_fused"] is None
     assert g["usage"]["members"]["a"]["completion_tokens"] >= 1 and g["timings_ms"]["total"] > 0
     assert len(g["config_digest"]) == 16 and g["config_digest"] == c["config_digest"]
