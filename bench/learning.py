@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with served(config, work / "gateway.log") as url:
         logger.info("baseline eval")
         rows.append({"feedback": 0, "retrain": None, **evaluate(url, suite_path, args.ensemble, work / "eval-0", 8)})
+        compare = {name: evaluate(url, suite_path, name, work / f"eval-{name}", 8) for name in args.compare}
         fed = 0
         for n in args.feedback:
             logger.info("feeding %d..%d", fed, n)
@@ -163,11 +164,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "suite": {"seed": args.eval_seed, "per_skill": args.per_skill},
         "train": {"steps": args.train_steps, "lr": args.lr, "threads": args.threads},
         "rows": rows,
+        "compare": compare,
     }
 
 
 def section(result: dict[str, Any] | None, demo_policy: float | None) -> list[str]:
-    """QUALITY.md's section for the loop's figures."""
+    """QUALITY.md's section for the loop's figures; ``demo_policy``: the demo's figure in the main
+    table (another run, perhaps another machine and checkpoints)."""
     if not result:
         return []
     rows = result["rows"]
@@ -199,8 +202,15 @@ def section(result: dict[str, Any] | None, demo_policy: float | None) -> list[st
             + " | ".join(f"{r['by_skill'][s]:.1f}" for s in skills)
             + f" | {r['ensemble_policy']:.1f} | {r['ranker_first']:.1f} |"
         )
-    if demo_policy is not None:
-        lines += ["", f"The five-member `demo` ensemble on the same prompts: {demo_policy:.1f}."]
+    for name, scores in (result.get("compare") or {}).items():
+        skills_text = ", ".join(f"{s} {v:.1f}" for s, v in scores["by_skill"].items())
+        text = (
+            f"The `{name}` ensemble in the same run (same gateway, checkpoints and prompts): "
+            f"{scores['ensemble_policy']:.1f} ({skills_text})."
+        )
+        if demo_policy is not None:
+            text += f" The main table above (its own run) has {demo_policy:.1f}."
+        lines += ["", text]
     lines += ["", "`python -m bench.learning` (in `make quality`) reproduces it.", ""]
     return lines
 
@@ -219,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compare", type=lambda v: [x for x in v.split(",") if x], default=["demo"], help="ensembles evaluated once"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "quality" / "learning")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "learning.json")
     args = parser.parse_args(argv)

@@ -31,11 +31,12 @@ def store_state(url: str) -> dict[str, Any]:
     return state
 
 
-def wait_written(url: str, at_least: int, timeout_s: float = 20.0) -> dict[str, Any]:
+def wait_settled(url: str, records: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    """The store's state once all ``records`` are written or dropped (the writer may be backing off)."""
     until = time.monotonic() + timeout_s
     while True:
         state = store_state(url)
-        if state["written"] >= at_least or time.monotonic() > until:
+        if state["written"] + sum(state["dropped"].values()) >= records or time.monotonic() > until:
             return state
         time.sleep(0.2)
 
@@ -60,7 +61,7 @@ def test_an_unwritable_sqlite_store_costs_no_answer_and_writing_resumes(tmp_path
         cfg["store"] = {"url": f"sqlite:///{db}", "write_timeout_s": 2}
         with gateway_process(cfg, tmp_path) as gw:
             load(gw.url, n, conc, "before")
-            assert wait_written(gw.url, n)["written"] == n
+            assert wait_settled(gw.url, n)["written"] == n
             # The database and its write-ahead log immutable (not the -shm file: SQLite maps it, and
             # a write to a mapping of an immutable file is a SIGBUS).
             files = [f for f in glob.glob(f"{db}*") if not f.endswith("-shm")]
@@ -73,7 +74,7 @@ def test_an_unwritable_sqlite_store_costs_no_answer_and_writing_resumes(tmp_path
                 chattr("-i", files)
             assert down["up"] is False and sum(down["dropped"].values()) >= 1, down
             load(gw.url, n, conc, "after")
-            state = wait_written(gw.url, 2 * n)
+            state = wait_settled(gw.url, 3 * n)
             metrics = httpx.get(gw.url + "/metrics").text
     assert state["up"] is True and state["written"] >= 2 * n
     assert state["written"] + sum(state["dropped"].values()) == 3 * n, state
@@ -102,7 +103,7 @@ def test_postgresql_stopped_under_load_costs_no_answer_and_writing_resumes(postg
         cfg["store"] = {"url": url, "write_timeout_s": 2}
         with gateway_process(cfg, tmp_path) as gw:
             load(gw.url, 20, 2, "warm")
-            wait_written(gw.url, 20)
+            wait_settled(gw.url, 20)
             box: dict[str, Result] = {}
             driver = threading.Thread(
                 target=lambda: box.update(
@@ -117,8 +118,7 @@ def test_postgresql_stopped_under_load_costs_no_answer_and_writing_resumes(postg
             driver.join()
             res = box["res"]
             load(gw.url, 50, 2, "after")
-            wait_written(gw.url, 20 + 50, timeout_s=30)
-            final = store_state(gw.url)
+            final = wait_settled(gw.url, 20 + n + 50)
     res.check()
     assert res.answered == n, res.errors
     assert final["up"] is True and sum(final["dropped"].values()) >= 1, final
