@@ -268,3 +268,10 @@ def test_hostile_feedback_text_is_kept_verbatim_or_refused_by_field(gateway: Tes
     kept = rows(tmp_path / "store.db", "feedback")
     assert [(f["comment"], f["reference"]) for f in kept] == [(hostile, "%s %%")]
     assert len(rows(tmp_path / "store.db", "answers")) == 1
+
+
+def test_a_feedback_body_over_the_size_limit_is_413_and_nothing_is_kept(gateway: TestClient, tmp_path: Path) -> None:
+    answer = gateway.post("/generate", json={"prompt": "q"}).json()
+    r = gateway.post("/v1/feedback", json={"id": answer["id"], "comment": "x" * 1_100_000})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+    assert rows(tmp_path / "store.db", "feedback") == []
