@@ -60,3 +60,18 @@ def test_fine_tune_learns_the_preference_and_the_gateway_serves_it(
     finally:
         ranker.close()
     assert ranking.order() == [1, 0]
+
+
+def test_the_first_choice_over_held_out_lists_follows_the_training(tmp_path: Path) -> None:
+    """``fine_tune_pairs`` scores held-out candidate lists as the ensemble uses the ranker: the
+    tuned ranker puts the preferred text first where the random one need not."""
+    from service.quality.learn import Choice
+    from service.quality.train_ranker import FineTune, fine_tune_pairs
+
+    make_pairrm(tmp_path / "pairrm")
+    pairs, _ = read_preferences(preferences(tmp_path / "p.jsonl"))
+    lists = [Choice(p.source, (BAD, "so so", GOOD), frozenset({GOOD})) for p in pairs]
+    fit = FineTune(steps=60, lr=1e-3, seed=0)
+    result = fine_tune_pairs(tmp_path / "pairrm", pairs, tmp_path / "tuned", fit, 0.25, lists)
+    t1 = result["heldout_top1"]
+    assert t1["lists"] == 15 and t1["after"] == 1.0 and t1["before"] is not None
