@@ -204,14 +204,21 @@ def section(result: dict[str, Any] | None, demo_policy: float | None) -> list[st
         )
     for name, scores in (result.get("compare") or {}).items():
         skills_text = ", ".join(f"{s} {v:.1f}" for s, v in scores["by_skill"].items())
-        text = (
-            f"The `{name}` ensemble in the same run (same gateway, checkpoints and prompts): "
-            f"{scores['ensemble_policy']:.1f} ({skills_text})."
-        )
+        how = scores.get("how") or "in the same run (same gateway, checkpoints and prompts)"
+        text = f"The `{name}` ensemble {how}: {scores['ensemble_policy']:.1f} ({skills_text})."
         if demo_policy is not None:
             text += f" The main table above (its own run) has {demo_policy:.1f}."
         lines += ["", text]
-    lines += ["", "`python -m bench.learning` (in `make quality`) reproduces it.", ""]
+    m = result.get("machine") or {}
+    lines += [
+        "",
+        f"Run {result['date']} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, commit `{result['commit']}`, "
+        "with the checkpoints `make models` trained on that machine: its first row is the baseline to compare "
+        "with; the sections above may come from another run (see Reproduce), on checkpoints trained elsewhere.",
+        "",
+        "`python -m bench.learning` (in `make quality`) reproduces it.",
+        "",
+    ]
     return lines
 
 
