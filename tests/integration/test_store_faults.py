@@ -105,9 +105,11 @@ def test_postgresql_stopped_under_load_costs_no_answer_and_writing_resumes(postg
             load(gw.url, 20, 2, "warm")
             wait_settled(gw.url, 20)
             box: dict[str, Result] = {}
+            # Open loop over about 6 s, so that the load spans the outage (1 s to 4 s) at any size.
+            rate = n / 6.0
             driver = threading.Thread(
                 target=lambda: box.update(
-                    res=asyncio.run(drive(gw.url, lambda i: {"prompt": f"load {i}"}, n, conc, 10.0))
+                    res=asyncio.run(drive(gw.url, lambda i: {"prompt": f"load {i}"}, n, conc, 10.0, rate=rate))
                 )
             )
             driver.start()
