@@ -183,7 +183,8 @@ def section(result: dict[str, Any] | None, demo_policy: float | None) -> list[st
         "followed by its reference as feedback (`POST /v1/feedback`); after each step `ensemble-gateway "
         f"retrain-ranker` ({result['train']['steps']} steps at lr {result['train']['lr']:g} from the ranker in "
         "service, on every feedback so far; swapped in only when its first choice is right more often on the "
-        "held-out fifth of the feedback's prompts), then the 400 held-out evaluation prompts through the same "
+        "held-out fifth of the feedback's prompts, or as often with more held-out pairs right), then the 400 "
+        "held-out evaluation prompts through the same "
         "gateway (exact match, %).",
         "",
         "| feedback events | pairs | swapped (held-out first choice right, before → after) | "
