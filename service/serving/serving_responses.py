@@ -56,9 +56,7 @@ class ServingResponses(Serving):
         """The turns of a stored response: its conversation (without its instructions, which are
         not carried over) and its answer."""
         store = store_or_refuse(self.pipeline.lasting.store, "previous_response_id", "previous_response_id")
-        row = await owned_answer(store, previous, self.account.key_id, "previous_response_id", "response")
-        if not row["retrievable"]:
-            raise NotFoundError(f"no response with id {previous!r}", param="previous_response_id", code="not_found")
+        row = await owned_answer(store, previous, self.account.key_id, "previous_response_id", "response", True)
         if row["inputs_hashed"]:
             raise RequestError(
                 "previous_response_id: the store keeps no input texts (store.record_inputs is false)",
@@ -72,15 +70,13 @@ class ServingResponses(Serving):
 
     async def read(self, response_id: str) -> Response:
         store = store_or_refuse(self.pipeline.lasting.store, "reading a response")
-        row = await owned_answer(store, response_id, self.account.key_id, "response_id", "response")
-        if not row["retrievable"]:
-            raise NotFoundError(f"no response with id {response_id!r}", param="response_id", code="not_found")
+        row = await owned_answer(store, response_id, self.account.key_id, "response_id", "response", True)
         return JSONResponse(stored_response(row).wire())
 
     async def delete(self, response_id: str) -> Response:
         store = store_or_refuse(self.pipeline.lasting.store, "deleting a response")
-        row = await owned_answer(store, response_id, self.account.key_id, "response_id", "response")
-        if not row["retrievable"] or not await store.delete(row["id"]):
+        row = await owned_answer(store, response_id, self.account.key_id, "response_id", "response", True)
+        if not await store.delete(row["id"]):
             raise NotFoundError(f"no response with id {response_id!r}", param="response_id", code="not_found")
         return JSONResponse({"id": f"resp_{row['id']}", "object": "response", "deleted": True})
 

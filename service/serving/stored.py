@@ -18,9 +18,12 @@ def store_or_refuse(store: Store | None, what: str, param: str | None = None) ->
     return store
 
 
-async def owned_answer(store: Store, given: str, key_id: str | None, param: str, what: str) -> dict[str, Any]:
-    """The answer ``given`` names (any API's spelling of its id), if ``key_id`` created it; else 404."""
+async def owned_answer(
+    store: Store, given: str, key_id: str | None, param: str, what: str, retrievable: bool = False
+) -> dict[str, Any]:
+    """The answer ``given`` names (any API's spelling of its id), if ``key_id`` created it (and,
+    with ``retrievable``, if it may be read again: the Responses API's ``store``); else 404."""
     row = await store.answer(answer_key(given))
-    if row is None or row["key_id"] != key_id:
+    if row is None or row["key_id"] != key_id or (retrievable and not row["retrievable"]):
         raise NotFoundError(f"no {what} with id {given!r}", param=param, code="not_found")
     return row

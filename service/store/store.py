@@ -5,8 +5,10 @@ as ``StoreUnavailable`` (503) when the database is down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +159,11 @@ class Store:
         if ensemble is not None:
             q = q.where(answers.c.ensemble == ensemble)
         rows = await self._read(q.order_by(answers.c.created_at))
-        notes = await self._read(sa.select(feedback).order_by(feedback.c.created_at))
+        notes_q = sa.select(feedback).order_by(feedback.c.created_at)
+        if ensemble is not None:  # only the feedback on this ensemble's answers
+            mine = sa.select(answers.c.id).where(answers.c.ensemble == ensemble)
+            notes_q = notes_q.where(feedback.c.answer_id.in_(mine))
+        notes = await self._read(notes_q)
         by_answer: dict[str, list[dict[str, Any]]] = {}
         for n in notes:
             by_answer.setdefault(n["answer_id"], []).append(n)
@@ -217,26 +223,18 @@ class Store:
             "down_since": w.down_since,
         }
 
-    def _guard(self) -> _Guard:
-        return _Guard(self.where)
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """A database failure on an awaited operation becomes a 503 the client can read."""
+        try:
+            yield
+        except (GatewayError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            logger.warning("store %s: %s: %s", self.where, type(e).__name__, e)
+            raise StoreUnavailable("the store is unavailable; try again later", code="store_unavailable") from e
 
 
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-class _Guard:
-    """A database failure on an awaited operation becomes a 503 the client can read."""
-
-    def __init__(self, where: str):
-        self.where = where
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or isinstance(exc, GatewayError | asyncio.CancelledError):
-            return
-        logger.warning("store %s: %s: %s", self.where, type(exc).__name__, exc)
-        raise StoreUnavailable("the store is unavailable; try again later", code="store_unavailable") from exc

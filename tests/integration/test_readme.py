@@ -57,10 +57,15 @@ def blocks(lang: str) -> list[str]:
 
 def curl_commands() -> list[str]:
     """Every `curl` command in the README's code blocks (a command may continue over lines)."""
+    return commands("", "curl ")
+
+
+def commands(lang: str, prefix: str) -> list[str]:
+    """The lines of ``lang`` blocks that start with ``prefix``, each joined over its continued lines."""
     out = []
-    for block in blocks(""):
+    for block in blocks(lang):
         text = block.replace("\\\n", " ")
-        out += [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+        out += [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
     return out
 
 
@@ -153,11 +158,7 @@ def test_a_broken_snippet_fails_check_config(trained_models: Path, tmp_path: Pat
 
 def learning_commands() -> list[str]:
     """The README's store commands (export, retrain-ranker), each joined over its continued lines."""
-    out = []
-    for block in blocks("sh"):
-        text = block.replace("\\\n", " ")
-        out += [line.strip() for line in text.splitlines() if line.strip().startswith("ensemble-gateway ")]
-    return out
+    return commands("sh", "ensemble-gateway ")
 
 
 README_STORE = "sqlite:///.cache/ensemble-gateway/store.db"

@@ -41,6 +41,13 @@ def wait_settled(url: str, records: int, timeout_s: float = 30.0) -> dict[str, A
         time.sleep(0.2)
 
 
+def outcome(state: dict[str, Any], records: int, then: str) -> dict[str, Any]:
+    """A store scenario's extra columns for RELIABILITY.md: records dropped and written, and a note."""
+    dropped = sum(state["dropped"].values())
+    note = f"{dropped} of {records} records dropped ({state['dropped']}), {state['written']} written; {then}"
+    return {"dropped": dropped, "written": state["written"], "note": note}
+
+
 def load(url: str, n: int, conc: int, tag: str) -> Result:
     res = asyncio.run(drive(url, lambda i: {"prompt": f"{tag} {i}"}, n, conc, 10.0))
     res.check()
@@ -88,10 +95,7 @@ def test_an_unwritable_sqlite_store_costs_no_answer_and_writing_resumes(tmp_path
         f"3 x {n} requests, {conc} concurrent",
         during,
         CMD.format("test_an_unwritable_sqlite_store_costs_no_answer_and_writing_resumes"),
-        dropped=sum(state["dropped"].values()),
-        written=state["written"],
-        note=f"{sum(state['dropped'].values())} of {3 * n} records dropped ({state['dropped']}), "
-        f"{state['written']} written; writing resumed by itself once the file was writable",
+        **outcome(state, 3 * n, "writing resumed by itself once the file was writable"),
     )
 
 
@@ -133,10 +137,7 @@ def test_postgresql_stopped_under_load_costs_no_answer_and_writing_resumes(postg
         f"{n} requests, {conc} concurrent",
         res,
         CMD.format("test_postgresql_stopped_under_load_costs_no_answer_and_writing_resumes"),
-        dropped=sum(final["dropped"].values()),
-        written=final["written"],
-        note=f"{sum(final['dropped'].values())} of {20 + n + 50} records dropped ({final['dropped']}), "
-        f"{final['written']} written; the 50 sent after the restart all written by the same gateway",
+        **outcome(final, 20 + n + 50, "the 50 sent after the restart all written by the same gateway"),
     )
 
 
