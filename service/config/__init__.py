@@ -36,6 +36,7 @@ from service.config.policies import (
     ResilienceConfig,
     RetryConfig,
 )
+from service.config.routing import CascadeConfig, RouteConfig, RouterConfig
 from service.config.store import StoreConfig
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "AnyFuserConfig",
     "AuthConfig",
     "BreakerConfig",
+    "CascadeConfig",
     "EnsembleConfig",
     "FuserConfig",
     "GatewayConfig",
@@ -58,6 +60,8 @@ __all__ = [
     "Name",
     "RankerConfig",
     "ResilienceConfig",
+    "RouteConfig",
+    "RouterConfig",
     "RetryConfig",
     "Sampling",
     "ServerConfig",

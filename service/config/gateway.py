@@ -12,6 +12,7 @@ from service.config.base import Name, Strict
 from service.config.members import ADAPTER_KINDS, AnyMemberConfig, MemberConfig, ServerConfig
 from service.config.models import AnyFuserConfig, LLMFuserConfig, RankerConfig
 from service.config.policies import AuthConfig, LimitsConfig, LoggingConfig, ResilienceConfig
+from service.config.routing import CascadeConfig, RouteConfig, RouterConfig
 from service.config.store import StoreConfig
 
 
@@ -73,11 +74,39 @@ class EnsembleConfig(Strict):
     )
     instruction: str = Field("", description="Default instruction for ranking and fusion.")
     store: bool = Field(True, description="Record this ensemble's answers in the store (when there is one).")
+    router: Name | None = Field(
+        None, description="Router name: orders the members for `route`, `cascade` and `max_member_calls`."
+    )
+    route: RouteConfig | None = Field(None, description="Call only the router's first `members` members.")
+    cascade: CascadeConfig | None = Field(
+        None, description="Call the router's first `members` members, and the rest only when their answer is uncertain."
+    )
+    max_member_calls: int | None = Field(
+        None,
+        ge=1,
+        description="Members called per request at most (the router's first, else the first listed); a request's "
+        "`max_members` may only lower it.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> EnsembleConfig:
         if len(set(self.members)) != len(self.members):
             raise ValueError("members must not repeat")
+        if self.route is not None and self.cascade is not None:
+            raise ValueError("route: give `route` or `cascade`, not both")
+        for field, wave in (("route", self.route), ("cascade", self.cascade)):
+            if wave is None:
+                continue
+            if self.router is None:
+                raise ValueError(f"{field}: needs a `router`")
+            if wave.members > len(self.members):
+                raise ValueError(f"{field}.members: exceeds the ensemble's {len(self.members)} members")
+        if self.cascade is not None and self.ranker is None and not self.vote:
+            raise ValueError("cascade: needs a `ranker` (or `vote`) to tell whether the first answer is certain")
+        if self.route is not None and self.route.members < self.min_candidates:
+            raise ValueError(f"route.members: below min_candidates ({self.min_candidates})")
+        if self.max_member_calls is not None and self.max_member_calls < self.min_candidates:
+            raise ValueError(f"max_member_calls: below min_candidates ({self.min_candidates})")
         return self
 
     @property
@@ -94,6 +123,9 @@ class GatewayConfig(Strict):
     )
     rankers: dict[Name, RankerConfig] = Field(default_factory=dict, description="Rankers by name.")
     fusers: dict[Name, AnyFuserConfig] = Field(default_factory=dict, description="Fusers by name.")
+    routers: dict[Name, RouterConfig] = Field(
+        default_factory=dict, description="Routers by name (`ensemble-gateway train-router` makes them)."
+    )
     ensembles: dict[Name, EnsembleConfig] = Field(
         min_length=1, description="Ensembles by name; each is a model of the OpenAI API."
     )
@@ -181,6 +213,8 @@ class GatewayConfig(Strict):
                 raise ValueError(f"ensembles.{name}.ranker: unknown ranker {e.ranker!r}")
             if e.fuser is not None and e.fuser not in self.fusers:
                 raise ValueError(f"ensembles.{name}.fuser: unknown fuser {e.fuser!r}")
+            if e.router is not None and e.router not in self.routers:
+                raise ValueError(f"ensembles.{name}.router: unknown router {e.router!r}")
         if self.default_ensemble is not None and self.default_ensemble not in self.ensembles:
             raise ValueError(f"default_ensemble: unknown ensemble {self.default_ensemble!r}")
         return self

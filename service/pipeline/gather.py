@@ -14,7 +14,7 @@ from service.errors import DeadlineExceeded, NoQuorumError
 from service.members.base import Completion
 from service.members.fanout import FanOut, Wait
 from service.pipeline.plan import Plan
-from service.pipeline.types import Failure
+from service.pipeline.types import Failure, NotCalled
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Ballot:
     order: list[int] = field(init=False)
     votes: list[int] | None = None
     degraded: list[str] = field(default_factory=list)  # why the answer is less than a full one
+    not_called: list[NotCalled] = field(default_factory=list)  # members routing left out
 
     def __post_init__(self) -> None:
         n = len(self.completions)
@@ -46,23 +47,53 @@ class Ballot:
         return self.completions[self.order[0]]
 
 
-async def gather(fan_out: FanOut, plan: Plan) -> Ballot:
-    """Ask the members what the plan says; raise ``NoQuorumError`` (``DeadlineExceeded`` when lateness was a cause) if
-    fewer than ``min_candidates`` answered."""
+def wave_quorum(plan: Plan, called: int) -> int:
+    """The quorum of a wave of ``called`` candidates: the ensemble's (or a majority of the wave),
+    at least ``min_candidates``, at most the wave."""
     ens = plan.ensemble
-    wait = Wait(plan.members_until(), ens.effective_quorum, ens.straggler_ratio, ens.straggler_min_s)
-    outcomes = await fan_out.gather(plan.requests, wait)
+    base = ens.quorum if ens.quorum is not None else called // 2 + 1
+    return max(1, min(called, max(ens.min_candidates, base)))
+
+
+async def gather(fan_out: FanOut, plan: Plan, keys: list[str] | None = None, *, final: bool = True) -> Ballot:
+    """Ask the members what the plan says (``keys``: only these candidates' requests, a routed
+    wave); raise ``NoQuorumError`` (``DeadlineExceeded`` when lateness was a cause) if fewer than
+    ``min_candidates`` answered, unless the wave is not ``final`` (more members may still be asked)."""
+    ens = plan.ensemble
+    requests = plan.requests if keys is None else {k: plan.requests[k] for k in keys}
+    quorum = ens.effective_quorum if keys is None else wave_quorum(plan, len(requests))
+    wait = Wait(plan.members_until(), quorum, ens.straggler_ratio, ens.straggler_min_s)
+    outcomes = await fan_out.gather(requests, wait)
     ok = [o for o in outcomes if o.completion is not None]
     failed = [Failure(member=o.member, error=o.error or "", kind=o.kind) for o in outcomes if o.completion is None]
-    if len(ok) < ens.min_candidates:
-        detail = "; ".join(f"{f.member}: {f.error}" for f in failed)
-        msg = f"{len(ok)} of {len(outcomes)} members answered, {ens.min_candidates} needed ({detail})"
-        if any(f.kind in ("timeout", "deadline") for f in failed):
-            raise DeadlineExceeded(msg, code="no_quorum")
-        raise NoQuorumError(msg, code="no_quorum")
-    return Ballot(
+    ballot = Ballot(
         keys=[o.member for o in ok],
         completions=[o.completion for o in ok if o.completion is not None],
         failed=failed,
         t_members=time.perf_counter(),
     )
+    if final:
+        check_quorum(plan, ballot)
+    return ballot
+
+
+def check_quorum(plan: Plan, ballot: Ballot) -> None:
+    ens = plan.ensemble
+    if len(ballot.keys) >= ens.min_candidates:
+        return
+    detail = "; ".join(f"{f.member}: {f.error}" for f in ballot.failed)
+    asked = len(ballot.keys) + len(ballot.failed)
+    msg = f"{len(ballot.keys)} of {asked} members answered, {ens.min_candidates} needed ({detail})"
+    if any(f.kind in ("timeout", "deadline") for f in ballot.failed):
+        raise DeadlineExceeded(msg, code="no_quorum")
+    raise NoQuorumError(msg, code="no_quorum")
+
+
+def joined(first: Ballot, more: Ballot, order: list[str]) -> Ballot:
+    """Two waves' candidates as one ballot, in the plan's request order (``order``), unranked."""
+    have = dict(zip(first.keys + more.keys, first.completions + more.completions, strict=True))
+    keys = [k for k in order if k in have]
+    out = Ballot(keys=keys, completions=[have[k] for k in keys], failed=first.failed + more.failed,
+                 t_members=more.t_members)
+    out.degraded = first.degraded + more.degraded
+    return out

@@ -1,7 +1,8 @@
 """``Pipeline``: one configuration's members, rankers and fusers, and the line of stages a query
 takes through them. Each entry reads top to bottom:
 
-    plan → admit → fan out → rank → vote → fuse (or skip) → respond → record (and keep)
+    plan → admit → route → fan out → rank → vote → (cascade: fan out the rest, rank, vote)
+         → fuse (or skip) → respond → record (and keep)
 
 No HTTP here: a ``Query`` comes in, an ``Answer`` goes out (``service.pipeline.types``).
 """
@@ -24,10 +25,12 @@ from service.models.rankers.ranking import Ranker
 from service.pipeline.admission import Admission
 from service.pipeline.choose import count_votes, rank
 from service.pipeline.fuse import Fusion
-from service.pipeline.gather import gather
+from service.models.routers.base import Router
+from service.pipeline.gather import Ballot, check_quorum, gather, joined
 from service.pipeline.plan import Plan, plan
 from service.pipeline.record import keep, record
 from service.pipeline.respond import respond
+from service.pipeline.route import Routing, keys_of, route, uncertain
 from service.pipeline.types import Answer, Query
 from service.store import Store, config_digest
 from service.telemetry.book import StatusBook
@@ -74,11 +77,13 @@ class Pipeline:
         lasting: Lasting,
         unavailable: dict[str, str] | None = None,
         server_urls: dict[str, str] | None = None,
+        routers: Mapping[str, Router] | None = None,
     ):
         self.config = config
         self.members = dict(members)
         self.rankers = dict(rankers)
         self.fusers = dict(fusers)
+        self.routers = dict(routers or {})
         self.lasting = lasting
         self.unavailable = dict(unavailable or {})
         self.server_urls = dict(server_urls or {})
@@ -118,16 +123,41 @@ class Pipeline:
     # --- the stages between plan and respond -------------------------------------------------
 
     async def _choose(self, p: Plan) -> Fusion:
-        """Fan out, rank, vote: the ballot in its final order, and the fusion decided."""
+        """Route, fan out, rank, vote (a cascade's second wave too, when needed): the ballot in its
+        final order, and the fusion decided."""
         ens = p.ensemble
-        ballot = await gather(self.fan_out, p)
-        ranked = True
-        if ens.ranker is not None:
-            ranked = await rank(self.rankers[ens.ranker], p, ballot, self.metrics)
-        if ens.vote:
-            count_votes(p, ballot, self.metrics)
+        routing = await route(p, self.routers.get(ens.router) if ens.router else None, self.metrics)
+        wave = keys_of(p, routing.first) if routing.narrowed else None
+        ballot = await gather(self.fan_out, p, wave, final=not routing.reserve)
+        ranked = await self._order(p, ballot)
+        if routing.reserve and (
+            len(ballot.keys) < ens.min_candidates or (ens.cascade is not None and uncertain(p, ballot, routing, ranked))
+        ):
+            more = await gather(self.fan_out, p, keys_of(p, routing.reserve), final=False)
+            routing.reserve_asked = True
+            ballot = joined(ballot, more, list(p.requests))
+            check_quorum(p, ballot)
+            ranked = await self._order(p, ballot)
+        self._routed(p, routing, ballot)
         fuser = self.fusers[ens.fuser] if ens.fuser is not None and ranked else None
         return Fusion(p, ballot, fuser, self.metrics)
+
+    async def _order(self, p: Plan, ballot: Ballot) -> bool:
+        """Rank (and vote); False when the ranker failed."""
+        ranked = True
+        if p.ensemble.ranker is not None:
+            ranked = await rank(self.rankers[p.ensemble.ranker], p, ballot, self.metrics)
+        if p.ensemble.vote:
+            count_votes(p, ballot, self.metrics)
+        return ranked
+
+    def _routed(self, p: Plan, routing: Routing, ballot: Ballot) -> None:
+        """What routing left out goes on the ballot (the answer names it) and into the metrics."""
+        ballot.degraded[:0] = routing.degraded
+        ballot.not_called = routing.not_called()
+        for nc in ballot.not_called:
+            self.metrics.calls_saved.labels(p.name, nc.reason).inc(len(keys_of(p, [nc.member])))
+        self.metrics.member_calls.labels(p.name).inc(len(ballot.keys) + len(ballot.failed))
 
     def _record(self, answer: Answer, fusion: Fusion) -> None:
         record(answer, fusion.plan, self.metrics, self.lasting.status, self.config.logging.log_prompts)

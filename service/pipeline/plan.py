@@ -29,6 +29,7 @@ class Plan:
     fusion: Fusion  # the policy in force: the query's, else the ensemble's
     max_tokens: int | None  # the query's own limit, which also bounds the fuser
     requests: dict[str, MemberRequest]  # each candidate's: ``name``, or ``name#i`` per sample
+    max_calls: int | None  # members called at most: the ensemble's cap, lowered by the query's
     start: float  # time.perf_counter() when the request began
     deadline_at: float  # time.monotonic() by which it must be answered
 
@@ -64,6 +65,7 @@ def plan(config: GatewayConfig, query: Query) -> Plan:
         raise RequestError(
             f"{field}={query.fuse_top_k} exceeds the {most} candidates of ensemble {name!r}", param=field
         )
+    max_calls = call_cap(query, ens, name)
     deadline_s = ens.deadline_s if query.deadline_s is None else min(ens.deadline_s, query.deadline_s)
     instruction = query.instruction if query.instruction is not None else ens.instruction
     return Plan(
@@ -77,9 +79,23 @@ def plan(config: GatewayConfig, query: Query) -> Plan:
         fusion=query.fusion or ens.fusion,
         max_tokens=query.max_tokens,
         requests=member_requests(config, ens, instruction, query),
+        max_calls=max_calls,
         start=start,
         deadline_at=now + deadline_s,
     )
+
+
+def call_cap(query: Query, ens: EnsembleConfig, name: str) -> int | None:
+    """Members a request may call: the ensemble's ``max_member_calls``, which the query's
+    ``max_members`` may only lower; refused below what the ensemble needs to answer."""
+    if query.max_members is not None and query.max_members < ens.min_candidates:
+        field = query.max_members_param
+        raise RequestError(
+            f"{field}={query.max_members} is below the {ens.min_candidates} candidates ensemble {name!r} needs",
+            param=field,
+        )
+    caps = [c for c in (ens.max_member_calls, query.max_members) if c is not None]
+    return min(caps) if caps else None
 
 
 def candidates_of(config: GatewayConfig, ens: EnsembleConfig) -> int:

@@ -103,6 +103,7 @@ def answer_record(answer: Answer, fusion: Fusion, plan: Plan, config_digest: str
         finish_reason=answer.finish_reason,
         request=dict(origin.echo) if origin.echo else None,
         retrievable=origin.retrievable,
+        not_called=[dict(vars(n)) for n in answer.not_called] or None,
     )
 
 

@@ -78,4 +78,5 @@ async def respond(plan: Plan, fusion: Fusion, output: str) -> Answer:
             },
         ),
         finish_reason=fusion.finish_reason,
+        not_called=list(ballot.not_called),
     )

@@ -49,10 +49,12 @@ class Query:
     fusion: Fusion | None = None
     deadline_s: float | None = None
     extensions: Mapping[str, object] | None = None  # vLLM's sampling extensions, for every member
+    max_members: int | None = None  # members called at most (only lowers the ensemble's cap)
     origin: Origin = field(default_factory=Origin)
     # The client's field names, for the errors that point at them.
     ensemble_param: str = "ensemble"
     fuse_top_k_param: str = "fuse_top_k"
+    max_members_param: str = "max_members"
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -99,6 +101,16 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class NotCalled:
+    """A member the request did not call, and why: ``routed`` (the router put it below the ensemble's
+    `route`), ``cascade_not_needed`` (the first wave's answer was certain) or ``cap`` (over
+    `max_member_calls` or the request's `max_members`)."""
+
+    member: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Timings:
     """Milliseconds: fan-out, ranking (and voting), fusion (and counting), the whole request."""
 
@@ -126,3 +138,4 @@ class Answer:
     timings_ms: Timings
     usage: Usage
     finish_reason: str
+    not_called: list[NotCalled] = field(default_factory=list)

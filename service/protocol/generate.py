@@ -99,6 +99,13 @@ class GenerateRequest(Wire):
     sampling_extensions: SamplingExtensions | None = Field(
         None, description="vLLM's sampling extensions (top_k sampling, min_p, ...), passed to the members."
     )
+    max_members: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Members called at most for this request (the router's most likely first, else the first "
+        "listed); it may only lower the ensemble's `max_member_calls`.",
+    )
     return_candidates: bool = Field(False, description="Include every candidate in the response.")
     fusion: Literal["always", "adaptive", "never"] | None = Field(
         None, description="This request's fusion policy instead of the ensemble's (e.g. `always` for an eval)."
@@ -144,6 +151,14 @@ class Candidate(Wire):
     finish_reason: str | None = None
 
 
+class NotCalledMember(Wire):
+    member: str
+    reason: Literal["routed", "cascade_not_needed", "cap"] = Field(
+        description="routed: the router put it below the ensemble's `route`; cascade_not_needed: the first "
+        "members' answer was certain; cap: over `max_member_calls` or the request's `max_members`."
+    )
+
+
 class FailedMember(Wire):
     member: str
     error: str
@@ -187,6 +202,9 @@ class GenerateResponse(Wire):
     selected: list[str] = Field(description="Members fed to the fuser, in rank order.")
     candidates: list[Candidate] | None = None
     failed_members: list[FailedMember]
+    not_called: list[NotCalledMember] = Field(
+        default_factory=list, description="Members this request did not call (routing), and why."
+    )
     degraded: bool = Field(
         False, description="True when a member failed, or the ranker or fuser failed and the answer came without it."
     )

@@ -82,6 +82,9 @@ class EnsembleOptions(Wire):
     )
     instruction: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Task instruction.")
     deadline_s: float | None = Field(None, ge=1.0, le=3600, description="Answer within this many seconds.")
+    max_members: int | None = Field(
+        None, ge=1, le=1024, description="Members called at most; it may only lower the ensemble's cap."
+    )
 
     def request_fields(self, instruction: str | None = None, deadline_s: float | None = None) -> dict[str, Any]:
         """These knobs as ``GenerateRequest`` fields; ``instruction`` and ``deadline_s``: values set
@@ -92,6 +95,7 @@ class EnsembleOptions(Wire):
             "fuse_top_k": self.fuse_top_k,
             "fusion": self.fusion,
             "return_candidates": self.return_candidates,
+            "max_members": self.max_members,
         }
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from service.config import FuserConfig, GatewayConfig, LLMFuserConfig, MemberConfig
+from service.config import FuserConfig, GatewayConfig, LLMFuserConfig, MemberConfig, RouterConfig
 from service.errors import ConfigError, MemberFailure
 from service.members.base import Member
 from service.members.checks import base_checkpoint
@@ -23,6 +23,9 @@ from service.models.fusers.genfuser import GenFuser
 from service.models.fusers.llm import LLMFuser
 from service.models.rankers.pairrm import PairRMRanker
 from service.models.rankers.ranking import Ranker
+from service.models.routers.base import Router
+from service.models.routers.encoder import EncoderRouter
+from service.models.routers.random import RandomRouter
 from service.pipeline.pipeline import Lasting, Pipeline
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class Components:
     members: dict[str, Member] | None = None
     rankers: dict[str, Ranker] | None = None
     fusers: dict[str, Fuser] | None = None
+    routers: dict[str, Router] | None = None
 
 
 def target_url(what: str, endpoint: str | None, server: str | None, server_urls: dict[str, str]) -> str:
@@ -114,6 +118,13 @@ async def build_fuser(
     return await asyncio.to_thread(GenFuser, name, cfg, cache)
 
 
+def build_router(name: str, cfg: RouterConfig, config: GatewayConfig) -> Router:
+    """A router (blocking: an encoder router loads its model; call it off the event loop)."""
+    if cfg.kind == "random":
+        return RandomRouter(name, cfg, [m.name for m in config.members])
+    return EncoderRouter(name, cfg)
+
+
 @dataclass
 class Built:
     """A pipeline, and which of its parts were made for it (not taken over from the previous one)."""
@@ -122,6 +133,7 @@ class Built:
     new_members: list[Member]
     new_rankers: list[Ranker]
     new_fusers: list[Fuser]
+    new_routers: list[Router] = field(default_factory=list)
 
 
 def _same_member(prev: Pipeline, config: GatewayConfig, m: MemberConfig, url: str, gate: ClassGate | None) -> bool:
@@ -156,6 +168,7 @@ async def build_pipeline(
     new_members: list[Member] = []
     new_rankers: list[Ranker] = []
     new_fusers: list[Fuser] = []
+    new_routers: list[Router] = []
     to_prepare: dict[str, Member] = {}
     try:
         for m in config.members:
@@ -199,15 +212,31 @@ async def build_pipeline(
             fuser = await build_fuser(name, fcfg, client, server_urls, gates, cache_root(config))
             fusers[name] = fuser
             new_fusers.append(fuser)
+        routers: dict[str, Router] = dict(parts.routers or {})
+        for name, ocfg in config.routers.items():
+            if name in routers:
+                continue
+            same_members = previous is not None and [m.name for m in previous.config.members] == [
+                m.name for m in config.members
+            ]
+            if previous is not None and previous.config.routers.get(name) == ocfg and name in previous.routers:
+                if ocfg.kind == "encoder" or same_members:
+                    routers[name] = previous.routers[name]
+                    continue
+            router = await asyncio.to_thread(build_router, name, ocfg, config)
+            routers[name] = router
+            new_routers.append(router)
     except BaseException:
         for r in new_rankers:
             r.close()
         for f in new_fusers:
             f.close()
+        for o in new_routers:
+            o.close()
         raise
     if previous is not None:
         unavailable.update({n: r for n, r in previous.unavailable.items() if n in members and n not in to_prepare})
     for name in members:
         lasting.metrics.member_available.labels(name).set(0 if name in unavailable else 1)
-    pipeline = Pipeline(config, members, rankers, fusers, lasting, unavailable, server_urls)
-    return Built(pipeline, new_members, new_rankers, new_fusers)
+    pipeline = Pipeline(config, members, rankers, fusers, lasting, unavailable, server_urls, routers)
+    return Built(pipeline, new_members, new_rankers, new_fusers, new_routers)

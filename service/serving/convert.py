@@ -27,8 +27,11 @@ def query_of(request: GenerateRequest, ensemble_param: str = "ensemble") -> Quer
         fusion=request.fusion,
         deadline_s=request.deadline_s,
         extensions=ext.wire() if ext is not None else None,
+        max_members=request.max_members,
         ensemble_param=ensemble_param,
         fuse_top_k_param=fuse_top_k_param,
+        # The OpenAI API carries the ensemble's knobs in its `ensemble` extension object.
+        max_members_param="max_members" if ensemble_param == "ensemble" else "ensemble.max_members",
     )
 
 

@@ -80,6 +80,9 @@ async def retire(old: Pipeline, new: Pipeline, retired: list[RunningServer], lau
     for name, fuser in old.fusers.items():
         if new.fusers.get(name) is not fuser:
             fuser.close()
+    for name, router in old.routers.items():
+        if new.routers.get(name) is not router:
+            router.close()
     if retired and launcher is not None:
         await asyncio.to_thread(launcher.stop_instances, retired)
 
@@ -108,6 +111,7 @@ def summary(old: Pipeline, built: Built, started: list[RunningServer], retired: 
         "members_rebuilt": sorted(m.name for m in built.new_members if m.name in old.members),
         "rankers_loaded": sorted(r.name for r in built.new_rankers),
         "fusers_loaded": sorted(f.name for f in built.new_fusers),
+        "routers_loaded": sorted(o.name for o in built.new_routers),
         "servers_started": sorted(s.name for s in started),
         "servers_retired": sorted(s.name for s in retired),
         "ensembles": sorted(new.config.ensembles),

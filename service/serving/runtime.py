@@ -155,6 +155,8 @@ class Runtime:
                 ranker.close()
             for fuser in self.pipeline.fusers.values():
                 fuser.close()
+            for router in self.pipeline.routers.values():
+                router.close()
         self.bases.close()
         if self.lasting.store is not None:
             await self.lasting.store.close()

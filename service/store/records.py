@@ -53,6 +53,7 @@ class AnswerRecord:
     finish_reason: str
     request: dict[str, Any] | None = None
     retrievable: bool = True
+    not_called: list[dict[str, str]] | None = None  # members routing left out: {member, reason}
 
     def row(self) -> dict[str, Any]:
         """The record as the table's row (shallow: a record is built fresh for each answer)."""

@@ -33,6 +33,7 @@ answers = sa.Table(
     # What an API echoes back when its object is read again.
     sa.Column("request", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("retrievable", sa.Boolean, nullable=False),  # the Responses API's `store`
+    sa.Column("not_called", sa.JSON(none_as_null=True), nullable=True),  # members routing left out (0002)
 )
 
 feedback = sa.Table(

@@ -52,7 +52,27 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.model_errors = Counter("gateway_model_errors", "Ranker or fuser failures.", ["stage", "model"], registry=r)
+        self.model_errors = Counter(
+            "gateway_model_errors", "Router, ranker or fuser failures (stage route, rank, fuse).", ["stage", "model"],
+            registry=r,
+        )
+        self.router_latency = Histogram(
+            "gateway_router_latency_seconds",
+            "Routing latency (the router's scores for one source).",
+            ["router"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.member_calls = Counter(
+            "gateway_member_calls", "Member calls made (a member's samples each count), by ensemble.", ["ensemble"],
+            registry=r,
+        )
+        self.calls_saved = Counter(
+            "gateway_member_calls_saved",
+            "Member calls not made, by why: routed, cascade_not_needed, cap.",
+            ["ensemble", "reason"],
+            registry=r,
+        )
         self.ranked_first = Counter(
             "gateway_member_ranked_first",
             "Times a member's candidate ranked first.",

@@ -13,7 +13,7 @@ CAND1_PREFIX = "<|candidate1|>"
 CAND2_PREFIX = "<|candidate2|>"
 
 
-def _strip_markers(text: str) -> str:
+def strip_markers(text: str) -> str:
     """PairRM locates its three marker tokens by id: a text that contains one would break it."""
     for marker in (SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, "<|candidate|>"):
         text = text.replace(marker, "")
@@ -32,9 +32,9 @@ class PairTexts:
 def encode_texts(tok: Any, cfg: RankerConfig, source: str, unique: list[str]) -> PairTexts:
     """Tokenized as the PairRM-hf model card does, each text once: a candidate's ids depend
     only on its prefix and the length budget the source leaves, so every pair reuses them."""
-    source_ids = tok.encode(SOURCE_PREFIX + _strip_markers(source), max_length=cfg.source_max_length, truncation=True)
+    source_ids = tok.encode(SOURCE_PREFIX + strip_markers(source), max_length=cfg.source_max_length, truncation=True)
     budget = (cfg.source_max_length + 2 * cfg.candidate_max_length - len(source_ids)) // 2
-    texts = [_strip_markers(c) for c in unique]
+    texts = [strip_markers(c) for c in unique]
     c1 = [tok.encode(CAND1_PREFIX + c, max_length=budget, truncation=True) for c in texts]
     c2 = [tok.encode(CAND2_PREFIX + c, max_length=budget, truncation=True) for c in texts]
     return PairTexts(source_ids, c1, c2)

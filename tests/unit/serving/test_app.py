@@ -49,6 +49,7 @@ def test_generate_contract(client: TestClient) -> None:
         "selected",
         "candidates",
         "failed_members",
+        "not_called",
         "degraded",
         "degraded_reasons",
         "timings_ms",
