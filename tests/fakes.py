@@ -13,6 +13,7 @@ from service.errors import MemberFailure
 from service.members.base import Completion, Member, MemberRequest
 from service.models.fusers.base import Fuser
 from service.models.rankers.ranking import Ranker, Ranking, ranks_from_scores
+from service.models.routers.base import Router
 from service.pipeline.pipeline import Lasting, Pipeline
 from service.telemetry.metrics import Metrics
 
@@ -103,6 +104,28 @@ class JoinFuser(Fuser):
         pass
 
 
+class FakeRouter(Router):
+    """Gives each member a fixed chance (``scores``); ``fail``: raises instead."""
+
+    name = "fake-router"
+
+    def __init__(self, scores: Mapping[str, float], fail: bool = False, delay: float = 0.0):
+        self.values = dict(scores)
+        self.fail = fail
+        self.delay = delay
+        self.sources: list[str] = []
+
+    async def scores(self, source: str) -> dict[str, float]:
+        self.sources.append(source)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("router exploded")
+        return dict(self.values)
+
+    def close(self) -> None:
+        pass
+
+
 # Three members a, b, c (nothing listens: the fakes answer), the length ranker and the join fuser;
 # a test adds its own `ensembles:` below.
 THREE_MEMBERS = """
@@ -145,6 +168,7 @@ def fake_pipeline(
     rankers: Mapping[str, Ranker],
     fusers: Mapping[str, Fuser],
     metrics: Metrics | None = None,
+    routers: Mapping[str, Router] | None = None,
 ) -> Pipeline:
     """A pipeline over fake parts, with its own metrics, breakers, admission and status book."""
-    return Pipeline(config, members, rankers, fusers, Lasting.new(config, metrics or Metrics()))
+    return Pipeline(config, members, rankers, fusers, Lasting.new(config, metrics or Metrics()), routers=routers)

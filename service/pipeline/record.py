@@ -11,6 +11,7 @@ from typing import Any
 from service.members.fanout import member_of
 from service.pipeline.fuse import Fusion
 from service.pipeline.plan import Plan
+from service.pipeline.route import keys_of
 from service.pipeline.types import Answer, Candidate
 from service.store import AnswerRecord, Store
 from service.store.records import hashed_input
@@ -38,6 +39,8 @@ def record(answer: Answer, plan: Plan, metrics: Metrics, status: StatusBook, log
         fused=answer.fused,
         degraded=answer.degraded,
         total_ms=answer.timings_ms.total,
+        calls=len(answer.candidates) + len(failed),
+        not_called=[(n.member, n.reason, len(keys_of(plan, [n.member]))) for n in answer.not_called],
     )
     extra: dict[str, object] = {
         "ensemble": name,

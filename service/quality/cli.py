@@ -104,5 +104,10 @@ def run_eval(args: argparse.Namespace) -> int:
         args.pairs_out.parent.mkdir(parents=True, exist_ok=True)
         args.pairs_out.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
         print(f"{len(pairs)} preference pairs: {args.pairs_out}")
+    if args.records_out is not None:
+        args.records_out.parent.mkdir(parents=True, exist_ok=True)
+        rows = [o.record() for o in observations if o.error is None]
+        args.records_out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"{len(rows)} records: {args.records_out}")
     print(f"report: {paths['markdown']}, {paths['json']}, {paths['chart']}")
     return 130 if partial else 0

@@ -44,6 +44,28 @@ class Observation:
     failed: list[str] = field(default_factory=list)
     latency_ms: float = 0.0
     error: str | None = None
+    not_called: list[tuple[str, str]] = field(default_factory=list)  # members routing left out, and why
+
+    @property
+    def calls(self) -> int:
+        """Member calls the answer cost (each member asked, answered or failed)."""
+        return len(self.candidates) + len(self.failed)
+
+    def record(self, instruction: str = "") -> dict[str, Any]:
+        """The observation as the store's export writes an answer with feedback (the reference as
+        its feedback): what ``train-router --data`` and ``train-ranker`` read."""
+        return {
+            "input": {"instruction": instruction, "input_text": self.item.source},
+            "inputs_hashed": False,
+            "output": self.output,
+            "fused": self.fused,
+            "fusion": {"selected": [self.candidates[0].member] if self.candidates else []},
+            "candidates": [
+                {"member": c.member, "text": c.text, "score": c.score, "rank": c.rank} for c in self.candidates
+            ],
+            "not_called": [{"member": m, "reason": why} for m, why in self.not_called] or None,
+            "feedback": [{"preferred": None, "rejected": [], "reference": self.item.reference, "rating": None}],
+        }
 
     def answer_of(self, member: str) -> str | None:
         return next((c.text for c in self.candidates if c.member == member), None)
@@ -69,10 +91,13 @@ class Settings:
     max_tokens: int | None = None
     timeout_s: float = 300.0
     api_key: str | None = None
+    fusion: str | None = "always"  # forced on, so that every method is scored from one pass; None: the policy's
 
 
 def _body(item: EvalItem, s: Settings) -> dict[str, Any]:
-    body: dict[str, Any] = {**item.request(), "return_candidates": True, "fusion": "always"}
+    body: dict[str, Any] = {**item.request(), "return_candidates": True}
+    if s.fusion is not None:
+        body["fusion"] = s.fusion
     for key, value in (("ensemble", s.ensemble), ("temperature", s.temperature), ("max_tokens", s.max_tokens)):
         if value is not None:
             body[key] = value
@@ -91,6 +116,7 @@ def _observe(item: EvalItem, data: dict[str, Any]) -> Observation:
         candidates=cands,
         failed=[str(f["member"]) for f in data.get("failed_members") or []],
         latency_ms=float((data.get("timings_ms") or {}).get("total", 0.0)),
+        not_called=[(str(n["member"]), str(n["reason"])) for n in data.get("not_called") or []],
     )
 
 

@@ -1,5 +1,5 @@
-"""The learning commands: ``train-ranker`` (from JSONL or from the store), ``export`` (the store as
-JSONL) and ``retrain-ranker`` (the whole loop). Heavy imports wait until a command runs."""
+"""The learning commands: ``train-ranker`` (from JSONL or from the store), ``train-router``,
+``export`` (the store as JSONL) and ``retrain-ranker`` (the whole loop). Heavy imports wait until a command runs."""
 
 from __future__ import annotations
 
@@ -78,6 +78,28 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_router(args: argparse.Namespace) -> int:
+    from service.quality.train_router import examples_of, read_records, read_store_all, train
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.from_store:
+            answered = asyncio.run(read_store_all(args.from_store, args.ensemble))
+        else:
+            answered = read_records(args.data)
+        examples = examples_of(answered, args.chrf_threshold, feedback_only=args.feedback_only)
+        result = train(examples, str(args.encoder), args.out, args.kind, args.k, args.heldout, args.seed)
+    except (OSError, ValueError) as e:
+        print(f"ensemble-gateway train-router: {e}", file=sys.stderr)
+        return 2
+    result["answers"] = len(answered)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def _training(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--lr", type=float, default=3e-5)
@@ -114,6 +136,29 @@ def add_commands(sub: Any) -> None:
     tr.add_argument("--ensemble", help="with --from-store: only this ensemble's answers")
     tr.add_argument("--chrf-threshold", type=float, default=80.0, help="chrF at which free text matches a reference")
     tr.set_defaults(func=cmd_train_ranker)
+
+    ro = sub.add_parser(
+        "train-router",
+        help="train a router (which members to call) from the answers in the store; writes a checkpoint",
+        description="Each stored answer is an example: its source, and for each member that answered whether its "
+        "candidate was right (feedback: preferred, matching the reference, rated well) or, without feedback, what "
+        "the ensemble chose. A PairRM checkpoint's encoder embeds the sources; a kNN and a logistic head are fitted "
+        "and measured on held-out sources (top-1: the router's first member was right), and the better is kept.",
+    )
+    rsrc = ro.add_mutually_exclusive_group(required=True)
+    rsrc.add_argument("--from-store", metavar="URL", help="the store's URL (sqlite:///... or postgresql://...)")
+    rsrc.add_argument("--data", type=Path, help="records.jsonl, as `export` or `eval --records-out` write it")
+    ro.add_argument("--encoder", type=Path, required=True, help="the PairRM-hf checkpoint whose encoder embeds")
+    ro.add_argument("--out", type=Path, required=True, help="where the router checkpoint goes")
+    ro.add_argument("--ensemble", help="with --from-store: only this ensemble's answers")
+    ro.add_argument("--kind", choices=["auto", "knn", "linear"], default="auto", help="default: the better held out")
+    ro.add_argument("--k", type=int, default=16, help="kNN: neighbours averaged")
+    ro.add_argument("--heldout", type=float, default=0.2, help="share of sources kept aside to measure (default 0.2)")
+    ro.add_argument("--feedback-only", action="store_true", help="only answers with feedback (not the ensemble's choice)")
+    ro.add_argument("--chrf-threshold", type=float, default=80.0, help="chrF at which free text matches a reference")
+    ro.add_argument("--seed", type=int, default=0)
+    ro.add_argument("--threads", type=int, help="torch threads")
+    ro.set_defaults(func=cmd_train_router)
 
     ex = sub.add_parser(
         "export",

@@ -29,12 +29,21 @@ class _Share:
     candidates: int = 0
     first: int = 0
     selected: int = 0
+    not_called: int = 0  # answers routing left it out of
+
+
+@dataclass
+class _Routing:
+    answers: int = 0
+    calls: int = 0  # member calls made (asked: answered or failed)
+    saved: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # calls not made, by reason
 
 
 class StatusBook:
     def __init__(self) -> None:
         self.members: dict[str, _MemberStats] = defaultdict(_MemberStats)
         self.shares: dict[tuple[str, str], _Share] = defaultdict(_Share)
+        self.routing: dict[str, _Routing] = defaultdict(_Routing)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.answered = 0
         self.started = time.time()
@@ -60,9 +69,18 @@ class StatusBook:
         fused: bool,
         degraded: bool,
         total_ms: float,
+        calls: int = 0,
+        not_called: list[tuple[str, str, int]] | None = None,
     ) -> None:
-        """One answered request; ``ranking`` lists its candidates best first (member, score, rank)."""
+        """One answered request; ``ranking`` lists its candidates best first (member, score, rank);
+        ``calls``: member calls made; ``not_called``: (member, reason, calls saved) routing left out."""
         self.answered += 1
+        r = self.routing[ensemble]
+        r.answers += 1
+        r.calls += calls
+        for member, reason, saved in not_called or ():
+            r.saved[reason] += saved
+            self.shares[(ensemble, member)].not_called += 1
         for i, c in enumerate(ranking):
             share = self.shares[(ensemble, c["member"])]
             share.candidates += 1
@@ -94,4 +112,14 @@ class StatusBook:
             "candidates": share.candidates,
             "win_rate": round(share.first / share.candidates, 4) if share.candidates else None,
             "selection_share": round(share.selected / share.candidates, 4) if share.candidates else None,
+            "not_called": share.not_called,
+        }
+
+    def routed(self, ensemble: str) -> dict[str, Any]:
+        """An ensemble's member calls: made per answer, and not made (by reason)."""
+        r = self.routing.get(ensemble, _Routing())
+        return {
+            "answers": r.answers,
+            "calls_per_answer": round(r.calls / r.answers, 3) if r.answers else None,
+            "calls_saved": dict(r.saved),
         }

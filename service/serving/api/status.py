@@ -51,6 +51,13 @@ async def status(runtime: RuntimeDep) -> dict[str, Any]:
             "fusion_margin": ens.fusion_margin,
             "fuse_top_k": ens.fuse_top_k,
             "quorum": ens.effective_quorum,
+            "routing": {
+                "router": ens.router,
+                "route": ens.route.members if ens.route is not None else None,
+                "cascade": ens.cascade.model_dump() if ens.cascade is not None else None,
+                "max_member_calls": ens.max_member_calls,
+                **book.routed(name),
+            },
         }
     admission = runtime.admission
     return {
