@@ -1,7 +1,8 @@
 """Train every checkpoint of the quality ensemble from nothing, on the CPU, reproducibly.
 
 Order: the bases, the adapters over them, the members' candidates for training prompts, the
-ranker (on pairs of those candidates), the fuser (on the ranker's top-k of those candidates). Each
+ranker (on pairs of those candidates), the fuser (on the ranker's top-k of those candidates), the
+router (which member was right on those prompts, on the ranker's encoder). Each
 step writes one subfolder of the output root and a stamp file holding a hash of its recipe, the
 suite version and its inputs' stamps; a re-run skips every step whose stamp matches.
 
@@ -278,5 +279,16 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         return loss
 
     steps.run("genfuser", {"fuser": asdict(recipe.fuser)}, [CANDIDATES, "pairrm"], build_fuser)
+
+    def build_router(out: Path) -> None:
+        from service.quality.train_router import examples_from_candidates, train
+
+        cand_items, answers = _read_candidates(cands)
+        examples = examples_from_candidates(members, cand_items, answers)
+        if len(examples) < 2:  # the small recipe's members may get nothing right: a router that knows nothing
+            examples = examples_from_candidates(members, cand_items, answers, keep_unanswered=True)
+        train(examples, str(ranker_dir), out, kind="auto")
+
+    steps.run("router", {"router": {"kind": "auto", "k": 16, "heldout": 0.2}}, [CANDIDATES, "pairrm"], build_router)
     _write_manifest(root, small, steps)
     return steps.report

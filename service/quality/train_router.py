@@ -203,3 +203,18 @@ def train(
     }
     model.save(out)
     return {"out": str(out), "kind": chosen, "members": members, **model.info}
+
+
+def examples_from_candidates(
+    members: Sequence[str], items: Sequence[Any], answers: Sequence[Sequence[str]], keep_unanswered: bool = False
+) -> list[Example]:
+    """The training recipe's candidates (each member's answer to a training prompt, in ``members``
+    order) as examples: a member is right when its answer matches the reference. Prompts no member
+    got right teach nothing and are left out, unless ``keep_unanswered``."""
+    out = []
+    for item, row in zip(items, answers, strict=True):
+        right = normalize(item.reference)
+        labels = {m: 1.0 if normalize(a) == right else 0.0 for m, a in zip(members, row, strict=True)}
+        if keep_unanswered or any(labels.values()):
+            out.append(Example(item.prompt, labels))
+    return out

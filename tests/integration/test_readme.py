@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -119,6 +120,9 @@ def complete(snippet: dict[str, Any], trained: Path) -> dict[str, Any]:
             for i, model in enumerate(recipe.get("models", [])):
                 if not Path(model["model"]).exists():
                     model["model"] = str(trained / ("ft-sort", "ft-capital")[i % 2])
+    for router in (config.get("routers") or {}).values():
+        if router.get("checkpoint") and not Path(router["checkpoint"]).exists():
+            router["checkpoint"] = str(trained / "router")
     loras = iter(["lora-sort", "lora-capital"] * 4)
     for member in config.get("members", []):
         if member.get("adapter") and not Path(member["adapter"]).exists():
@@ -157,7 +161,7 @@ def test_a_broken_snippet_fails_check_config(trained_models: Path, tmp_path: Pat
 
 
 def learning_commands() -> list[str]:
-    """The README's store commands (export, retrain-ranker), each joined over its continued lines."""
+    """The README's store commands (export, retrain-ranker, train-router), each joined over its continued lines."""
     return commands("sh", "ensemble-gateway ")
 
 
@@ -169,14 +173,18 @@ def test_readme_learning_commands_run(learner: Gateway, tmp_path: Path) -> None:
     demo's own ranker must stay what the other tests measure. With little feedback in its store the
     loop may decline to train; it must run and say so."""
     commands = learning_commands()
-    assert [c.split()[1] for c in commands] == ["export", "retrain-ranker"]
+    assert [c.split()[1] for c in commands] == ["export", "retrain-ranker", "train-router"]
     store = f"sqlite:///{learner.config_path.parent / 'store.db'}"
+    for prompt in ("Say one thing.", "Say another thing."):  # answers to learn a router from, whatever ran before
+        assert httpx.post(f"{learner.url}/generate", json={"prompt": prompt}, timeout=120).status_code == 200
     for command in commands:
         line = command.replace(README_STORE, store).replace("config/demo.yaml", str(learner.config_path))
         line = (
             at(learner.url, line)
             .replace("feedback/", str(tmp_path / "feedback"))
             .replace("rankers/", str(tmp_path / "rankers"))
+            .replace("routers/", str(tmp_path / "routers") + "/")
+            .replace(".cache/tiny-models/trained/pairrm", learner.config.rankers["pairrm"].checkpoint)
         )
         args = shlex.split(line)
         args[0] = str(Path(sys.executable).with_name("ensemble-gateway"))
@@ -188,5 +196,8 @@ def test_readme_learning_commands_run(learner: Gateway, tmp_path: Path) -> None:
         report = json.loads(done.stdout)
         if args[1] == "export":
             assert (tmp_path / "feedback" / "records.jsonl").exists() and "pairs" in report
+        elif args[1] == "train-router":
+            assert report["members"] == ["b"] and report["examples"] >= 2
+            assert (Path(report["out"]) / "router.json").exists()
         else:
             assert report["swapped"] is False and report["why"]

@@ -13,7 +13,7 @@ from service.quality.train import read_manifest, train_all
 def test_small_training_writes_every_checkpoint_and_reruns_nothing(tmp_path: Path) -> None:
     report = train_all(tmp_path, small=True)
     recipe = default_recipe()
-    steps = [*recipe.members, *recipe.variants, "candidates", "pairrm", "genfuser"]
+    steps = [*recipe.members, *recipe.variants, "candidates", "pairrm", "genfuser", "router"]
     assert set(report.seconds) == set(steps) and report.skipped == []
     for name, member in [*recipe.members.items(), *recipe.variants.items()]:
         # adapters (LoRA, prompt tuning) write an adapter; bases and full fine-tunes a whole model
@@ -21,6 +21,7 @@ def test_small_training_writes_every_checkpoint_and_reruns_nothing(tmp_path: Pat
         assert (tmp_path / name / kind).exists(), name
     assert json.loads((tmp_path / "pairrm" / "config.json").read_text())["model_type"] == "deberta-v2"
     assert json.loads((tmp_path / "genfuser" / "config.json").read_text())["model_type"] == "t5"
+    assert json.loads((tmp_path / "router" / "router.json").read_text())["members"] == sorted(recipe.members)
     manifest = read_manifest(tmp_path)
     assert manifest is not None and manifest["small"] is True
     assert set(manifest["stamps"]) == set(steps) == set(manifest["seconds"])  # type: ignore[call-overload]
