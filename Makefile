@@ -52,6 +52,7 @@ demo: models
 # after training: 400 questions, fusion forced on so that every method is scored from one pass).
 quality: models
 	$(BIN)/python -m bench.learning
+	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.quality
 
 test: models $(ADAPTERS_STAMP)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import combinations, learning
+from bench import combinations, learning, routing
 from bench.common import ROOT, commit, machine
 
 logger = logging.getLogger("bench.quality")
@@ -178,6 +178,7 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         *_self_moa_section(result),
         *(combos or []),
         *learning.section(_learning(), em.get("ensemble (policy)")),
+        *routing.section(_routing()),
         "## Reproduce",
         "",
         "```",
@@ -199,6 +200,12 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
 def _learning() -> dict[str, Any] | None:
     """``python -m bench.learning``'s last result, if it ran (``make quality`` runs it first)."""
     path = ROOT / "bench" / "results" / "learning.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _routing() -> dict[str, Any] | None:
+    """``python -m bench.routing``'s last result, if it ran (``make quality`` runs it first)."""
+    path = ROOT / "bench" / "results" / "routing.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 

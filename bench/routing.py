@@ -86,7 +86,8 @@ def scored(observations: list[Any]) -> dict[str, Any]:
         "errors": len(observations) - len(ok),
         "exact_match": round(100 * statistics.fmean(em), 2) if ok else 0.0,
         "by_skill": {
-            t: round(100 * statistics.fmean([e for e, o in zip(em, ok, strict=True) if o.item.tag == t]), 2) for t in tags
+            t: round(100 * statistics.fmean([e for e, o in zip(em, ok, strict=True) if o.item.tag == t]), 2)
+            for t in tags
         },
         "calls": round(statistics.fmean(o.calls for o in ok), 3) if ok else 0.0,
         "p50_ms": round(statistics.median(o.latency_ms for o in ok), 1) if ok else 0.0,
@@ -232,7 +233,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
         acc, lat = axes[0][col], axes[1][col]
         full = block["rows"]["every member"]
         for k, (method, row) in enumerate(block["rows"].items()):
-            marker = {"every member": "*", "oracle router": "P", "random m=2": "X"}.get(method, "o" if "route" in method else "s")
+            marker = {"every member": "*", "oracle router": "P", "random m=2": "X"}.get(
+                method, "o" if "route" in method else "s"
+            )
             style = {"marker": marker, "s": 90 if marker == "*" else 55, "color": colors[k % 10], "label": method}
             acc.scatter(row["calls"], row["exact_match"], **style)
             if row["p50_ms"] is not None:
@@ -289,14 +292,17 @@ def section(result: dict[str, Any] | None) -> list[str]:
         lines += [
             f"### {ens} ({block['members']} members)",
             "",
-            "| method | " + " | ".join(skills) + " | exact match (%) | member calls per answer | share of calls | p50 ms |",
+            "| method | "
+            + " | ".join(skills)
+            + " | exact match (%) | member calls per answer | share of calls | p50 ms |",
             "|---|" + "---|" * (len(skills) + 4),
         ]
         full = rows["every member"]
         for method, row in rows.items():
             p50 = "-" if row["p50_ms"] is None else f"{row['p50_ms']:.0f}"
             lines.append(
-                f"| {method} | " + " | ".join(f"{row['by_skill'][s]:.1f}" for s in skills)
+                f"| {method} | "
+                + " | ".join(f"{row['by_skill'][s]:.1f}" for s in skills)
                 + f" | {row['exact_match']:.1f} | {row['calls']:.2f} | {row['calls'] / full['calls']:.0%} | {p50} |"
             )
         g = block["goal"]

@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("eval-report"), help="where the report goes (default eval-report)")
     ev.add_argument("--pairs-out", type=Path, help="also write {source, chosen, rejected} pairs for train-ranker")
     ev.add_argument(
-        "--records-out", type=Path, help="also write each answer with its reference as feedback, for train-router --data"
+        "--records-out",
+        type=Path,
+        help="also write each answer with its reference as feedback, for train-router --data",
     )
     ev.set_defaults(func=cmd_eval)
 

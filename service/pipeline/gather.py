@@ -93,7 +93,8 @@ def joined(first: Ballot, more: Ballot, order: list[str]) -> Ballot:
     """Two waves' candidates as one ballot, in the plan's request order (``order``), unranked."""
     have = dict(zip(first.keys + more.keys, first.completions + more.completions, strict=True))
     keys = [k for k in order if k in have]
-    out = Ballot(keys=keys, completions=[have[k] for k in keys], failed=first.failed + more.failed,
-                 t_members=more.t_members)
+    out = Ballot(
+        keys=keys, completions=[have[k] for k in keys], failed=first.failed + more.failed, t_members=more.t_members
+    )
     out.degraded = first.degraded + more.degraded
     return out

@@ -22,10 +22,10 @@ from service.members.breakers import Guards
 from service.members.fanout import FanOut
 from service.models.fusers.base import Fuser
 from service.models.rankers.ranking import Ranker
+from service.models.routers.base import Router
 from service.pipeline.admission import Admission
 from service.pipeline.choose import count_votes, rank
 from service.pipeline.fuse import Fusion
-from service.models.routers.base import Router
 from service.pipeline.gather import Ballot, check_quorum, gather, joined
 from service.pipeline.plan import Plan, plan
 from service.pipeline.record import keep, record

@@ -154,7 +154,9 @@ def add_commands(sub: Any) -> None:
     ro.add_argument("--kind", choices=["auto", "knn", "linear"], default="auto", help="default: the better held out")
     ro.add_argument("--k", type=int, default=16, help="kNN: neighbours averaged")
     ro.add_argument("--heldout", type=float, default=0.2, help="share of sources kept aside to measure (default 0.2)")
-    ro.add_argument("--feedback-only", action="store_true", help="only answers with feedback (not the ensemble's choice)")
+    ro.add_argument(
+        "--feedback-only", action="store_true", help="only answers with feedback (not the ensemble's choice)"
+    )
     ro.add_argument("--chrf-threshold", type=float, default=80.0, help="chrF at which free text matches a reference")
     ro.add_argument("--seed", type=int, default=0)
     ro.add_argument("--threads", type=int, help="torch threads")

@@ -51,7 +51,7 @@ def example_of(row: dict[str, Any], notes: Sequence[dict[str, Any]], chrf_thresh
     feedback that names nothing right)."""
     if row.get("inputs_hashed") or not row.get("candidates"):
         return None
-    cands = sorted(row["candidates"], key=lambda c: (int(c.get("rank") or 0)))
+    cands = sorted(row["candidates"], key=lambda c: int(c.get("rank") or 0))
     if notes:
         _, right = judged(row, notes, chrf_threshold)
         if not right:

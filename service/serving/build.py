@@ -216,13 +216,15 @@ async def build_pipeline(
         for name, ocfg in config.routers.items():
             if name in routers:
                 continue
+            kept = previous.routers.get(name) if previous is not None else None
+            same_config = previous is not None and previous.config.routers.get(name) == ocfg
+            # A random router holds the member list: kept only while the members are the same.
             same_members = previous is not None and [m.name for m in previous.config.members] == [
                 m.name for m in config.members
             ]
-            if previous is not None and previous.config.routers.get(name) == ocfg and name in previous.routers:
-                if ocfg.kind == "encoder" or same_members:
-                    routers[name] = previous.routers[name]
-                    continue
+            if kept is not None and same_config and (ocfg.kind == "encoder" or same_members):
+                routers[name] = kept
+                continue
             router = await asyncio.to_thread(build_router, name, ocfg, config)
             routers[name] = router
             new_routers.append(router)

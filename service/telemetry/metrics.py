@@ -53,7 +53,9 @@ class Metrics:
             registry=r,
         )
         self.model_errors = Counter(
-            "gateway_model_errors", "Router, ranker or fuser failures (stage route, rank, fuse).", ["stage", "model"],
+            "gateway_model_errors",
+            "Router, ranker or fuser failures (stage route, rank, fuse).",
+            ["stage", "model"],
             registry=r,
         )
         self.router_latency = Histogram(
@@ -64,7 +66,9 @@ class Metrics:
             registry=r,
         )
         self.member_calls = Counter(
-            "gateway_member_calls", "Member calls made (a member's samples each count), by ensemble.", ["ensemble"],
+            "gateway_member_calls",
+            "Member calls made (a member's samples each count), by ensemble.",
+            ["ensemble"],
             registry=r,
         )
         self.calls_saved = Counter(

@@ -73,7 +73,9 @@ def test_train_a_router_from_the_store_and_route(routed: Gateway, tiny_models: P
             fb = client.post("/v1/feedback", json={"id": body["id"], "reference": greedy})
             assert fb.status_code == 200, fb.text
 
-        report = train_router(f"sqlite:///{gw.config_path.parent / 'store.db'}", tiny_models / "pairrm", tmp_path / "router")
+        report = train_router(
+            f"sqlite:///{gw.config_path.parent / 'store.db'}", tiny_models / "pairrm", tmp_path / "router"
+        )
         assert report["members"] == ["greedy", "hot", "short"] and report["examples"] == len(PROMPTS)
         assert report["kind"] in ("knn", "linear") and set(report["heldout"]) == {"knn", "linear"}
         assert report["heldout"][report["kind"]]["top1"] >= max(h["top1"] for h in report["heldout"].values())
@@ -97,7 +99,10 @@ def test_train_a_router_from_the_store_and_route(routed: Gateway, tiny_models: P
             one = client.post("/generate", json={"prompt": "What is 3 plus 3?", "ensemble": "route1",
                                                  "return_candidates": True}).json()  # fmt: skip
             assert [c["member"] for c in one["candidates"]] == ["greedy"]  # the member the feedback preferred
-            assert sorted((n["member"], n["reason"]) for n in one["not_called"]) == [("hot", "routed"), ("short", "routed")]
+            assert sorted((n["member"], n["reason"]) for n in one["not_called"]) == [
+                ("hot", "routed"),
+                ("short", "routed"),
+            ]
 
             wide = client.post("/generate", json={"prompt": "Tell me about sand.", "ensemble": "cascade"}).json()
             assert wide["not_called"] == []  # the margin is out of reach: the second wave was called
@@ -106,15 +111,14 @@ def test_train_a_router_from_the_store_and_route(routed: Gateway, tiny_models: P
                 "ensemble": {"return_candidates": True, "max_members": 1}}).json()  # fmt: skip
             assert len(capped["ensemble"]["candidates"]) == 1
             assert [n["reason"] for n in capped["ensemble"]["not_called"]] == ["cap", "cap"]
-            bad = client.post("/v1/chat/completions", json={
-                "model": "capped", "messages": [{"role": "user", "content": "x"}], "ensemble": {"max_members": 0}})  # fmt: skip
+            zero = {"model": "capped", "messages": [{"role": "user", "content": "x"}], "ensemble": {"max_members": 0}}
+            bad = client.post("/v1/chat/completions", json=zero)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "ensemble.max_members", bad.text
 
-            picks = {
-                tuple(c["member"] for c in client.post("/generate", json={
-                    "prompt": p, "ensemble": "random1", "return_candidates": True}).json()["candidates"])  # fmt: skip
-                for p in PROMPTS[:8]
-            }
+            picks: set[tuple[str, ...]] = set()
+            for p in PROMPTS[:8]:
+                body = {"prompt": p, "ensemble": "random1", "return_candidates": True}
+                picks.add(tuple(c["member"] for c in client.post("/generate", json=body).json()["candidates"]))
             assert all(len(p) == 1 for p in picks) and len(picks) >= 2  # one member each, not always the same
 
             status = client.get("/status.json").json()["ensembles"]["route1"]["routing"]

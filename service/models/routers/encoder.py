@@ -74,7 +74,9 @@ class Embedder:
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
             with torch.inference_mode():
-                hidden = self.encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+                hidden = self.encoder(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).last_hidden_state
                 m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
                 pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
@@ -128,7 +130,14 @@ class RouterModel:
             raise ConfigError(f"router checkpoint {path}: {e}") from e
         if meta.get("format") != FORMAT:
             raise ConfigError(f"router checkpoint {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        return cls(meta["kind"], list(meta["members"]), str(meta["encoder"]), arrays, int(meta.get("k", 16)), meta.get("trained"))
+        return cls(
+            meta["kind"],
+            list(meta["members"]),
+            str(meta["encoder"]),
+            arrays,
+            int(meta.get("k", 16)),
+            meta.get("trained"),
+        )
 
 
 class EncoderRouter:
@@ -143,15 +152,21 @@ class EncoderRouter:
         self.name = name
         self.model = RouterModel.load(Path(config.checkpoint))
         threads = config.threads or torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"router-{name}", initializer=torch.set_num_threads,
-                                        initargs=(threads,))
+        self._pool = ThreadPoolExecutor(
+            1, thread_name_prefix=f"router-{name}", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         try:
             self.embedder = Embedder(config.encoder or self.model.encoder, config.device, config.dtype)
         except OSError as e:
             self._pool.shutdown()
             raise ConfigError(f"routers.{name}.encoder: {e}") from e
-        logger.info("router %s (%s, %d members) loaded in %.1fs", name, self.model.kind, len(self.model.members),
-                    time.perf_counter() - start)
+        logger.info(
+            "router %s (%s, %d members) loaded in %.1fs",
+            name,
+            self.model.kind,
+            len(self.model.members),
+            time.perf_counter() - start,
+        )
 
     def scores_sync(self, source: str) -> dict[str, float]:
         p = self.model.predict(self.embedder.embed([source]))[0]

@@ -21,7 +21,9 @@ routers: {r: {checkpoint: unused}}
 """
 
 
-def build(ensemble: str, members: list[FakeMember], router: FakeRouter | None = None, metrics: Metrics | None = None) -> Pipeline:
+def build(
+    ensemble: str, members: list[FakeMember], router: FakeRouter | None = None, metrics: Metrics | None = None
+) -> Pipeline:
     config = parse_config(MEMBERS + "ensembles:\n  e: " + ensemble + "\n")
     return fake_pipeline(
         config,
@@ -44,7 +46,12 @@ async def test_route_calls_the_routers_first_members_only() -> None:
     members = four()
     metrics = Metrics()
     router = FakeRouter(SCORES)
-    p = build("{members: [a, b, c, d], ranker: length, fusion: never, router: r, route: {members: 2}}", members, router, metrics)
+    p = build(
+        "{members: [a, b, c, d], ranker: length, fusion: never, router: r, route: {members: 2}}",
+        members,
+        router,
+        metrics,
+    )
     answer = await p.answer(Query(prompt="q", instruction="I: "))
     assert router.sources == ["I: q"]
     assert [c.member for c in answer.candidates] == ["b", "c"]
@@ -60,8 +67,11 @@ async def test_route_calls_the_routers_first_members_only() -> None:
 
 async def test_route_falls_back_to_the_rest_when_the_routed_members_fail() -> None:
     members = four(b="http_5xx")
-    p = build("{members: [a, b, c, d], ranker: length, fusion: never, router: r, route: {members: 1}}", members,
-              FakeRouter(SCORES))
+    p = build(
+        "{members: [a, b, c, d], ranker: length, fusion: never, router: r, route: {members: 1}}",
+        members,
+        FakeRouter(SCORES),
+    )
     answer = await p.answer(Query(prompt="q"))
     assert answer.output == "ccc"  # the reserve answered; the longest wins
     assert {c.member for c in answer.candidates} == {"a", "c", "d#1", "d#2"}
@@ -71,40 +81,59 @@ async def test_route_falls_back_to_the_rest_when_the_routed_members_fail() -> No
 
 async def test_cascade_stops_when_the_first_answer_is_certain() -> None:
     members = four(("x", "same", "same", "y"))
-    p = build("{members: [a, b, c, d], ranker: length, fusion: never, router: r, cascade: {members: 2}}", members,
-              FakeRouter(SCORES))
+    p = build(
+        "{members: [a, b, c, d], ranker: length, fusion: never, router: r, cascade: {members: 2}}",
+        members,
+        FakeRouter(SCORES),
+    )
     answer = await p.answer(Query(prompt="q"))
     assert answer.output == "same"
     assert [len(m.requests) for m in members] == [0, 1, 1, 0]
-    assert {(n.member, n.reason) for n in answer.not_called} == {("a", "cascade_not_needed"), ("d", "cascade_not_needed")}
+    assert {(n.member, n.reason) for n in answer.not_called} == {
+        ("a", "cascade_not_needed"),
+        ("d", "cascade_not_needed"),
+    }
 
 
 async def test_cascade_calls_the_rest_when_the_lead_is_under_the_margin() -> None:
     # b and c disagree, b leads by 1 character of length: under the margin of 2
     members = four(("aaaaaaaa", "bbbb", "ccc", "d"))
-    p = build("{members: [a, b, c, d], ranker: length, fusion: never, router: r, cascade: {members: 2, margin: 2}}",
-              members, FakeRouter(SCORES))
+    p = build(
+        "{members: [a, b, c, d], ranker: length, fusion: never, router: r, cascade: {members: 2, margin: 2}}",
+        members,
+        FakeRouter(SCORES),
+    )
     answer = await p.answer(Query(prompt="q"))
     assert answer.output == "aaaaaaaa"  # only the second wave had it
     assert [len(m.requests) for m in members] == [1, 1, 1, 2]
     assert answer.not_called == []
-    assert [c.member for c in answer.candidates][0] == "a"
+    assert answer.candidates[0].member == "a"
 
 
 async def test_cascade_of_one_trusts_the_routers_chance() -> None:
-    sure = build("{members: [a, b, c], ranker: length, fusion: never, router: r, cascade: {members: 1, min_probability: 0.8}}",
-                 four()[:3], FakeRouter(SCORES))
+    sure = build(
+        "{members: [a, b, c], ranker: length, fusion: never, router: r, cascade: {members: 1, min_probability: 0.8}}",
+        four()[:3],
+        FakeRouter(SCORES),
+    )
     assert [c.member for c in (await sure.answer(Query(prompt="q"))).candidates] == ["b"]  # 0.9 >= 0.8
-    unsure = build("{members: [a, b, c], ranker: length, fusion: never, router: r, cascade: {members: 1, min_probability: 0.95}}",
-                   four()[:3], FakeRouter(SCORES))
+    unsure = build(
+        "{members: [a, b, c], ranker: length, fusion: never, router: r, cascade: {members: 1, min_probability: 0.95}}",
+        four()[:3],
+        FakeRouter(SCORES),
+    )
     assert len((await unsure.answer(Query(prompt="q"))).candidates) == 3
 
 
 async def test_a_failing_router_degrades_to_every_member() -> None:
     metrics = Metrics()
     members = four()
-    p = build("{members: [a, b, c, d], ranker: length, fusion: never, router: r, route: {members: 1}}", members,
-              FakeRouter(SCORES, fail=True), metrics)
+    p = build(
+        "{members: [a, b, c, d], ranker: length, fusion: never, router: r, route: {members: 1}}",
+        members,
+        FakeRouter(SCORES, fail=True),
+        metrics,
+    )
     answer = await p.answer(Query(prompt="q"))
     assert len(answer.candidates) == 5 and answer.not_called == []
     assert answer.degraded and answer.degraded_reasons[0].startswith("router_failed: router fake-router")
@@ -126,8 +155,11 @@ async def test_cap_without_router_keeps_the_first_listed_and_a_request_may_only_
 
 async def test_cap_follows_the_router_and_unknown_members_come_last() -> None:
     members = four()
-    p = build("{members: [a, b, c, d], ranker: length, fusion: never, router: r, max_member_calls: 3}", members,
-              FakeRouter({"b": 0.2, "a": 0.1}))
+    p = build(
+        "{members: [a, b, c, d], ranker: length, fusion: never, router: r, max_member_calls: 3}",
+        members,
+        FakeRouter({"b": 0.2, "a": 0.1}),
+    )
     answer = await p.answer(Query(prompt="q"))
     assert sorted(c.member for c in answer.candidates) == ["a", "b", "c"]
     assert answer.not_called == [NotCalled("d", "cap")]

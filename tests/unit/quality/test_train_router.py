@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -9,7 +10,7 @@ from service.models.routers.encoder import RouterModel
 from service.quality.train_router import example_of, examples_of, read_records, train
 
 
-def row(source: str, texts: dict[str, str], ranked: list[str] | None = None) -> dict:
+def row(source: str, texts: dict[str, str], ranked: list[str] | None = None) -> dict[str, Any]:
     order = ranked or list(texts)
     return {
         "inputs_hashed": False,
@@ -20,7 +21,7 @@ def row(source: str, texts: dict[str, str], ranked: list[str] | None = None) -> 
     }
 
 
-def note(reference: str | None = None, preferred: str | None = None) -> dict:
+def note(reference: str | None = None, preferred: str | None = None) -> dict[str, Any]:
     return {"preferred": preferred, "rejected": [], "reference": reference, "rating": None}
 
 
