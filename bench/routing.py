@@ -228,7 +228,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     blocks = result["ensembles"]
     fig, axes = plt.subplots(2, len(blocks), figsize=(6.2 * len(blocks), 8), squeeze=False, sharex="col")
-    colors = plt.get_cmap("tab10").colors
+    colors = [plt.get_cmap("tab10")(k) for k in range(10)]
     for col, (ens, block) in enumerate(blocks.items()):
         acc, lat = axes[0][col], axes[1][col]
         full = block["rows"]["every member"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from tests.postgres import Postgres
 pytestmark = pytest.mark.integration
 
 HEAD = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
+REVISIONS = len(list(ScriptDirectory.from_config(migrate.alembic_config()).walk_revisions()))
 OUTAGE_LOG = "store unavailable, records are dropped"
 RESUMED_LOG = "store writes resumed"
 
@@ -134,6 +136,29 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 def logged(caplog: pytest.LogCaptureFixture, text: str) -> int:
     """How many captured log lines contain ``text``."""
     return sum(text in r.getMessage() for r in caplog.records)
+
+
+async def test_a_store_from_before_routing_is_upgraded_in_place(url: str, tmp_path: Path) -> None:
+    """0001's answers stay, 0002 adds `not_called` (SQLite in batch mode: the table is copied)."""
+    from alembic import command
+
+    store = Store(StoreConfig(url=url), tmp_path, Metrics())  # makes an SQLite file's directory
+    async with engine_on(url, tmp_path) as engine:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(migrate.alembic_config(c), "0001"))
+            row = {k: v for k, v in answer(1, time.time()).row().items() if k != "not_called"}
+            cols = [sa.column(c.name, c.type) for c in metadata.tables["answers"].columns if c.name in row]
+            await conn.execute(sa.table("answers", *cols).insert(), [row])
+        assert await revision(engine) == "0001"
+    try:
+        await store.start()
+        old = await store.answer(row["id"])
+        assert old is not None and old["output"] == row["output"] and old["not_called"] is None
+        routed = dataclasses.replace(answer(2, time.time()), not_called=[{"member": "b", "reason": "routed"}])
+        store.put(routed)
+        assert (await store.answer(routed.id) or {})["not_called"] == [{"member": "b", "reason": "routed"}]
+    finally:
+        await store.close()
 
 
 async def test_migrates_an_empty_database_to_head(url: str, tmp_path: Path) -> None:
@@ -250,7 +275,7 @@ async def test_a_second_store_migrates_nothing(url: str, tmp_path: Path, caplog:
         for r in first:
             store.put(r)
         assert await store.answer(first[-1].id) == first[-1].row()
-    assert logged(caplog, "Running upgrade") == 1
+    assert logged(caplog, "Running upgrade") == REVISIONS  # one line per migration, each run once
     caplog.clear()
     async with opened(url, tmp_path) as again:
         assert again.migrated

@@ -116,7 +116,8 @@ class RouterModel:
 
     def save(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "router.npz", **self.arrays)
+        with (out / "router.npz").open("wb") as f:
+            np.savez(f, **self.arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         meta = {"format": FORMAT, "kind": self.kind, "members": self.members, "encoder": self.encoder, "k": self.k}
         (out / "router.json").write_text(json.dumps({**meta, "trained": self.info or {}}, indent=1) + "\n")
 

@@ -14,7 +14,8 @@ from service.models.routers.random import RandomRouter
 
 def unit(rows: list[list[float]]) -> np.ndarray:
     x = np.array(rows, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    out: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
 
 
 def test_knn_averages_the_neighbours_where_a_member_answered(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ class Skills:
         dirs = {"add": [1, 0, 0], "sort": [0, 1, 0], "cap": [0, 0, 1]}
         rng = np.random.default_rng(len(sources))
         x = np.array([dirs[s.split()[0]] for s in sources], dtype=np.float32) + rng.normal(0, 0.05, (len(sources), 3))
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        out: np.ndarray = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        return out
 
 
 def test_train_measures_both_kinds_and_keeps_the_better(tmp_path: Path) -> None:
