@@ -78,7 +78,12 @@ async def route(plan: Plan, router: Router | None, metrics: Metrics) -> Routing:
         return Routing(first=members)
     routing = Routing(first=members, reserve_reason="cascade_not_needed" if ens.cascade is not None else "routed")
     order = members
-    if router is not None:
+    if router is None and ens.router is not None:  # named, but not loaded: as if it had failed
+        logger.warning("router %s is not loaded; calling every member", ens.router)
+        metrics.degraded.labels(plan.name, "router_failed").inc()
+        routing.degraded.append(f"router_failed: router {ens.router} is not loaded")
+        wave = None
+    elif router is not None:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(plan.remaining_s()):

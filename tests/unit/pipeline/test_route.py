@@ -141,6 +141,14 @@ async def test_a_failing_router_degrades_to_every_member() -> None:
     assert sample(metrics, "gateway_model_errors_total", stage="route", model="fake-router") == 1
 
 
+async def test_a_router_that_is_not_loaded_degrades_to_every_member() -> None:
+    members = four()
+    p = build("{members: [a, b, c, d], ranker: length, fusion: never, router: r, route: {members: 1}}", members)
+    answer = await p.answer(Query(prompt="q"))
+    assert [len(m.requests) for m in members] == [1, 1, 1, 2] and answer.not_called == []
+    assert answer.degraded_reasons[0] == "router_failed: router r is not loaded"
+
+
 async def test_cap_without_router_keeps_the_first_listed_and_a_request_may_only_lower_it() -> None:
     members = four()
     p = build("{members: [a, b, c, d], ranker: length, fusion: never, max_member_calls: 2}", members)
