@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,24 +122,40 @@ def retrain(url: str, store: str, config: Path, ensemble: str, out: Path, fit: l
     return report
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Setup:
+    """A run's own folder: the held-out suite (written as JSONL), the users' prompts, a fresh store,
+    and the config pointed at that store."""
+
+    suite_path: Path
+    items: list[Any]  # training-suite items, shuffled, ``feed`` of them
+    store: str
+    config: Path
+
+
+def prepare(work: Path, config: Path, eval_seed: int, per_skill: int, seed: int, feed: int) -> Setup:
     from service.quality import suite
 
-    work: Path = args.work
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    held_out = suite.eval_suite(args.eval_seed, args.per_skill)
+    held_out = suite.eval_suite(eval_seed, per_skill)
     suite_path = work / "suite.jsonl"
     suite.write_jsonl(suite_path, held_out)
-    per_skill = -(-max(args.feedback) // len(suite.SKILLS))
-    items = suite.training_items(args.seed, per_skill, exclude={i.prompt for i in held_out})
-    random.Random(args.seed).shuffle(items)
+    items = suite.training_items(seed, -(-feed // len(suite.SKILLS)), exclude={i.prompt for i in held_out})
+    random.Random(seed).shuffle(items)
     store = f"sqlite:///{work / 'store.db'}"
-    config = work / "gateway.yaml"
-    text = args.config.read_text()
+    text = config.read_text()
     if "\nstore: {}" not in text:
-        raise SystemExit(f"{args.config}: expected `store: {{}}` to point at this run's own store")
-    config.write_text(text.replace("\nstore: {}", f"\nstore: {{url: '{store}'}}"))
+        raise SystemExit(f"{config}: expected `store: {{}}` to point at this run's own store")
+    served_config = work / "gateway.yaml"
+    served_config.write_text(text.replace("\nstore: {}", f"\nstore: {{url: '{store}'}}"))
+    return Setup(suite_path, items[:feed], store, served_config)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work: Path = args.work
+    setup = prepare(work, args.config, args.eval_seed, args.per_skill, args.seed, max(args.feedback))
+    suite_path, items, store, config = setup.suite_path, setup.items, setup.store, setup.config
     fit = ["--steps", str(args.train_steps), "--lr", str(args.lr), "--threads", str(args.threads)]
     rows: list[dict[str, Any]] = []
     with served(config, work / "gateway.log") as url:

@@ -25,8 +25,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +35,7 @@ import httpx
 import yaml
 
 from bench.common import ROOT, commit, machine
-from bench.learning import ADMIN_KEY, EXE, feed, served
+from bench.learning import ADMIN_KEY, EXE, feed, prepare, served
 
 logger = logging.getLogger("bench.routing")
 
@@ -156,32 +154,20 @@ def goal(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from service.config import load_config
-    from service.quality import suite
     from service.quality.dataset import read_dataset
 
     work: Path = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    held_out = suite.eval_suite(args.eval_seed, args.per_skill)
-    suite_path = work / "suite.jsonl"
-    suite.write_jsonl(suite_path, held_out)
-    eval_items = read_dataset(suite_path).items
-    per_skill = -(-args.feedback // len(suite.SKILLS))
-    items = suite.training_items(args.seed, per_skill, exclude={i.prompt for i in held_out})
-    random.Random(args.seed).shuffle(items)
-    items = items[: args.feedback]
-    store = f"sqlite:///{work / 'store.db'}"
-    data = yaml.safe_load(args.config.read_text())
-    data["store"] = {"url": store}
-    config = work / "gateway.yaml"
-    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    setup = prepare(work, args.config, args.eval_seed, args.per_skill, args.seed, args.feedback)
+    items, store, config = setup.items, setup.store, setup.config
+    eval_items = read_dataset(setup.suite_path).items
+    data = yaml.safe_load(config.read_text())
     encoder = load_config(config).rankers["pairrm"].checkpoint
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "commit": commit(),
         "machine": machine(),
         "feed": {"ensemble": args.train_ensemble, "seed": args.seed, "prompts": len(items)},
-        "suite": {"seed": args.eval_seed, "per_skill": args.per_skill, "prompts": len(held_out)},
+        "suite": {"seed": args.eval_seed, "per_skill": args.per_skill, "prompts": len(eval_items)},
         "concurrency": args.concurrency,
         "ensembles": {},
     }

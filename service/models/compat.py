@@ -42,6 +42,17 @@ def import_pairrm() -> Any:
     return import_llm_blender("llm_blender.pair_ranker.pairrm").DebertaV2PairRM
 
 
+def load_pairrm(checkpoint: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
+    """A PairRM-hf checkpoint's tokenizer and ``DebertaV2PairRM``, for inference (eval mode, no gradients)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = import_pairrm().from_pretrained(checkpoint, dtype=torch_dtype(dtype)).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return tokenizer, model
+
+
 def torch_dtype(name: str) -> Any:
     """``float32`` / ``float16`` / ``bfloat16`` as the torch dtype."""
     import torch

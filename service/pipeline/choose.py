@@ -22,7 +22,7 @@ async def rank(ranker: Ranker, plan: Plan, ballot: Ballot, metrics: Metrics) -> 
         async with asyncio.timeout(plan.remaining_s()):
             ranking = await ranker.rank(plan.instruction + plan.input_text, ballot.texts())
     except Exception as e:
-        degrade(ballot, plan.name, "rank", ranker.name, e, metrics)
+        degrade(ballot.degraded, plan.name, "rank", ranker.name, e, metrics)
         return False
     metrics.ranker_latency.labels(ranker.name).observe(time.perf_counter() - t0)
     ballot.scores = list(ranking.scores)

@@ -1,9 +1,9 @@
-"""The one rule for a ranker or fuser that fails: the answer comes without it, and says why.
+"""The one rule for a router, ranker or fuser that fails: the answer comes without it, and says why.
 
-Ranking and fusion are optional work on the way to an answer: when either raises or overruns the
-deadline, the request is answered from what it has (member order, or the top candidate), the
-failure is counted (``gateway_model_errors`` by stage, ``gateway_degraded`` by ensemble) and named
-in the answer's ``degraded_reasons``. Only a fuser that fails after its first streamed piece ends
+Routing, ranking and fusion are optional work on the way to an answer: when one raises or overruns
+the deadline, the request is answered from what it has (every member, member order, or the top
+candidate), the failure is counted (``gateway_model_errors`` by stage, ``gateway_degraded`` by
+ensemble) and named in the answer's ``degraded_reasons``. Only a fuser that fails after its first streamed piece ends
 the request with an error: its answer has already begun.
 """
 
@@ -13,13 +13,12 @@ import logging
 from typing import Literal
 
 from service.errors import GatewayError, ModelError
-from service.pipeline.gather import Ballot
 from service.telemetry.metrics import Metrics
 
 logger = logging.getLogger("service.pipeline")
 
-Stage = Literal["rank", "fuse"]
-ROLE: dict[Stage, str] = {"rank": "ranker", "fuse": "fuser"}  # the stage's model, as reasons name it
+Stage = Literal["route", "rank", "fuse"]
+ROLE: dict[Stage, str] = {"route": "router", "rank": "ranker", "fuse": "fuser"}  # the stage's model, as reasons name it
 
 
 def as_model_error(stage: Stage, model: str, error: BaseException) -> GatewayError:
@@ -32,8 +31,10 @@ def as_model_error(stage: Stage, model: str, error: BaseException) -> GatewayErr
     return ModelError(f"{ROLE[stage]} {model} failed: {type(error).__name__}: {error}")
 
 
-def degrade(ballot: Ballot, ensemble: str, stage: Stage, model: str, error: BaseException, metrics: Metrics) -> None:
-    """Count the failure and note on the ballot that the answer comes without this stage."""
+def degrade(
+    reasons: list[str], ensemble: str, stage: Stage, model: str, error: BaseException, metrics: Metrics
+) -> None:
+    """Count the failure and add to ``reasons`` (the answer's) that it comes without this stage."""
     metrics.model_errors.labels(stage, model).inc()
     detail = (
         "no result before the deadline"
@@ -42,5 +43,5 @@ def degrade(ballot: Ballot, ensemble: str, stage: Stage, model: str, error: Base
     )
     role = ROLE[stage]
     logger.warning("%s %s failed; answering without it: %s", role, model, detail)
-    ballot.degraded.append(f"{role}_failed: {detail}")
+    reasons.append(f"{role}_failed: {detail}")
     metrics.degraded.labels(ensemble, f"{role}_failed").inc()

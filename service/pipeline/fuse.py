@@ -64,7 +64,7 @@ class Fusion:
         return "stop" if self.fuser is not None else self.ballot.top.finish_reason or "stop"
 
     def _fall_back(self, fuser: Fuser, error: BaseException) -> str:
-        degrade(self.ballot, self.plan.name, "fuse", fuser.name, error, self.metrics)
+        degrade(self.ballot.degraded, self.plan.name, "fuse", fuser.name, error, self.metrics)
         self.fuser, self.not_fused = None, "fuser_failed"
         self.selected = self.ballot.order[:1]
         return self.ballot.top.text

@@ -26,6 +26,7 @@ from service.config import EnsembleConfig
 from service.members.fanout import member_of
 from service.models.rankers.ranking import fusion_lead
 from service.models.routers.base import Router
+from service.pipeline.failures import degrade
 from service.pipeline.gather import Ballot
 from service.pipeline.plan import Plan
 from service.pipeline.types import NotCalled
@@ -89,11 +90,7 @@ async def route(plan: Plan, router: Router | None, metrics: Metrics) -> Routing:
             async with asyncio.timeout(plan.remaining_s()):
                 scores = await router.scores(plan.instruction + plan.input_text)
         except Exception as e:
-            detail = "no result before the deadline" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-            logger.warning("router %s failed; calling every member: %s", router.name, detail)
-            metrics.model_errors.labels("route", router.name).inc()
-            metrics.degraded.labels(plan.name, "router_failed").inc()
-            routing.degraded.append(f"router_failed: router {router.name}: {detail}")
+            degrade(routing.degraded, plan.name, "route", router.name, e, metrics)  # every member is called
             wave = None
         else:
             metrics.router_latency.labels(router.name).observe(time.perf_counter() - t0)

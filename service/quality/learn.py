@@ -127,15 +127,22 @@ def gather_pairs(
     return Gathered(pairs, count, hashed, choices)
 
 
-async def read_store(url: str, ensemble: str | None = None) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Every answer with feedback in the store at ``url``, with its feedback."""
+async def read_store(
+    url: str, ensemble: str | None = None, *, unrated: bool = False
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Every answer with feedback in the store at ``url``, with its feedback; ``unrated``: every
+    answer (oldest first), those without feedback with an empty list."""
     from service.config.store import StoreConfig
     from service.store import Store
     from service.telemetry.metrics import Metrics
 
     store = Store(StoreConfig(url=url), Path("."), Metrics())
     try:
-        return await store.with_feedback(ensemble)
+        rated = await store.with_feedback(ensemble)
+        if not unrated:
+            return rated
+        notes = {row["id"]: n for row, n in rated}
+        return [(row, notes.get(row["id"], [])) for row in await store.all_answers(ensemble)]
     finally:
         await store.close()
 

@@ -79,7 +79,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_train_router(args: argparse.Namespace) -> int:
-    from service.quality.train_router import examples_of, read_records, read_store_all, train
+    from service.quality.learn import read_store
+    from service.quality.train_router import examples_of, read_records, train
 
     if args.threads:
         import torch
@@ -87,7 +88,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.from_store:
-            answered = asyncio.run(read_store_all(args.from_store, args.ensemble))
+            answered = asyncio.run(read_store(args.from_store, args.ensemble, unrated=True))
         else:
             answered = read_records(args.data)
         examples = examples_of(answered, args.chrf_threshold, feedback_only=args.feedback_only)

@@ -95,21 +95,6 @@ def read_records(path: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]]]
     return out
 
 
-async def read_store_all(url: str, ensemble: str | None = None) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Every answer in the store at ``url`` (oldest first), each with its feedback (maybe none)."""
-    from service.config.store import StoreConfig
-    from service.store import Store
-    from service.telemetry.metrics import Metrics
-
-    store = Store(StoreConfig(url=url), Path("."), Metrics())
-    try:
-        rows = await store.all_answers(ensemble)
-        notes = {row["id"]: n for row, n in await store.with_feedback(ensemble)}
-    finally:
-        await store.close()
-    return [(row, notes.get(row["id"], [])) for row in rows]
-
-
 def _is_heldout(source: str, share: float) -> bool:
     h = int.from_bytes(hashlib.sha256(source.encode()).digest()[:4], "big") / 2**32
     return h < share

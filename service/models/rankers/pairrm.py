@@ -23,7 +23,7 @@ import numpy as np
 
 from service.config import RankerConfig
 from service.errors import ModelError
-from service.models.compat import torch_dtype
+from service.models.compat import load_pairrm
 from service.models.rankers.deberta import PackedDeberta, supports
 from service.models.rankers.pairinput import PairTexts, encode_texts
 from service.models.rankers.ranking import Pair, Plan, Ranking, make_plan
@@ -99,19 +99,12 @@ class PairRMRanker:
 
     def __init__(self, name: str, config: RankerConfig):
         import torch
-        from transformers import AutoTokenizer
-
-        from service.models.compat import import_pairrm
 
         self.name = name
         self.config = config
         self._torch = torch
         start = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
-        model_cls = import_pairrm()
-        self.model = model_cls.from_pretrained(config.checkpoint, dtype=torch_dtype(config.dtype)).to(config.device)
-        self.model.eval()
-        self.model.requires_grad_(False)
+        self.tokenizer, self.model = load_pairrm(config.checkpoint, config.dtype, config.device)
         mc = self.model.config
         self._marker_ids = (mc.source_prefix_id, mc.cand1_prefix_id, mc.cand2_prefix_id)
         self._pad = self.tokenizer.pad_token_id or 0

@@ -26,6 +26,8 @@ import numpy as np
 
 from service.config import RouterConfig
 from service.errors import ConfigError
+from service.models.compat import load_pairrm
+from service.models.rankers.pairinput import SOURCE_PREFIX, strip_markers
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +40,15 @@ class Embedder:
 
     def __init__(self, checkpoint: str, device: str = "cpu", dtype: str = "float32"):
         import torch
-        from transformers import AutoTokenizer
-
-        from service.models.compat import import_pairrm, torch_dtype
 
         self._torch = torch
         self.checkpoint = checkpoint
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        model = import_pairrm().from_pretrained(checkpoint, dtype=torch_dtype(dtype)).to(device)
+        self.tokenizer, model = load_pairrm(checkpoint, dtype, device)
         self.encoder = model.pretrained_model
-        self.encoder.eval()
-        self.encoder.requires_grad_(False)
         self.dim = int(self.encoder.config.hidden_size)
 
     def ids(self, source: str) -> list[int]:
-        from service.models.rankers.pairinput import SOURCE_PREFIX, strip_markers
-
         return list(
             self.tokenizer.encode(SOURCE_PREFIX + strip_markers(source), max_length=SOURCE_MAX_LENGTH, truncation=True)
         )
