@@ -15,12 +15,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from opentelemetry.trace import SpanKind
+
 from service.config import RetryConfig
 from service.errors import MemberFailure
 from service.members.base import Completion, Member, MemberRequest
 from service.members.breakers import Guards
 from service.telemetry.book import StatusBook
 from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import fail, stage
 
 
 def backoff_s(attempt: int, config: RetryConfig, rng: Callable[[], float] = random.random) -> float:
@@ -86,10 +89,26 @@ class FanOut:
         key = key or member.name
         breaker = self.guards.breaker(member.name)
         attempt = 1
+        server = getattr(member, "base_url", None)
         try:
             while True:
+                span_attrs = {"gateway.member": member.name, "gateway.candidate": key, "gateway.attempt": attempt}
+                if server is not None:
+                    span_attrs["server.address"] = server
                 try:
-                    completion = await member.generate(request)
+                    with stage(f"member {member.name}", span_attrs, SpanKind.CLIENT) as span:
+                        try:
+                            completion = await member.generate(request)
+                        except MemberFailure as e:
+                            span.set_attribute("gateway.status", e.kind)
+                            fail(span, str(e))
+                            raise
+                        except asyncio.CancelledError:
+                            span.set_attribute("gateway.status", "cancelled")  # a straggler, or the deadline
+                            raise
+                        span.set_attribute("gateway.status", "ok")
+                        span.set_attribute("gen_ai.usage.input_tokens", completion.prompt_tokens)
+                        span.set_attribute("gen_ai.usage.output_tokens", completion.completion_tokens)
                 except MemberFailure as e:
                     pause = backoff_s(attempt, self.retry)
                     if retryable(e) and attempt < self.retry.attempts and time.monotonic() + pause < deadline_at:

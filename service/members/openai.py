@@ -18,6 +18,7 @@ from service.errors import MemberFailure
 from service.members.base import Completion, MemberRequest, render_prompt
 from service.members.gate import ClassGate
 from service.members.http import send
+from service.telemetry.tracing import inject, tracer
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +99,14 @@ class OpenAIMember:
         extensions = self._timeouts.get(timeout)
         if extensions is None:
             extensions = self._timeouts[timeout] = {"timeout": httpx.Timeout(timeout).as_dict()}
+        headers = self._plain_headers if body is None else self._json_headers
+        if tracer() is not None:  # the member call's span continues in the server (vLLM reads traceparent)
+            headers = headers.copy()
+            inject(headers)
         if body is None:
-            return httpx.Request(method, target, headers=self._plain_headers, extensions=extensions)
+            return httpx.Request(method, target, headers=headers, extensions=extensions)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        return httpx.Request(method, target, content=content, headers=self._json_headers, extensions=extensions)
+        return httpx.Request(method, target, content=content, headers=headers, extensions=extensions)
 
     async def _send(self, method: str, url: str, body: Any, timeout: float, bounded: bool = True) -> httpx.Response:
         """One HTTP call; transport failures become ``MemberFailure``. httpx's timeout bounds each

@@ -14,6 +14,7 @@ from service.pipeline.failures import as_model_error, degrade
 from service.pipeline.gather import Ballot
 from service.pipeline.plan import Plan
 from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import fail, open_span, stage
 
 
 def skip_reason(plan: Plan, ballot: Ballot) -> str | None:
@@ -78,11 +79,13 @@ class Fusion:
         if fuser is None:
             return self.ballot.top.text
         t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.plan.remaining_s()):
-                output = await fuser.fuse(*self._args())
-        except Exception as e:
-            return self._fall_back(fuser, e)
+        with stage("fuse", {"gateway.fuser": fuser.name, "gateway.fused": len(self.selected)}) as span:
+            try:
+                async with asyncio.timeout(self.plan.remaining_s()):
+                    output = await fuser.fuse(*self._args())
+            except Exception as e:
+                fail(span, f"{type(e).__name__}: {e}")
+                return self._fall_back(fuser, e)
         self.metrics.fuser_latency.labels(fuser.name).observe(time.perf_counter() - t0)
         return output
 
@@ -96,6 +99,8 @@ class Fusion:
         t0 = time.perf_counter()
         started = False
         pieces = fuser.fuse_stream(*self._args())
+        attrs = {"gateway.fuser": fuser.name, "gateway.fused": len(self.selected), "gateway.stream": True}
+        span = open_span("fuse", attrs)
         try:
             while True:
                 try:
@@ -103,6 +108,7 @@ class Fusion:
                 except StopAsyncIteration:
                     break
                 except Exception as e:
+                    fail(span, f"{type(e).__name__}: {e}")
                     if not started:
                         yield self._fall_back(fuser, e)
                         return
@@ -111,6 +117,7 @@ class Fusion:
                 started = True
                 yield piece
         finally:
+            span.end()
             close = getattr(pieces, "aclose", None)  # the Fuser contract promises an iterator, not a generator
             if close is not None:
                 await close()

@@ -15,6 +15,7 @@ from service.members.base import Completion
 from service.members.fanout import FanOut, Wait
 from service.pipeline.plan import Plan
 from service.pipeline.types import Failure, NotCalled
+from service.telemetry.tracing import stage
 
 
 @dataclass
@@ -63,8 +64,10 @@ async def gather(fan_out: FanOut, plan: Plan, keys: list[str] | None = None, *, 
     requests = plan.requests if keys is None else {k: plan.requests[k] for k in keys}
     quorum = ens.effective_quorum if keys is None else wave_quorum(plan, len(requests))
     wait = Wait(plan.members_until(), quorum, ens.straggler_ratio, ens.straggler_min_s)
-    outcomes = await fan_out.gather(requests, wait)
-    ok = [o for o in outcomes if o.completion is not None]
+    with stage("fan_out", {"gateway.calls": len(requests), "gateway.quorum": quorum}) as span:
+        outcomes = await fan_out.gather(requests, wait)
+        ok = [o for o in outcomes if o.completion is not None]
+        span.set_attribute("gateway.answered", len(ok))
     failed = [Failure(member=o.member, error=o.error or "", kind=o.kind) for o in outcomes if o.completion is None]
     ballot = Ballot(
         keys=[o.member for o in ok],

@@ -34,7 +34,9 @@ from service.pipeline.route import Routing, keys_of, route, uncertain
 from service.pipeline.types import Answer, Query
 from service.store import Store, config_digest
 from service.telemetry.book import StatusBook
+from service.telemetry.logs import note_answer
 from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import stage
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +106,12 @@ class Pipeline:
         """The whole answer to one query; raises the request's ``GatewayError``."""
         with self.hold() as hold:
             p = plan(self.config, query)
+            note_answer(p.id)
             await hold.admit(self.lasting.admission, p)
             fusion = await self._choose(p)
-            answer = await respond(p, fusion, await fusion.text())
+            output = await fusion.text()
+            with stage("respond"):
+                answer = await respond(p, fusion, output)
             self._record(answer, fusion)
         return answer
 
@@ -116,6 +121,7 @@ class Pipeline:
         hold = self.hold()
         with hold.on_error():
             p = plan(self.config, query)
+            note_answer(p.id)
             await hold.admit(self.lasting.admission, p)
             fusion = await self._choose(p)
         return AnswerStream(p, fusion, hold, lambda answer: self._record(answer, fusion))
@@ -199,7 +205,9 @@ class Hold:
 
     async def admit(self, admission: Admission, p: Plan) -> None:
         """Take an admission slot; waiting in the queue counts against the deadline."""
-        await admission.acquire(p.remaining_s())
+        with stage("admission", {"gateway.ensemble": p.name}) as span:
+            await admission.acquire(p.remaining_s())
+            span.set_attribute("gateway.in_flight", admission.running)
         self._admission = admission
 
     def close(self) -> None:
@@ -258,7 +266,8 @@ class AnswerStream:
             async for piece in self._fusion.pieces():
                 parts.append(piece)
                 yield piece
-            self._answer = await respond(self._plan, self._fusion, "".join(parts))
+            with stage("respond"):
+                self._answer = await respond(self._plan, self._fusion, "".join(parts))
             self._record(self._answer)
         except (GatewayError, GeneratorExit, asyncio.CancelledError):
             raise

@@ -31,6 +31,7 @@ from service.pipeline.gather import Ballot
 from service.pipeline.plan import Plan
 from service.pipeline.types import NotCalled
 from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import stage
 
 logger = logging.getLogger("service.pipeline")
 
@@ -87,8 +88,9 @@ async def route(plan: Plan, router: Router | None, metrics: Metrics) -> Routing:
     elif router is not None:
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(plan.remaining_s()):
-                scores = await router.scores(plan.instruction + plan.input_text)
+            with stage("route", {"gateway.router": router.name}):  # an error leaving it marks it failed
+                async with asyncio.timeout(plan.remaining_s()):
+                    scores = await router.scores(plan.instruction + plan.input_text)
         except Exception as e:
             degrade(routing.degraded, plan.name, "route", router.name, e, metrics)  # every member is called
             wave = None

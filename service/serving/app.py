@@ -26,6 +26,7 @@ from service.serving.build import Components
 from service.serving.runtime import Runtime
 from service.serving.summary import startup_summary
 from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import Tracing, tracing_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,15 @@ def create_app(
     members_checked: bool = False,
     host: str | None = None,
     port: int | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up.
     ``members_checked``: the caller ran ``materialize`` on this config already (``serve`` does,
     before it starts any server). ``host`` and ``port``: where it will listen, for the start-up
-    warnings and summary (printed to stderr once ready, when the port is known)."""
+    warnings and summary (printed to stderr once ready, when the port is known). ``tracing``: as the
+    ``OTEL_*`` variables say, unless given (tests pass one over the SDK's in-memory exporter)."""
     metrics = Metrics()
+    tracer = tracing if tracing is not None else tracing_from_env()
 
     runtime = Runtime(
         config,
@@ -115,6 +119,7 @@ def create_app(
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await runtime.close()
+            await asyncio.to_thread(tracer.shutdown)  # the spans still queued are exported
 
     app = FastAPI(
         title="ensemble-gateway",
@@ -124,7 +129,10 @@ def create_app(
     )
     app.state.runtime = runtime
     app.state.metrics = metrics
-    edge.install(app, config=lambda: runtime.config, draining=lambda: runtime.admission.draining)
+    app.state.tracing = tracer
+    edge.install(
+        app, config=lambda: runtime.config, draining=lambda: runtime.admission.draining, tracing=lambda: tracer
+    )
     _install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)
