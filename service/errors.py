@@ -142,3 +142,7 @@ class ShuttingDown(NotReadyError):
 class Overloaded(GatewayError):
     status = 429
     type = "rate_limit_error"
+
+
+class RateLimited(Overloaded):
+    """A client key over one of its limits (``limits.keys``, ``limits.per_key``)."""

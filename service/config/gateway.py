@@ -215,6 +215,9 @@ class GatewayConfig(Strict):
                 raise ValueError(f"ensembles.{name}.fuser: unknown fuser {e.fuser!r}")
             if e.router is not None and e.router not in self.routers:
                 raise ValueError(f"ensembles.{name}.router: unknown router {e.router!r}")
+        for name in self.limits.keys:
+            if name not in self.auth.keys:
+                raise ValueError(f"limits.keys.{name}: no client key named {name!r} in auth.keys")
         if self.default_ensemble is not None and self.default_ensemble not in self.ensembles:
             raise ValueError(f"default_ensemble: unknown ensemble {self.default_ensemble!r}")
         return self

@@ -6,15 +6,42 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from service.config.base import Strict
+from service.config.base import Name, Strict
+
+
+class NamedKeyConfig(Strict):
+    """A client key with a name: the name labels its metrics, its limits (``limits.keys``) and its
+    answers in the store; the key itself is never shown."""
+
+    env: str | None = Field(None, description="Env var holding the key (read at each load and reload).")
+    key: str | None = Field(None, description="The key in the file (prefer `env`).")
+
+    _value: str = PrivateAttr("")
+
+    @model_validator(mode="after")
+    def _read(self) -> NamedKeyConfig:
+        if (self.env is None) == (self.key is None):
+            raise ValueError("give exactly one of env or key")
+        value = self.key if self.key is not None else os.environ.get(self.env or "", "").strip()
+        if not value:
+            raise ValueError(f"env: the variable {self.env} is unset or empty")
+        self._value = value
+        return self
+
+    def value(self) -> str:
+        return self._value
 
 
 class AuthConfig(Strict):
     """API keys, checked as ``Authorization: Bearer KEY`` in constant time."""
 
     api_keys: list[str] = Field(default_factory=list, description="Keys written in the file (prefer the env).")
+    keys: dict[Name, NamedKeyConfig] = Field(
+        default_factory=dict,
+        description="Named client keys: {name: {env: VAR}}. Their names label metrics, limits and the store.",
+    )
     api_keys_env: str | None = Field(
         "GATEWAY_API_KEYS", description="Env var with comma-separated client keys. No keys at all: open."
     )
@@ -37,11 +64,34 @@ class AuthConfig(Strict):
         self._admin_key = (os.environ.get(self.admin_key_env) or None) if self.admin_key_env else None
         return self
 
+    @model_validator(mode="after")
+    def _names(self) -> AuthConfig:
+        for name in self.keys:
+            if name.startswith("key-"):
+                raise ValueError(f"keys.{name}: names starting with 'key-' are kept for unnamed keys' ids")
+        return self
+
     def client_keys(self) -> list[str]:
-        return self._client_keys
+        """Every client key: the unnamed ones, then the named."""
+        return [*self._client_keys, *(k.value() for k in self.keys.values())]
+
+    def named_keys(self) -> list[tuple[str | None, str]]:
+        """(name or None, key) for every client key."""
+        return [*((None, k) for k in self._client_keys), *((n, k.value()) for n, k in self.keys.items())]
 
     def admin_key(self) -> str | None:
         return self._admin_key
+
+
+class KeyLimits(Strict):
+    """One client key's limits; an unset one does not limit. Tokens are the members' (prompt and
+    completion, every member called): what an answer really spends."""
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests per minute (a burst of one minute's).")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Member tokens per minute; a request is refused while the last minute's are spent."
+    )
+    concurrent: int | None = Field(None, ge=1, description="Requests in progress at once.")
 
 
 class LimitsConfig(Strict):
@@ -59,6 +109,28 @@ class LimitsConfig(Strict):
         10.0, gt=0, description="Longest wait for a slot (bounded by the request's deadline), then 429."
     )
     retry_after_s: int = Field(1, ge=1, description="The Retry-After a shed request is told.")
+    per_key: KeyLimits | None = Field(
+        None,
+        description="Limits for each client key without its own entry in `keys` (each unnamed key on its own; "
+        "without client keys, every caller together).",
+    )
+    keys: dict[Name, KeyLimits] = Field(
+        default_factory=dict, description="Limits per named key (`auth.keys`): {name: {requests_per_minute: ...}}."
+    )
+    store: str | None = Field(
+        None,
+        description="Where the per-key counts live: `redis://host:port/db` (or rediss://, unix://) to share them "
+        "across replicas; unset: in this process. Redis unreachable: each replica counts alone until it is back.",
+    )
+    store_timeout_s: float = Field(0.25, gt=0, le=10, description="Longest wait for Redis on one request.")
+    store_retry_s: float = Field(5.0, gt=0, description="After Redis failed: how long before it is tried again.")
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a Redis URL: redis://host:port/db, rediss://... or unix:///path.sock")
+        return v
 
 
 class RetryConfig(Strict):

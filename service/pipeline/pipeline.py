@@ -1,7 +1,7 @@
 """``Pipeline``: one configuration's members, rankers and fusers, and the line of stages a query
 takes through them. Each entry reads top to bottom:
 
-    plan → admit → route → fan out → rank → vote → (cascade: fan out the rest, rank, vote)
+    plan → limit (per key) → admit → route → fan out → rank → vote → (cascade: fan out the rest, rank, vote)
          → fuse (or skip) → respond → record (and keep)
 
 No HTTP here: a ``Query`` comes in, an ``Answer`` goes out (``service.pipeline.types``).
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from service.config import GatewayConfig
 from service.errors import GatewayError
+from service.limits.limiter import Limiter, Ticket, label_of
 from service.members.base import Member
 from service.members.breakers import Guards
 from service.members.fanout import FanOut
@@ -43,14 +44,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Lasting:
-    """What outlives a reload: metrics, the members' breakers and health, admission, the status
-    book, the store of answers (its settings take effect at a restart)."""
+    """What outlives a reload: metrics, the members' breakers and health, admission, the per-key
+    limits, the status book, the store of answers (its settings take effect at a restart)."""
 
     metrics: Metrics
     guards: Guards
     admission: Admission
     status: StatusBook
     store: Store | None = None
+    limiter: Limiter | None = None
 
     @classmethod
     def new(cls, config: GatewayConfig, metrics: Metrics) -> Lasting:
@@ -62,6 +64,7 @@ class Lasting:
             Admission(config.limits, metrics),
             StatusBook(),
             store,
+            Limiter(config.limits, metrics),
         )
 
 
@@ -107,11 +110,12 @@ class Pipeline:
         with self.hold() as hold:
             p = plan(self.config, query)
             note_answer(p.id)
-            await hold.admit(self.lasting.admission, p)
+            await hold.admit(self.lasting, p)
             fusion = await self._choose(p)
             output = await fusion.text()
             with stage("respond"):
                 answer = await respond(p, fusion, output)
+            hold.spent = member_tokens(answer)
             self._record(answer, fusion)
         return answer
 
@@ -122,9 +126,14 @@ class Pipeline:
         with hold.on_error():
             p = plan(self.config, query)
             note_answer(p.id)
-            await hold.admit(self.lasting.admission, p)
+            await hold.admit(self.lasting, p)
             fusion = await self._choose(p)
-        return AnswerStream(p, fusion, hold, lambda answer: self._record(answer, fusion))
+
+        def done(answer: Answer) -> None:
+            hold.spent = member_tokens(answer)
+            self._record(answer, fusion)
+
+        return AnswerStream(p, fusion, hold, done)
 
     # --- the stages between plan and respond -------------------------------------------------
 
@@ -195,20 +204,32 @@ class Pipeline:
 
 
 class Hold:
-    """One request's claims: on its pipeline, and once admitted on an admission slot. ``close``
-    gives both back; only the first call counts."""
+    """One request's claims: on its pipeline, on its key's limits, and once admitted on an
+    admission slot. ``close`` gives them back (the key is charged the members' tokens ``spent``);
+    only the first call counts."""
 
     def __init__(self, on_close: Callable[[], None]):
         self._on_close = on_close
         self._admission: Admission | None = None
+        self._limiter: Limiter | None = None
+        self._ticket: Ticket | None = None
+        self._label: str | None = None
+        self.spent = 0  # the members' tokens of the answer, once there is one
         self.closed = False
 
-    async def admit(self, admission: Admission, p: Plan) -> None:
-        """Take an admission slot; waiting in the queue counts against the deadline."""
+    async def admit(self, lasting: Lasting, p: Plan) -> None:
+        """The key's limits (``RateLimited`` at once when one is reached), then an admission slot;
+        waiting in the queue counts against the deadline."""
         with stage("admission", {"gateway.ensemble": p.name}) as span:
-            await admission.acquire(p.remaining_s())
-            span.set_attribute("gateway.in_flight", admission.running)
-        self._admission = admission
+            key_id = p.query.origin.key_id if p.query.origin is not None else None
+            if lasting.limiter is not None:
+                self._limiter = lasting.limiter
+                self._label = label_of(key_id)
+                span.set_attribute("gateway.key", self._label)
+                self._ticket = await lasting.limiter.admit(key_id, p.remaining_s())
+            await lasting.admission.acquire(p.remaining_s())
+            span.set_attribute("gateway.in_flight", lasting.admission.running)
+        self._admission = lasting.admission
 
     def close(self) -> None:
         if self.closed:
@@ -216,6 +237,13 @@ class Hold:
         self.closed = True
         if self._admission is not None:
             self._admission.release()
+        if self._limiter is not None and self._label is not None:
+            if self._ticket is None:
+                self._limiter.count_tokens(self._label, self.spent)
+            else:
+                task = asyncio.get_running_loop().create_task(self._limiter.finish(self._ticket, self.spent))
+                _finishing.add(task)
+                task.add_done_callback(_finishing.discard)
         self._on_close()
 
     @contextlib.contextmanager
@@ -231,6 +259,14 @@ class Hold:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_finishing: set[asyncio.Task[None]] = set()  # tickets being given back (Redis calls, off the request's path)
+
+
+def member_tokens(answer: Answer) -> int:
+    """What an answer cost its members: every answering member's prompt and completion tokens."""
+    return sum(t.prompt_tokens + t.completion_tokens for t in answer.usage.members.values())
 
 
 class AnswerStream:

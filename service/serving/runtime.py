@@ -125,6 +125,8 @@ class Runtime:
         res = config.resilience
         self.guards.configure(list(pipeline.members), res.breaker, res.health_checks)
         self.admission.configure(config.limits)
+        if self.lasting.limiter is not None:
+            self.lasting.limiter.configure(config.limits)
 
     async def _adopt(self, new: RunningServer) -> None:
         """A restarted server: the adapters loaded at run time are gone with the old process."""
@@ -158,6 +160,8 @@ class Runtime:
             for router in self.pipeline.routers.values():
                 router.close()
         self.bases.close()
+        if self.lasting.limiter is not None:
+            await self.lasting.limiter.close()
         if self.lasting.store is not None:
             await self.lasting.store.close()
         # Runtime-loaded adapters stay loaded: other gateway replicas may share the server.

@@ -138,6 +138,30 @@ class Metrics:
             "gateway_shed", "Requests refused with 429 because the gateway was full.", ["reason"], registry=r
         )
         self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a slot.", registry=r)
+        # Per-key limits (service/limits): `key` is a name from auth.keys, `unnamed`, or `anonymous`.
+        self.key_requests = Counter(
+            "gateway_key_requests", "Ensemble requests admitted past the per-key limits, by key.", ["key"], registry=r
+        )
+        self.key_limited = Counter(
+            "gateway_key_rate_limited",
+            "Requests refused with 429 by a per-key limit (requests_per_minute, tokens_per_minute, concurrent).",
+            ["key", "limit"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "gateway_key_member_tokens", "Member tokens (prompt and completion) spent for a key.", ["key"], registry=r
+        )
+        self.key_in_flight = Gauge(
+            "gateway_key_requests_in_flight", "Requests in progress by key.", ["key"], registry=r
+        )
+        self.limits_store_up = Gauge(
+            "gateway_limits_store_up",
+            "1 while the shared store of per-key counts (Redis) answers; 0 while this replica counts alone.",
+            registry=r,
+        )
+        self.limits_store_errors = Counter(
+            "gateway_limits_store_errors", "Calls to the per-key limits' store (Redis) that failed.", registry=r
+        )
         self.server_restarts = Counter(
             "gateway_server_restarts", "Launched vLLM servers restarted after they died.", ["server"], registry=r
         )

@@ -73,6 +73,7 @@ async def status(runtime: RuntimeDep) -> dict[str, Any]:
         "auth": {"keys_required": bool(config.auth.client_keys())},
         "warnings": runtime.warnings(),
         "store": runtime.lasting.store.state() if runtime.lasting.store is not None else None,
+        "limits": runtime.lasting.limiter.status() if runtime.lasting.limiter is not None else None,
         "ensembles": ensembles,
         "recent": list(book.recent),
     }

@@ -23,8 +23,19 @@ def _key_matches(given: str, keys: list[str]) -> bool:
     return found
 
 
+def _match(given: str, keys: list[tuple[str | None, str]]) -> tuple[bool, str | None]:
+    """Whether ``given`` is one of ``keys`` and that key's name; constant time in the keys' content."""
+    found, name = False, None
+    for key_name, key in keys:
+        hit = hmac.compare_digest(given.encode(), key.encode())
+        found |= hit
+        if hit:
+            name = key_name
+    return found, name
+
+
 def key_id(key: str) -> str:
-    """What names a client key in the store and the logs: a digest, never the key."""
+    """What names an unnamed client key in the store and the logs: a digest, never the key."""
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -64,9 +75,11 @@ class AuthMiddleware:
             if not given or not _key_matches(given, [admin]):
                 raise AuthenticationError("a valid admin key is required", code="invalid_api_key")
             return
-        keys = auth.client_keys()
+        keys = auth.named_keys()
         if not keys:
             return
-        if not given or not _key_matches(given, keys):
+        found, name = _match(given, keys) if given else (False, None)
+        if not found:
             raise AuthenticationError("a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
-        scope.setdefault("state", {})["key_id"] = key_id(given)
+        # A named key is known by its name (auth.keys), an unnamed one by its digest.
+        scope.setdefault("state", {})["key_id"] = name if name is not None else key_id(given)

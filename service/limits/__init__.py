@@ -1,0 +1,1 @@
+"""Per-key limits (requests, member tokens, concurrency), in process or shared through Redis."""
