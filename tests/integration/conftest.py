@@ -60,14 +60,15 @@ def _log_tail(path: Path, n: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def serve(config_file: Path, tmp: Path) -> Iterator[Gateway]:
-    """`ensemble-gateway serve` on ``config_file`` with its servers on free ports.
+def serve(config_file: Path, tmp: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
+    """`ensemble-gateway serve` on ``config_file`` with its servers on free ports (``env``: more
+    variables for the gateway, and so for the servers it starts).
 
     Tear-down sends SIGTERM, as Ctrl-C or an orchestrator would, and fails unless every process
     the gateway started is gone afterwards.
     """
     data = yaml.safe_load(config_file.read_text())
-    for server in data["servers"]:
+    for server in data.get("servers", []):
         server["port"] = free_port()
     if isinstance(data.get("store"), dict) and "url" not in data["store"]:
         data["store"]["url"] = f"sqlite:///{tmp / 'store.db'}"  # each gateway its own store
@@ -86,7 +87,7 @@ def serve(config_file: Path, tmp: Path) -> Iterator[Gateway]:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=ROOT,
-            env={**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY},
+            env={**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
     try:
