@@ -113,7 +113,7 @@ def run(parts: list[str], quick: bool, real_shape: str) -> dict[str, Any]:
                 blocks=1,
                 load_seconds=1.0,
                 clients=("httpx_aiohttp", "aiohttp"),
-                gateways=("shipped", "store"),
+                gateways=("shipped", "store", "traced", "traced_sampled", "limited"),
             )
             if quick
             else gateway.Workload(c1_requests=100, blocks=3, load_seconds=5.0),
@@ -151,6 +151,12 @@ def keys(parts: dict[str, Any]) -> dict[str, Any]:
         "adapter_server_throughput_ratio_c8": (get("adapters", "throughput_ratio_c8") or {}).get("bn-sort"),
         "gateway_store_rps_share": (get("gateway", "store") or {}).get("rps_ratio"),
         "gateway_store_c1_p50_ratio": (get("gateway", "store") or {}).get("c1_p50_ratio"),
+        "gateway_traced_rps_share": (get("gateway", "traced") or {}).get("rps_ratio"),
+        "gateway_traced_c1_p50_ratio": (get("gateway", "traced") or {}).get("c1_p50_ratio"),
+        "gateway_traced_sampled_rps_share": (get("gateway", "traced_sampled") or {}).get("rps_ratio"),
+        "gateway_traced_sampled_c1_p50_ratio": (get("gateway", "traced_sampled") or {}).get("c1_p50_ratio"),
+        "gateway_limited_rps_share": (get("gateway", "limited") or {}).get("rps_ratio"),
+        "gateway_limited_c1_p50_ratio": (get("gateway", "limited") or {}).get("c1_p50_ratio"),
         "gateway_rps_floor_share": _ratio(
             get("gateway", "rps"), ((get("gateway", "load") or {}).get("floor_aiohttp") or {}).get("rps")
         ),

@@ -48,12 +48,26 @@ class Workload:
     blocks: int
     load_seconds: float
     clients: tuple[str, ...] = ("httpx_aiohttp", "httpx", "aiohttp")
-    gateways: tuple[str, ...] = ("shipped", "httpx", "store")
+    gateways: tuple[str, ...] = ("shipped", "httpx", "store", "traced", "traced_sampled", "limited")
 
 
-def gateway_config(stub_urls: list[str], variant: str = "shipped", tmp: Path | None = None) -> dict[str, Any]:
+# ``limited``'s client key, and the limits it runs under: never reached, so every request pays the
+# check (a Lua script in Redis before it, a release and a charge after it) and none is refused.
+BENCH_KEY = "bench-key"
+LIMITS = {"requests_per_minute": 10_000_000, "tokens_per_minute": 10_000_000_000, "concurrent": 10_000}
+# The features whose cost is measured beside the shipped path, in the same run (variant: what it adds).
+COSTED = ("store", "traced", "traced_sampled", "limited")
+SAMPLED_RATIO = "0.1"  # ``traced_sampled``: one trace in ten recorded (the others still pass on traceparent)
+
+
+def gateway_config(
+    stub_urls: list[str], variant: str = "shipped", tmp: Path | None = None, redis_url: str | None = None
+) -> dict[str, Any]:
     """``shipped``: the default config; ``httpx``: the same on httpx's own connection pool;
-    ``store``: the same recording every answer in an SQLite store (in ``tmp``)."""
+    ``store``: the same recording every answer in an SQLite store (in ``tmp``); ``traced``: the same
+    exporting every request's spans over OTLP/gRPC (``serve``'s environment; ``traced_sampled``: one
+    request in ten, ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``); ``limited``: the same
+    with a client key whose per-key limits are counted in Redis (``redis_url``)."""
     members = [
         {"name": f"m{i}", "endpoint": url, "model": "ok", "timeout_s": 5.0, "sampling": {"max_tokens": 16}}
         for i, url in enumerate(stub_urls)
@@ -63,6 +77,9 @@ def gateway_config(stub_urls: list[str], variant: str = "shipped", tmp: Path | N
         cfg["member_http"] = "httpx"
     if variant == "store":
         cfg["store"] = {"url": f"sqlite:///{(tmp or Path(tempfile.gettempdir())) / 'bench-store.db'}"}
+    if variant == "limited":
+        cfg["auth"] = {"api_keys_env": None, "keys": {"bench": {"key": BENCH_KEY}}}
+        cfg["limits"] = {"store": redis_url, "keys": {"bench": LIMITS}}
     return cfg
 
 
@@ -114,10 +131,13 @@ async def fan_out(client: str, urls: list[str]) -> AsyncIterator[Callable[[], Aw
         raise ValueError(client)
 
 
-async def _gateway_caller(url: str, workers: int) -> tuple[Callable[[int], Awaitable[bool]], list[Connection]]:
+async def _gateway_caller(
+    url: str, workers: int, key: str | None = None
+) -> tuple[Callable[[int], Awaitable[bool]], list[Connection]]:
     host, port = url.removeprefix("http://").split(":")
     conns = [await Connection.open(host, int(port)) for _ in range(workers)]
-    raw = post_request(host, int(port), "/generate", json.dumps({"prompt": "What is the capital of France?"}).encode())
+    body = json.dumps({"prompt": "What is the capital of France?"}).encode()
+    raw = post_request(host, int(port), "/generate", body, {"authorization": f"Bearer {key}"} if key else None)
 
     async def call(w: int) -> bool:
         status, body = await conns[w].send(raw)
@@ -154,7 +174,7 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
         conns: list[Connection] = []
         pids: dict[str, int] = {}
         for variant, url in gateways.items():
-            call, opened = await _gateway_caller(url, WORKERS)
+            call, opened = await _gateway_caller(url, WORKERS, BENCH_KEY if variant == "limited" else None)
             name = "gateway" if variant == "shipped" else f"gateway_{variant}"
             callers[name] = call
             if url in PIDS:
@@ -198,21 +218,33 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
         "overhead_p50_ms": p50["gateway"] - floor,
         "floor_ratio": p50["gateway"] / floor,
         "rps": load["gateway"].rps,
-        # The store's cost (a record queued per answer, batched inserts into SQLite), same run.
-        "store": {
-            "c1_p50_ratio": p50["gateway_store"] / p50["gateway"],
-            "rps_ratio": load["gateway_store"].rps / load["gateway"].rps,
-            "cpu_ratio": cpu["gateway_store"] / cpu["gateway"] if cpu.get("gateway") else None,
-        }
-        if "gateway_store" in p50
-        else None,
+        # What a feature costs beside the path without it, same run: the store (a record queued per
+        # answer, batched inserts into SQLite), tracing (a span per stage and member call, exported
+        # over OTLP/gRPC in batches), per-key limits in Redis (a script before, two calls after).
+        **{
+            variant: {
+                "c1_p50_ratio": p50[f"gateway_{variant}"] / p50["gateway"],
+                "rps_ratio": load[f"gateway_{variant}"].rps / load["gateway"].rps,
+                "cpu_ratio": cpu[f"gateway_{variant}"] / cpu["gateway"] if cpu.get("gateway") else None,
+            }
+            if f"gateway_{variant}" in p50
+            else None
+            for variant in COSTED
+        },
     }
 
 
 @contextlib.contextmanager
-def serve(config: dict[str, Any], tmp: Path, variant: str, checkout: Path | None = None) -> Iterator[str]:
+def serve(
+    config: dict[str, Any],
+    tmp: Path,
+    variant: str,
+    checkout: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """``ensemble-gateway serve`` in its own process, on ``config``; with ``checkout``, that checkout's
-    code (``python -m service.cli`` with it first on ``PYTHONPATH``, this venv's packages)."""
+    code (``python -m service.cli`` with it first on ``PYTHONPATH``, this venv's packages);
+    ``extra_env``: more variables (the ``traced`` variant's ``OTEL_*``)."""
     import yaml
 
     from service.ops.launcher import free_port
@@ -223,10 +255,10 @@ def serve(config: dict[str, Any], tmp: Path, variant: str, checkout: Path | None
     port = free_port()
     if checkout is None:
         exe = [shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"]
-        env = None
+        env = {**os.environ, **extra_env} if extra_env else None
     else:
         exe = [sys.executable, "-m", "service.cli"]
-        env = {**os.environ, "PYTHONPATH": str(checkout)}
+        env = {**os.environ, "PYTHONPATH": str(checkout), **(extra_env or {})}
     log = tmp / f"{variant}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -260,7 +292,16 @@ def run(w: Workload) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(stub_server(delay_ms=LATENCY_MS)) for _ in range(MEMBERS)]
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gateway-")))
-        gateways = {v: stack.enter_context(serve(gateway_config(urls, v, tmp), tmp, v)) for v in w.gateways}
+        redis_url = stack.enter_context(_redis()).url if "limited" in w.gateways else None
+        env = {v: stack.enter_context(_otlp_sink()) if v.startswith("traced") else {} for v in w.gateways}
+        if "traced_sampled" in env:
+            env["traced_sampled"].update(
+                {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": SAMPLED_RATIO}
+            )
+        gateways = {
+            v: stack.enter_context(serve(gateway_config(urls, v, tmp, redis_url), tmp, v, extra_env=env[v]))
+            for v in w.gateways
+        }
         logger.info("gateway: %s over %d stubs", gateways, len(urls))
         try:
             import uvloop
@@ -268,3 +309,33 @@ def run(w: Workload) -> dict[str, Any]:
             return uvloop.run(measure(gateways, urls, w))
         except ImportError:
             return asyncio.run(measure(gateways, urls, w))
+
+
+@contextlib.contextmanager
+def _redis() -> Iterator[Any]:
+    from tests.redis import running_redis
+
+    with running_redis() as r:
+        yield r
+
+
+@contextlib.contextmanager
+def _otlp_sink() -> Iterator[dict[str, str]]:
+    """A real OTLP/gRPC receiver in its own process (``tests.otlp``), and the variables that send a
+    gateway's spans to it (the SDK's default batching: every 5 s or 512 spans)."""
+    from service.ops.launcher import free_port
+    from tests.load import stop_process
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.otlp", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            "OTEL_SERVICE_NAME": "bench-gateway",
+        }
+    finally:
+        stop_process(proc)

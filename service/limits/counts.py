@@ -49,6 +49,9 @@ class Counts(Protocol):
 
     async def charge(self, key: str, limits: KeyLimits, tokens: int) -> None: ...
 
+    async def finish(self, key: str, limits: KeyLimits, lease: str, tokens: int) -> None:
+        """``release`` and ``charge`` at once (one round trip to Redis)."""
+
 
 @dataclass
 class _Bucket:
@@ -112,6 +115,10 @@ class LocalCounts:
         if k is not None:
             k.leases.pop(lease, None)
 
+    async def finish(self, key: str, limits: KeyLimits, lease: str, tokens: int) -> None:
+        await self.release(key, lease)
+        await self.charge(key, limits, tokens)
+
     async def charge(self, key: str, limits: KeyLimits, tokens: int) -> None:
         if limits.tokens_per_minute is None or tokens <= 0:
             return
@@ -171,6 +178,17 @@ return 1
 """
 )
 
+# KEYS: leases (zset), tokens' bucket. ARGV: lease ('' for none), tokens, tpm (0: none).
+_FINISH = (
+    _LUA_HEAD
+    + """
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+local tokens, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+if tpm > 0 and tokens > 0 then keep(KEYS[2], drained(KEYS[2], tpm) + tokens, tpm) end
+return 1
+"""
+)
+
 
 class RedisCounts:
     """The counts in Redis, shared by every replica that names the same server. Each call raises
@@ -186,6 +204,7 @@ class RedisCounts:
         )
         self._admit = self.client.register_script(_ADMIT)
         self._charge = self.client.register_script(_CHARGE)
+        self._finish = self.client.register_script(_FINISH)
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self.prefix}:{{{key}}}"
@@ -206,6 +225,11 @@ class RedisCounts:
         if limits.tokens_per_minute is None or tokens <= 0:
             return
         await self._charge(keys=[self._keys(key)[2]], args=[tokens, limits.tokens_per_minute])
+
+    async def finish(self, key: str, limits: KeyLimits, lease: str, tokens: int) -> None:
+        keys = self._keys(key)
+        lease_arg = lease if limits.concurrent is not None else ""
+        await self._finish(keys=[keys[0], keys[2]], args=[lease_arg, tokens, limits.tokens_per_minute or 0])
 
     async def ping(self) -> None:
         await self.client.ping()

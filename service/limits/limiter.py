@@ -194,13 +194,25 @@ class Limiter:
         stat["tokens"] += tokens
         self.metrics.key_in_flight.labels(ticket.label).dec()
         self.metrics.key_tokens.labels(ticket.label).inc(tokens)
-        if ticket.limits.concurrent is not None:
-            # A lease Redis could not free now expires with its request's deadline (LEASE_MARGIN_S).
+        limits = ticket.limits
+        charge = tokens > 0 and limits.tokens_per_minute is not None
+        if not charge and limits.concurrent is None:
+            return
+        store = self._store()
+        if store is ticket.counts:  # one call: the lease freed, the tokens charged
+            ok, _ = await self._call("finish", store, ticket.key, limits, ticket.lease, tokens)
+            if not ok and charge:
+                await self.local.charge(ticket.key, limits, tokens)
+            return
+        # The store changed while the request ran (Redis failed, or came back): the lease is freed
+        # where it was taken, the tokens charged where counting happens now. A lease Redis could not
+        # free expires with its request's deadline (LEASE_MARGIN_S).
+        if limits.concurrent is not None:
             await self._call("release", ticket.counts, ticket.key, ticket.lease)
-        if tokens > 0 and ticket.limits.tokens_per_minute is not None:
-            ok, _ = await self._call("charge", self._store(), ticket.key, ticket.limits, tokens)
+        if charge:
+            ok, _ = await self._call("charge", store, ticket.key, limits, tokens)
             if not ok:
-                await self.local.charge(ticket.key, ticket.limits, tokens)
+                await self.local.charge(ticket.key, limits, tokens)
 
     def count_tokens(self, label: str, tokens: int) -> None:
         """Member tokens of a request no limit applied to (metrics and status only)."""

@@ -18,7 +18,7 @@ from service.errors import MemberFailure
 from service.members.base import Completion, MemberRequest, render_prompt
 from service.members.gate import ClassGate
 from service.members.http import send
-from service.telemetry.tracing import inject, tracer
+from service.telemetry.tracing import inject, propagating
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class OpenAIMember:
         if extensions is None:
             extensions = self._timeouts[timeout] = {"timeout": httpx.Timeout(timeout).as_dict()}
         headers = self._plain_headers if body is None else self._json_headers
-        if tracer() is not None:  # the member call's span continues in the server (vLLM reads traceparent)
+        if propagating():  # the member call's span continues in the server (vLLM reads traceparent)
             headers = headers.copy()
             inject(headers)
         if body is None:

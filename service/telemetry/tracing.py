@@ -132,9 +132,13 @@ def tracing_from_env() -> Tracing:
 
 
 def tracer() -> Tracer | None:
-    """The current request's tracer when tracing is on, else None."""
+    """The current request's tracer when tracing is on and the request is sampled, else None: the
+    stages of a request whose span is not recorded make no spans of their own (what they would cost
+    is most of tracing's cost), and member calls pass on the request's unsampled ``traceparent``."""
     t = _current.get()
-    return t.tracer if t is not None and t.enabled else None
+    if t is None or not t.enabled:
+        return None
+    return t.tracer if trace.get_current_span().is_recording() else None
 
 
 @contextlib.contextmanager
@@ -155,9 +159,15 @@ def fail(span: Span, description: str) -> None:
         span.set_status(Status(StatusCode.ERROR, description))
 
 
+def propagating() -> bool:
+    """Whether outgoing calls carry a ``traceparent`` (tracing is on, sampled or not)."""
+    t = _current.get()
+    return t is not None and t.enabled
+
+
 def inject(headers: MutableMapping[str, str]) -> None:
     """Add the current span's ``traceparent`` (and ``tracestate``) to an outgoing call's headers."""
-    if tracer() is not None:
+    if propagating():
         _PROPAGATOR.inject(headers)
 
 

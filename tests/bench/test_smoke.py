@@ -39,6 +39,9 @@ def test_quick_bench_writes_every_figure_and_keeps_parity(tmp_path: Path) -> Non
         assert set(parts[fuser]["ct2"]) == {"ct2_default", "ct2_int8"}  # the opt-in engine, A/B
     assert parts["e2e"]["same_output_share"] == 1.0
     assert parts["gateway"]["c1_errors"] == dict.fromkeys(parts["gateway"]["c1_errors"], 0)
+    # Each costed feature ran beside the shipped path: the store, tracing to an OTLP receiver, limits in Redis.
+    assert {"gateway_store", "gateway_traced", "gateway_limited"} <= set(parts["gateway"]["c1_errors"])
+    assert all(parts["gateway"][v]["rps_ratio"] > 0 for v in ("store", "traced", "limited"))
     assert parts["ranker_tiny"]["schemes"]["tournament"]["pairs_per_request"] == 8
     text = doc.read_text()
     assert "Hand-written analysis stays." in text and BEGIN in text and END in text

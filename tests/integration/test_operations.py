@@ -14,20 +14,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 import yaml
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from service.config import KeyLimits
 from service.limits.counts import CONCURRENT, REQUESTS, TOKENS, LocalCounts, RedisCounts
-from service.ops.launcher import free_port
 from tests.integration.conftest import Gateway, serve
+from tests.otlp import Receiver
 from tests.redis import Redis, running_redis
 
 pytestmark = pytest.mark.integration
@@ -38,42 +35,14 @@ CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver: keeps every span it is sent, with its service's name."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
-        self.port = free_port()
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-
-    def Export(self, request: Any, context: Any) -> Any:
-        for rs in request.resource_spans:
-            attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    self.spans.append(
-                        {
-                            "service": attrs.get("service.name", ""),
-                            "name": span.name,
-                            "trace_id": span.trace_id.hex(),
-                            "span_id": span.span_id.hex(),
-                            "parent_id": span.parent_span_id.hex(),
-                            "attributes": {a.key: a.value for a in span.attributes},
-                        }
-                    )
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     r = Receiver()
-    r.server.start()
+    r.start()
     try:
         yield r
     finally:
-        r.server.stop(grace=None)
+        r.stop()
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +132,12 @@ def test_redis_counts_decide_as_the_local_ones(redis_server: Redis) -> None:
             assert (refused.allowed, refused.limit) == (False, CONCURRENT)
             await shared.release(key, "lease-1")
             assert (await other_replica.admit(key, one, "lease-2", 30)).allowed
+            # finish: the lease freed and the tokens charged in one call.
+            key3, both = f"fin-{time.time_ns()}", KeyLimits(concurrent=1, tokens_per_minute=100)
+            assert (await shared.admit(key3, both, "l", 30)).allowed
+            await shared.finish(key3, both, "l", 150)
+            refused = await other_replica.admit(key3, both, "m", 30)
+            assert (refused.limit, round(refused.retry_after_s)) == (TOKENS, 30)  # not CONCURRENT: the lease is gone
             # A lease whose holder died expires with its time to live.
             key2 = f"ttl-{time.time_ns()}"
             assert (await shared.admit(key2, one, "dead", 0.3)).allowed
