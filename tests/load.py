@@ -181,6 +181,7 @@ async def drive(
     keep: bool = False,
     rate: float | None = None,
     stop_on_shutdown: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> Result:
     """Send ``n`` requests, ``concurrency`` at a time (or at ``rate`` per second, open loop, over
     at most ``concurrency`` connections); each may take its deadline plus one second.
@@ -198,7 +199,7 @@ async def drive(
         result.sent += 1
         t0 = time.perf_counter()
         try:
-            resp = await client.post(url + path, json=body(i), timeout=deadline_s + 1.0)
+            resp = await client.post(url + path, json=body(i), timeout=deadline_s + 1.0, headers=headers)
         except httpx.ConnectError:
             result.refused += 1
             return

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.load import drive, full_scale, gateway_process, record, stub_config, stub_server
+from tests.load import Result, drive, full_scale, gateway_process, record, stub_config, stub_server
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +100,67 @@ def test_soak_memory_stays_flat(tmp_path: Path) -> None:
         rss_growth_pct=round(growth * 100, 2),
         rps=round(n / res.wall_s, 1),
     )
+
+
+FLOOD_MS = 100  # the stub members' latency in the flood scenario
+FLOOD_CONCURRENT = 2  # the flooding key's limit: 2 at a time, so 20 req/s through 100 ms members
+
+
+def _flood(url: str, seconds: float) -> tuple[Result, Result]:
+    """A steady key at 5 req/s and a flooding key at 10x its limit (200 req/s), at once, open loop."""
+    steady_rate, flood_rate = 5.0, 10 * FLOOD_CONCURRENT / (FLOOD_MS / 1000)
+
+    async def both() -> tuple[Result, Result]:
+        steady = drive(url, lambda i: {"prompt": f"s{i}"}, int(steady_rate * seconds), 16, 10.0,
+                       rate=steady_rate, headers={"Authorization": "Bearer steady-key"})  # fmt: skip
+        flood = drive(url, lambda i: {"prompt": f"f{i}"}, int(flood_rate * seconds), 256, 10.0,
+                      rate=flood_rate, headers={"Authorization": "Bearer flood-key"})  # fmt: skip
+        s, f = await asyncio.gather(steady, flood)
+        return s, f
+
+    return asyncio.run(both())
+
+
+def test_one_key_flooding_at_ten_times_its_limit_leaves_another_keys_p99(tmp_path: Path) -> None:
+    """Per-key limits: the flooding key is refused at once (429) past its concurrency, so the steady
+    key keeps its latency; without them the flood fills the gateway's slots and queue."""
+    seconds = 15 if full_scale() else 5
+    with stub_server(delay_ms=FLOOD_MS) as stub:
+        cfg = stub_config(stub, ["ok", "ok", "ok"], deadline_s=10)
+        cfg["auth"] = {"api_keys_env": None, "keys": {"steady": {"key": "steady-key"}, "flood": {"key": "flood-key"}}}
+        cfg["limits"] = {"max_in_flight": 8, "max_queue": 8, "queue_timeout_s": 1.0}
+        limited = {**cfg, "limits": {**cfg["limits"], "keys": {"flood": {"concurrent": FLOOD_CONCURRENT}}}}
+        for name in ("alone", "limited", "open"):
+            (tmp_path / name).mkdir()
+        with gateway_process(limited, tmp_path / "alone") as gw:  # the steady key alone: its baseline
+            rate = 5.0
+            alone = asyncio.run(drive(gw.url, lambda i: {"prompt": f"a{i}"}, int(rate * seconds), 16, 10.0, rate=rate,
+                                      headers={"Authorization": "Bearer steady-key"}))  # fmt: skip
+        with gateway_process(limited, tmp_path / "limited") as gw:
+            steady, flood = _flood(gw.url, seconds)
+            metrics = httpx.get(gw.url + "/metrics").text
+        with gateway_process(cfg, tmp_path / "open") as gw:  # the same flood, no per-key limits
+            steady_open, flood_open = _flood(gw.url, seconds)
+    for r in (alone, steady, flood, steady_open, flood_open):
+        r.check()
+    assert alone.answered == alone.sent and steady.answered == steady.sent  # the steady key lost nothing
+    assert set(flood.errors) <= {429} and flood.errors.get(429, 0) > flood.sent / 2
+    assert 'gateway_key_rate_limited_total{key="flood",limit="concurrent"}' in metrics
+    # Its p99 stays near its own baseline (2 busy cores: a loose bound), while without limits the
+    # flood takes the slots from it: refused or slowed.
+    assert steady.pct(99) < max(2 * alone.pct(99), alone.pct(99) + 150), (steady.pct(99), alone.pct(99))
+    hurt = steady_open.answered < steady_open.sent or steady_open.pct(99) > steady.pct(99)
+    assert hurt, (steady_open.errors, steady_open.pct(99), steady.pct(99))
+    flood_rate = 10 * FLOOD_CONCURRENT / (FLOOD_MS / 1000)
+    load = f"steady key 5 req/s + flooding key {flood_rate:.0f} req/s, {seconds} s, open loop"
+    common = f"stub members at {FLOOD_MS} ms; max_in_flight 8, queue 8"
+    command = (
+        "pytest tests/integration/test_load.py::test_one_key_flooding_at_ten_times_its_limit_leaves_another_keys_p99"
+    )
+    record("key flood: steady key alone", f"{common}; no flood (the baseline)", f"steady key 5 req/s, {seconds} s",
+           alone, command)  # fmt: skip
+    record("key flood: steady key, limits on", f"{common}; flood key limited to {FLOOD_CONCURRENT} concurrent, "
+           "sending 10x that", load, steady, command)  # fmt: skip
+    record("key flood: flooding key, limits on", f"{common}; its own requests", load, flood, command)
+    record("key flood: steady key, no per-key limits", f"{common}; the same flood unlimited", load, steady_open,
+           command)  # fmt: skip
