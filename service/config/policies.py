@@ -128,6 +128,8 @@ class LimitsConfig(Strict):
     @field_validator("store")
     @classmethod
     def _store_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None  # `store: ${LIMITS_STORE_URL:-}` with the variable unset: counted in process
         if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("a Redis URL: redis://host:port/db, rediss://... or unix:///path.sock")
         return v

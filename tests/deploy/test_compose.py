@@ -182,3 +182,16 @@ def test_store_url_points_at_the_postgres_service(compose: dict[str, Any], monke
     assert url.username == postgres["environment"]["POSTGRES_USER"]
     assert url.database == postgres["environment"]["POSTGRES_DB"]
     assert url.password == "from-deploy-env"
+
+
+def test_traces_reach_jaeger_from_the_gateway_and_every_vllm_server(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    jaeger = services["jaeger"]
+    env = services["gateway"]["environment"]
+    endpoint = env["OTEL_EXPORTER_OTLP_ENDPOINT"]  # ${OTEL_EXPORTER_OTLP_ENDPOINT-http://jaeger:4318}
+    assert endpoint.endswith("-http://jaeger:4318}") and "4318" in jaeger["expose"]
+    assert services["gateway"]["depends_on"]["jaeger"]
+    for name, server in _vllm_services(compose).items():
+        assert "--otlp-traces-endpoint=grpc://jaeger:4317" in server["command"], name
+        assert server["environment"]["OTEL_EXPORTER_OTLP_TRACES_INSECURE"] == "true", name
+    assert "4317" in jaeger["expose"]

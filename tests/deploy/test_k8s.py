@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -413,3 +414,45 @@ def test_postgres_takes_every_gateway_pool(rendered_k8s: list[dict[str, Any]]) -
     hpa = _by_kind(rendered_k8s, "HorizontalPodAutoscaler")["ensemble-gateway"]
     surge = int(_gateway(rendered_k8s)["spec"]["strategy"]["rollingUpdate"]["maxSurge"])
     assert (hpa["spec"]["maxReplicas"] + surge) * pool <= max_connections - 3, max_connections
+
+
+def _service_for(docs: list[dict[str, Any]], url: str) -> tuple[dict[str, Any], int]:
+    """The Service an in-cluster URL names (``scheme://service:port...``), and the port."""
+    parts = urlsplit(url)
+    services = _by_kind(docs, "Service")
+    assert parts.hostname in services, f"no Service {parts.hostname!r} for {url}"
+    service = services[parts.hostname]
+    assert parts.port in [p["port"] for p in service["spec"]["ports"]], url
+    return service, int(parts.port or 0)
+
+
+def test_limits_are_shared_through_the_redis_service(rendered_k8s: list[dict[str, Any]]) -> None:
+    """The gateway's replicas count per-key limits in the `redis` Service, which selects the Redis
+    Deployment; only the gateway may reach it."""
+    config = load_config_with_env(rendered_k8s)
+    assert config.limits.store is not None and config.limits.per_key is not None
+    service, port = _service_for(rendered_k8s, config.limits.store)
+    redis = _by_kind(rendered_k8s, "Deployment")["redis"]
+    assert _selects(service["spec"]["selector"], _pod_labels(redis))
+    assert port in [p["containerPort"] for p in _container(redis)["ports"]]
+    policies = _network_policies_for(rendered_k8s, _pod_labels(redis))
+    assert [p["metadata"]["name"] for p in policies] == ["redis-from-gateway-only"]
+    sources = [f for p in policies for rule in p["spec"]["ingress"] for f in rule["from"]]
+    assert all(_selects(f["podSelector"]["matchLabels"], _pod_labels(_gateway(rendered_k8s))) for f in sources)
+
+
+def test_traces_reach_jaeger_from_the_gateway_and_every_vllm_member(rendered_k8s: list[dict[str, Any]]) -> None:
+    env = {e["name"]: e.get("value") for e in _container(_gateway(rendered_k8s))["env"]}
+    service, port = _service_for(rendered_k8s, env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    jaeger = _by_kind(rendered_k8s, "Deployment")["jaeger"]
+    assert _selects(service["spec"]["selector"], _pod_labels(jaeger)) and port == 4318  # OTLP/HTTP
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio" and 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+    vllm = {n: d for n, d in _members(rendered_k8s).items() if _container(d)["image"].startswith("vllm/")}
+    assert vllm
+    for name, member in vllm.items():
+        container = _container(member)
+        endpoint = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--otlp-traces-endpoint=")]
+        assert len(endpoint) == 1, name
+        assert _service_for(rendered_k8s, endpoint[0]) == (service, 4317), name  # OTLP/gRPC
+        member_env = {e["name"]: e.get("value") for e in container["env"]}
+        assert member_env["OTEL_EXPORTER_OTLP_TRACES_INSECURE"] == "true", name
