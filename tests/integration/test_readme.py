@@ -142,6 +142,9 @@ def test_readme_yaml_snippets_pass_check_config(trained_models: Path, index: int
     path.write_text(yaml.safe_dump(complete(snippet, trained_models)))
     exe = Path(sys.executable).with_name("ensemble-gateway")
     env = {**os.environ, "TINY_MODELS": str(trained_models.parent)}
+    for name, key in ((snippet.get("auth") or {}).get("keys") or {}).items():  # named keys read their variable
+        if key.get("env"):
+            env[key["env"]] = f"readme-example-key-{name}"
     done = subprocess.run([str(exe), "check-config", str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, f"README yaml block {index}:\n{blocks('yaml')[index]}\n{done.stderr}"
     assert done.stdout.startswith("ok: ")
