@@ -65,7 +65,7 @@ def gateway_config(
 ) -> dict[str, Any]:
     """``shipped``: the default config; ``httpx``: the same on httpx's own connection pool;
     ``store``: the same recording every answer in an SQLite store (in ``tmp``); ``traced``: the same
-    exporting every request's spans over OTLP/gRPC (``serve``'s environment; ``traced_sampled``: one
+    exporting every request's spans over OTLP/HTTP (``serve``'s environment; ``traced_sampled``: one
     request in ten, ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``); ``limited``: the same
     with a client key whose per-key limits are counted in Redis (``redis_url``)."""
     members = [
@@ -220,7 +220,7 @@ async def measure(gateways: dict[str, str], stub_urls: list[str], w: Workload) -
         "rps": load["gateway"].rps,
         # What a feature costs beside the path without it, same run: the store (a record queued per
         # answer, batched inserts into SQLite), tracing (a span per stage and member call, exported
-        # over OTLP/gRPC in batches), per-key limits in Redis (a script before, two calls after).
+        # over OTLP/HTTP in batches), per-key limits in Redis (a script before, two calls after).
         **{
             variant: {
                 "c1_p50_ratio": p50[f"gateway_{variant}"] / p50["gateway"],
@@ -321,20 +321,23 @@ def _redis() -> Iterator[Any]:
 
 @contextlib.contextmanager
 def _otlp_sink() -> Iterator[dict[str, str]]:
-    """A real OTLP/gRPC receiver in its own process (``tests.otlp``), and the variables that send a
-    gateway's spans to it (the SDK's default batching: every 5 s or 512 spans)."""
+    """A real OTLP/HTTP receiver in its own process (``tests.otlp``), and the variables that send a
+    gateway's spans to it over HTTP, as the deploy does (the SDK's default batching: every 5 s or
+    512 spans)."""
     from service.ops.launcher import free_port
     from tests.load import stop_process
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.otlp", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "tests.otlp", str(port), "http"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         yield {
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",  # the exporter adds /v1/traces
             "OTEL_SERVICE_NAME": "bench-gateway",
         }
     finally:

@@ -58,7 +58,7 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "gateway_traced_rps_share": (
         ">=",
         0.95,
-        "gateway exporting every request's spans (OTLP/gRPC) requests/s / without tracing (same run)",
+        "gateway exporting every request's spans (OTLP/HTTP) requests/s / without tracing (same run)",
     ),
     "gateway_traced_c1_p50_ratio": ("<=", 1.05, "gateway with tracing, p50 at concurrency 1 / without (same run)"),
     "gateway_traced_sampled_rps_share": (
