@@ -178,17 +178,24 @@ def test_two_replicas_share_a_keys_limits_and_serve_on_when_redis_is_gone(
     assert ask(one, KEY_A).status_code == 429
     assert ask(one, KEY_B).status_code == 200  # another key is not affected
 
-    # team-b: one request at a time across both replicas.
-    async def both() -> list[int]:
-        async with httpx.AsyncClient(timeout=90) as c:
-            body = {"prompt": "Tell me about rivers.", "max_tokens": 4}
-            rs = await asyncio.gather(
-                c.post(f"{one.url}/generate", json=body, headers=KEY_B),
-                c.post(f"{two.url}/generate", json=body, headers=KEY_B),
-            )
-            return sorted(r.status_code for r in rs)
+    # team-b: one request at a time, wherever it is held: a lease taken in Redis by another replica
+    # (here, the test) refuses team-b on both gateways until it is given back.
+    async def hold_lease(give_back: bool) -> None:
+        counts = RedisCounts(redis_server.url, 1.0)
+        try:
+            if give_back:
+                await counts.release("team-b", "held-elsewhere")
+            else:
+                assert (await counts.admit("team-b", KeyLimits(concurrent=1), "held-elsewhere", 60)).allowed
+        finally:
+            await counts.close()
 
-    assert asyncio.run(both()) == [200, 429]
+    asyncio.run(hold_lease(False))
+    for gw in (one, two):
+        refused = ask(gw, KEY_B)
+        assert refused.status_code == 429 and "1 concurrent requests" in refused.json()["error"]["message"]
+    asyncio.run(hold_lease(True))
+    assert ask(two, KEY_B).status_code == 200
     assert limits_status(one)["store"]["shared"] is True
 
     redis_server.stop()

@@ -74,6 +74,7 @@ def test_status_page_renders_live_member_data(tiny_models: Path, tmp_path: Path)
         cfg = stub_config(stub, ["ok", "ok", "err500"], ranker="pairrm", fuse_top_k=1, deadline_s=10)
         cfg["rankers"] = {"pairrm": {"checkpoint": str(tiny_models / "pairrm"), "device": "cpu"}}
         cfg["store"] = {"url": f"sqlite:///{tmp_path / 'store.db'}"}
+        cfg["limits"] = {"per_key": {"requests_per_minute": 100}}  # the open API's callers, as one key
         with gateway_process(cfg, tmp_path) as gw:
             for i in range(5):
                 resp = httpx.post(gw.url + "/generate", json={"prompt": f"status page question {i}"}, timeout=30)
@@ -106,3 +107,9 @@ def test_status_page_renders_live_member_data(tiny_models: Path, tmp_path: Path)
     assert shot.stat().st_size > 10_000
     store = re.search(r'<div class="meta" id="store">([^<]*)</div>', dom)
     assert store is not None and re.search(r": up · 5 written · 0 queued · 0 dropped$", store.group(1)), dom[:3000]
+    limits = re.search(r'<div class="meta" id="limits">([^<]*)</div>', dom)
+    assert limits is not None, dom[:3000]
+    assert re.fullmatch(
+        r"per-key limits counted in this process · anonymous: 5 requests, 0 in flight, 0 limited, \d+ member tokens",
+        limits.group(1),
+    ), limits.group(1)
