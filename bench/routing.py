@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items, store, config = setup.items, setup.store, setup.config
     eval_items = read_dataset(setup.suite_path).items
     data = yaml.safe_load(config.read_text())
-    encoder = load_config(config).rankers["pairrm"].checkpoint
+    encoder = load_config(config).local_ranker("pairrm").checkpoint
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "commit": commit(),

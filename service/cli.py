@@ -1,5 +1,5 @@
-"""Command line: ``ensemble-gateway serve | check-config | merge | make-tiny-models | train | suite | eval |
-train-ranker | export | retrain-ranker``."""
+"""Command line: ``ensemble-gateway serve | serve-models | check-config | merge | make-tiny-models | train |
+suite | eval | train-ranker | export | retrain-ranker``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.serving.server import serve
 
     return serve(Path(args.config), args.host, args.port, Path(args.log_dir))
+
+
+def cmd_serve_models(args: argparse.Namespace) -> int:
+    from service.serving.tier import serve_models
+
+    return serve_models(Path(args.config), args.host, args.port)
 
 
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:
@@ -133,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir", default=".cache/logs", help="where launched vLLM servers write their logs (default .cache/logs)"
     )
     serve.set_defaults(func=cmd_serve)
+
+    tier = sub.add_parser(
+        "serve-models",
+        help="serve rankers and fusers over HTTP: the model tier that gateways without GPUs call",
+        description="Load the rankers (PairRM) and fusers (GenFuser) a tier configuration lists (`rankers:`, "
+        "`fusers:`, as in a gateway's file; `api_keys_env`, `torch_threads`) and serve POST /v1/rank, /v1/fuse "
+        "(whole or streamed), /v1/tokenize, /v1/models, /health, /ready and /metrics. Every caller shares the "
+        "models' batches. A gateway names them with `rankers.NAME.endpoint` / `fusers.NAME.endpoint`.",
+    )
+    tier.add_argument("--config", required=True, help="YAML: rankers and fusers (see README, The model tier)")
+    tier.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    tier.add_argument("--port", type=int, default=8001, help="port to listen on (default 8001)")
+    tier.set_defaults(func=cmd_serve_models)
 
     tiny = sub.add_parser(
         "make-tiny-models",

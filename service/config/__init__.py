@@ -8,7 +8,7 @@ config points at (API keys) are read once, when the file is loaded or reloaded.
 
 from service.config.base import Name, Strict, package_version
 from service.config.gateway import EnsembleConfig, GatewayConfig
-from service.config.loading import expand_env, load_config, parse_config
+from service.config.loading import expand_env, load_config, load_tier_config, parse_config, parse_tier_config
 from service.config.members import (
     ADAPTER_KINDS,
     LibraryAdapterMemberConfig,
@@ -23,9 +23,11 @@ from service.config.members import (
 from service.config.models import (
     DEFAULT_AGGREGATION_TEMPLATE,
     AnyFuserConfig,
+    AnyRankerConfig,
     FuserConfig,
     LLMFuserConfig,
     RankerConfig,
+    RemoteModelConfig,
 )
 from service.config.policies import (
     AuthConfig,
@@ -40,11 +42,13 @@ from service.config.policies import (
 )
 from service.config.routing import CascadeConfig, RouteConfig, RouterConfig
 from service.config.store import StoreConfig
+from service.config.tier import TierConfig
 
 __all__ = [
     "ADAPTER_KINDS",
     "DEFAULT_AGGREGATION_TEMPLATE",
     "AnyFuserConfig",
+    "AnyRankerConfig",
     "AuthConfig",
     "BreakerConfig",
     "CascadeConfig",
@@ -63,6 +67,7 @@ __all__ = [
     "Name",
     "NamedKeyConfig",
     "RankerConfig",
+    "RemoteModelConfig",
     "ResilienceConfig",
     "RetryConfig",
     "RouteConfig",
@@ -72,9 +77,12 @@ __all__ = [
     "SoftPromptMemberConfig",
     "StoreConfig",
     "Strict",
+    "TierConfig",
     "expand_env",
     "load_config",
+    "load_tier_config",
     "member_config",
     "package_version",
     "parse_config",
+    "parse_tier_config",
 ]

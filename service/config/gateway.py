@@ -10,7 +10,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from service.config.base import Name, Strict
 from service.config.members import ADAPTER_KINDS, AnyMemberConfig, MemberConfig, ServerConfig
-from service.config.models import AnyFuserConfig, LLMFuserConfig, RankerConfig
+from service.config.models import AnyFuserConfig, AnyRankerConfig, LLMFuserConfig, RankerConfig
 from service.config.policies import AuthConfig, LimitsConfig, LoggingConfig, ResilienceConfig
 from service.config.routing import CascadeConfig, RouteConfig, RouterConfig
 from service.config.store import StoreConfig
@@ -121,7 +121,9 @@ class GatewayConfig(Strict):
     servers: list[ServerConfig] = Field(
         default_factory=list, description="vLLM servers the gateway starts itself (single-node mode)."
     )
-    rankers: dict[Name, RankerConfig] = Field(default_factory=dict, description="Rankers by name.")
+    rankers: dict[Name, AnyRankerConfig] = Field(
+        default_factory=dict, description="Rankers by name: a PairRM `checkpoint`, or an `endpoint` on the model tier."
+    )
     fusers: dict[Name, AnyFuserConfig] = Field(default_factory=dict, description="Fusers by name.")
     routers: dict[Name, RouterConfig] = Field(
         default_factory=dict, description="Routers by name (`ensemble-gateway train-router` makes them)."
@@ -225,6 +227,13 @@ class GatewayConfig(Strict):
     @property
     def default(self) -> str:
         return self.default_ensemble or next(iter(self.ensembles))
+
+    def local_ranker(self, name: str) -> RankerConfig:
+        """Ranker ``name``'s checkpoint configuration; ``ValueError`` if it is on the model tier."""
+        ranker = self.rankers[name]
+        if not isinstance(ranker, RankerConfig):
+            raise ValueError(f"rankers.{name} is served by the model tier ({ranker.endpoint}), not loaded here")
+        return ranker
 
     def member(self, name: str) -> MemberConfig:
         return next(m for m in self.members if m.name == name)

@@ -7,15 +7,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
 
 from service.config.gateway import GatewayConfig
 from service.config.members import member_kind
-from service.config.models import fuser_kind
+from service.config.models import fuser_kind, ranker_kind
+from service.config.tier import TierConfig
 from service.errors import ConfigError
+
+Config = TypeVar("Config", GatewayConfig, TierConfig)
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -49,6 +52,24 @@ def _expand_values(data: Any) -> Any:
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     """Parse and validate; raise ``ConfigError`` naming the offending field."""
+    return _parse(GatewayConfig, text, source)
+
+
+def parse_tier_config(text: str, source: str = "<config>") -> TierConfig:
+    """The model tier's configuration (``serve-models``), parsed as ``parse_config`` parses the gateway's."""
+    return _parse(TierConfig, text, source)
+
+
+def load_tier_config(path: str | Path) -> TierConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from e
+    return parse_tier_config(text, str(p))
+
+
+def _parse(model: type[Config], text: str, source: str) -> Config:
     try:
         data = _expand_values(yaml.safe_load(text))
     except yaml.YAMLError as e:
@@ -56,7 +77,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     try:
-        return GatewayConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -84,6 +105,9 @@ def _without_union_tag(parts: list[str], data: dict[str, Any]) -> list[str]:
     elif parts[0] == "fusers" and isinstance(data.get("fusers"), dict):
         item = data["fusers"].get(parts[1])
         tag = fuser_kind(item)
+    elif parts[0] == "rankers" and isinstance(data.get("rankers"), dict):
+        item = data["rankers"].get(parts[1])
+        tag = ranker_kind(item)
     else:
         return parts
     return [*parts[:2], *parts[3:]] if parts[2] == tag else parts

@@ -176,12 +176,51 @@ class LLMFuserConfig(Strict):
         return self
 
 
+class RemoteModelConfig(Strict):
+    """A ranker or fuser served by the model tier: an ``endpoint`` instead of a ``checkpoint``.
+    Calls are retried after connection errors and 5xx (``resilience.retries``) and a breaker
+    skips the tier after consecutive failures (``resilience.breaker``); when it fails the
+    pipeline degrades as for a local model (member order for a ranker, the top candidate for a
+    fuser) and the answer says so."""
+
+    kind: Literal["remote"] = Field("remote", description="Served by `ensemble-gateway serve-models`.")
+    endpoint: str = Field(description="The tier's base URL, e.g. http://model-tier:8001.")
+    model: Name | None = Field(None, description="Its name on the tier (default: this ranker's or fuser's name).")
+    api_key_env: str | None = Field(None, description="Env var with a key the tier accepts.")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="Longest a call may take, retries included.")
+
+    @model_validator(mode="after")
+    def _url(self) -> RemoteModelConfig:
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError("endpoint: an http:// or https:// URL")
+        return self
+
+
+def _kind(value: object, local: str) -> str:
+    """A ranker's or fuser's kind: as written; else ``remote`` for an ``endpoint`` without a
+    ``checkpoint``; else the local model's."""
+    if isinstance(value, dict):
+        if "kind" in value:
+            return str(value["kind"])
+        return "remote" if "endpoint" in value and "checkpoint" not in value else local
+    return str(getattr(value, "kind", local))
+
+
+def ranker_kind(value: object) -> str:
+    return _kind(value, "pairrm")
+
+
 def fuser_kind(value: object) -> str:
-    kind = value.get("kind", "genfuser") if isinstance(value, dict) else getattr(value, "kind", "genfuser")
-    return str(kind)
+    return _kind(value, "genfuser")
 
 
+AnyRankerConfig = Annotated[
+    Annotated[RankerConfig, Tag("pairrm")] | Annotated[RemoteModelConfig, Tag("remote")],
+    Discriminator(ranker_kind),
+]
 AnyFuserConfig = Annotated[
-    Annotated[FuserConfig, Tag("genfuser")] | Annotated[LLMFuserConfig, Tag("llm")],
+    Annotated[FuserConfig, Tag("genfuser")]
+    | Annotated[LLMFuserConfig, Tag("llm")]
+    | Annotated[RemoteModelConfig, Tag("remote")],
     Discriminator(fuser_kind),
 ]

@@ -84,7 +84,7 @@ def run(loop: Loop, fit: FineTune) -> dict[str, Any]:
     config = load_config(loop.config)
     if loop.ranker not in config.rankers:
         raise ValueError(f"{loop.config}: no ranker {loop.ranker!r} (it has {sorted(config.rankers)})")
-    current = Path(config.rankers[loop.ranker].checkpoint)
+    current = Path(config.local_ranker(loop.ranker).checkpoint)
     answered = asyncio.run(read_store(loop.store, loop.ensemble))
     gathered = gather_pairs(answered, loop.chrf_threshold)
     report: dict[str, Any] = {

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import httpx
 
-from service.config import FuserConfig, GatewayConfig, LLMFuserConfig, MemberConfig, RouterConfig
+from service.config import (
+    FuserConfig,
+    GatewayConfig,
+    LLMFuserConfig,
+    MemberConfig,
+    RemoteModelConfig,
+    ResilienceConfig,
+    RouterConfig,
+)
 from service.errors import ConfigError, MemberFailure
 from service.members.base import Member
 from service.members.checks import base_checkpoint
@@ -23,6 +31,7 @@ from service.models.fusers.genfuser import GenFuser
 from service.models.fusers.llm import LLMFuser
 from service.models.rankers.pairrm import PairRMRanker
 from service.models.rankers.ranking import Ranker
+from service.models.remote import RemoteFuser, RemoteRanker
 from service.models.routers.base import Router
 from service.models.routers.encoder import EncoderRouter
 from service.models.routers.random import RandomRouter
@@ -106,12 +115,16 @@ async def prepare_members(members: Mapping[str, Member]) -> dict[str, str]:
 
 async def build_fuser(
     name: str,
-    cfg: FuserConfig | LLMFuserConfig,
+    cfg: FuserConfig | LLMFuserConfig | RemoteModelConfig,
     client: httpx.AsyncClient,
     server_urls: dict[str, str],
     gates: dict[str, ClassGate] | None = None,
     cache: Path | None = None,
+    resilience: ResilienceConfig | None = None,
 ) -> Fuser:
+    if isinstance(cfg, RemoteModelConfig):  # on the model tier
+        res = resilience or ResilienceConfig()
+        return RemoteFuser(name, cfg, client, res.retries, res.breaker)
     if isinstance(cfg, LLMFuserConfig):
         url = target_url(f"fusers.{name}", cfg.endpoint, cfg.server, server_urls)
         return LLMFuser(name, cfg, url, client, (gates or {}).get(url.rstrip("/")))
@@ -195,7 +208,11 @@ async def build_pipeline(
             if previous is not None and previous.config.rankers.get(name) == rcfg and name in previous.rankers:
                 rankers[name] = previous.rankers[name]
                 continue
-            ranker = await asyncio.to_thread(PairRMRanker, name, rcfg)
+            if isinstance(rcfg, RemoteModelConfig):  # on the model tier: an HTTP client, nothing loaded
+                res = config.resilience
+                ranker: Ranker = RemoteRanker(name, rcfg, client, res.retries, res.breaker)
+            else:
+                ranker = await asyncio.to_thread(PairRMRanker, name, rcfg)
             rankers[name] = ranker
             new_rankers.append(ranker)
         fusers: dict[str, Fuser] = dict(parts.fusers or {})
@@ -209,7 +226,7 @@ async def build_pipeline(
                 if same_url:
                     fusers[name] = previous.fusers[name]
                     continue
-            fuser = await build_fuser(name, fcfg, client, server_urls, gates, cache_root(config))
+            fuser = await build_fuser(name, fcfg, client, server_urls, gates, cache_root(config), config.resilience)
             fusers[name] = fuser
             new_fusers.append(fuser)
         routers: dict[str, Router] = dict(parts.routers or {})

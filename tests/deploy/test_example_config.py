@@ -37,9 +37,9 @@ def test_real_models_and_no_launched_servers(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("STORE_PASSWORD", "from-the-environment")
     config = load_config(EXAMPLE_CONFIG)
     assert config.servers == [], "in compose and Kubernetes the members are servers of their own"
-    assert {r.checkpoint for r in config.rankers.values()} == {"llm-blender/PairRM-hf"}
+    assert {config.local_ranker(n).checkpoint for n in config.rankers} == {"llm-blender/PairRM-hf"}
     assert {getattr(f, "checkpoint", None) for f in config.fusers.values()} == {"llm-blender/gen_fuser_3b"}
-    assert all(r.device.startswith("cuda") for r in config.rankers.values())
+    assert all(config.local_ranker(n).device.startswith("cuda") for n in config.rankers)
     assert {m.kind for m in config.members} == {"model", "lora", "soft_prompt", "bottleneck"}
     # Adapters are where the containers mount them.
     assert all(m.adapter.startswith("/adapters/") for m in config.members if m.adapter)

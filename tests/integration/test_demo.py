@@ -48,7 +48,7 @@ def test_scores_and_fusion_equal_llm_blender(gateway: Gateway, tiny_models: Any)
     body = resp.json()
     cands = body["candidates"]
     texts = [c["text"] for c in cands]
-    ranker = gateway.config.rankers["pairrm"].checkpoint
+    ranker = gateway.config.local_ranker("pairrm").checkpoint
     ref_scores, ref_ranks = reference_rank(ranker, instruction + prompt, texts, "max_logits")
     for c, s, r in zip(cands, ref_scores, ref_ranks, strict=True):
         assert abs(c["score"] - s) <= 1e-4, (c, s)

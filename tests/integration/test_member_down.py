@@ -17,7 +17,7 @@ def test_dead_member_degrades_the_answer(gateway: Gateway) -> None:
     base_a = gateway.server_urls["base-a"]
     base_b = gateway.server_urls["base-b"]
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
-    ranker = gateway.config.rankers["pairrm"].checkpoint
+    ranker = gateway.config.local_ranker("pairrm").checkpoint
     genfuser = gateway.config.fusers["genfuser"]
     assert isinstance(genfuser, FuserConfig)
     fuser = genfuser.checkpoint

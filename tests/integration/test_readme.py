@@ -187,7 +187,7 @@ def test_readme_learning_commands_run(learner: Gateway, tmp_path: Path) -> None:
             .replace("feedback/", str(tmp_path / "feedback"))
             .replace("rankers/", str(tmp_path / "rankers"))
             .replace("routers/", str(tmp_path / "routers") + "/")
-            .replace(".cache/tiny-models/trained/pairrm", learner.config.rankers["pairrm"].checkpoint)
+            .replace(".cache/tiny-models/trained/pairrm", learner.config.local_ranker("pairrm").checkpoint)
         )
         args = shlex.split(line)
         args[0] = str(Path(sys.executable).with_name("ensemble-gateway"))

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from service.config import FuserConfig, GatewayConfig, expand_env, load_config, parse_config
+from service.config import FuserConfig, GatewayConfig, RankerConfig, expand_env, load_config, parse_config
 from service.errors import ConfigError
 from tests.fakes import FAKE_CONFIG
 
@@ -18,7 +18,7 @@ def test_demo_config_is_valid() -> None:
     assert len(demo.members) >= 3
     bases = {cfg.member(m).server for m in demo.members}
     assert len(bases) >= 2, "the demo needs members built from at least two base checkpoints"
-    assert all(r.device == "cpu" and r.dtype == "float32" for r in cfg.rankers.values())
+    assert all(isinstance(r, RankerConfig) and r.device == "cpu" and r.dtype == "float32" for r in cfg.rankers.values())
     assert all(f.device == "cpu" and f.dtype == "float32" for f in cfg.fusers.values() if f.kind == "genfuser")
     kinds = {cfg.member(m).kind for m in demo.members}
     assert kinds == {"model", "lora", "soft_prompt"} and len(demo.members) >= 5
@@ -29,7 +29,7 @@ def test_demo_config_is_valid() -> None:
 def test_defaults_follow_llm_blender() -> None:
     cfg = parse_config(FAKE_CONFIG)
     r, f = cfg.rankers["length"], cfg.fusers["join"]
-    assert isinstance(f, FuserConfig)
+    assert isinstance(f, FuserConfig) and isinstance(r, RankerConfig)
     assert (r.source_max_length, r.candidate_max_length, r.aggregation) == (1224, 412, "max_logits")
     assert (f.max_length, f.candidate_max_length, f.num_beams, f.max_new_tokens) == (1024, 128, 4, None)
     assert cfg.ensembles["plain"].fuse_top_k == 1 and cfg.ensembles["main"].fuse_top_k == 2  # plain: the older name
@@ -122,7 +122,7 @@ def test_every_config_field_is_described() -> None:
 def test_device_is_checked_at_load(device: str, ok: bool) -> None:
     text = FAKE_CONFIG.replace("length: {checkpoint: unused}", f"length: {{checkpoint: unused, device: '{device}'}}")
     if ok:
-        assert parse_config(text).rankers["length"].device == device
+        assert parse_config(text).local_ranker("length").device == device
     else:
         with pytest.raises(ConfigError, match=r"rankers\.length\.device"):
             parse_config(text)
