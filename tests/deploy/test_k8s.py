@@ -205,7 +205,8 @@ def test_members_have_a_gpu_and_health_readiness(rendered_k8s: list[dict[str, An
     for name, d in members.items():
         assert _container(d)["readinessProbe"]["httpGet"]["path"] == "/health", name
         assert d["spec"]["strategy"]["type"] == "Recreate", f"{name}: a rolling update would need a second GPU"
-    assert _container(_gateway(rendered_k8s))["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # Readiness that does not depend on the members (a member outage must not empty the Service).
+    assert _container(_gateway(rendered_k8s))["readinessProbe"]["httpGet"]["path"] == "/ready?scope=gateway"
 
 
 def test_gateway_is_non_root_and_scaled(rendered_k8s: list[dict[str, Any]]) -> None:

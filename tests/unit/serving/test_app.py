@@ -149,6 +149,14 @@ def test_ready_is_503_when_quorum_unreachable() -> None:
         body = resp.json()
         assert body["ensembles"]["main"] == {"up": 1, "needed": 2, "quorum": 3, "ready": False}
         assert body["members"]["a"]["up"] is False
+        # The load balancer's probe: the gateway itself serves, so it stays in the Service and answers
+        # in the OpenAI shape; the body still tells about the members.
+        gw = c.get("/ready", params={"scope": "gateway"})
+        assert gw.status_code == 200 and gw.json()["serving"] is True and gw.json()["ready"] is False
+        assert gw.json()["members"]["a"]["up"] is False
+        r = c.post("/generate", json={"prompt": "q"})
+        assert r.status_code in (502, 504) and "error" in r.json()  # no quorum: a clear JSON error
+        assert c.get("/ready", params={"scope": "nope"}).status_code == 400
 
 
 def test_member_errors_are_counted() -> None:
