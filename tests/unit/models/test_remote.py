@@ -179,3 +179,25 @@ rankers: {pairrm: {endpoint: "tier:8001"}}
 ensembles: {main: {members: [a], ranker: pairrm}}
 """
         )
+
+
+async def test_the_tier_continues_the_gateways_trace(local: tuple[PairRMRanker, GenFuser]) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.telemetry.tracing import Tracing
+
+    gateway_spans, tier_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    gateway = Tracing.with_processor(SimpleSpanProcessor(gateway_spans))
+    models = Models()
+    models.rankers["pairrm"], models.fusers["genfuser"] = local
+    app = create_tier_app(tier_config(), models=models, tracing=Tracing.with_processor(SimpleSpanProcessor(tier_spans)))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        rr = RemoteRanker("r", remote("pairrm"), client, RETRY, BREAKER)
+        with gateway.request("POST /generate", {}, {}) as span:
+            await rr.rank(SOURCE, CANDIDATES)
+    (request,) = [s for s in tier_spans.get_finished_spans() if s.name == "POST /v1/rank"]
+    assert request.context.trace_id == span.get_span_context().trace_id
+    assert request.parent is not None and request.parent.span_id == span.get_span_context().span_id
+    (rank,) = [s for s in tier_spans.get_finished_spans() if s.name == "rank"]
+    assert rank.parent is not None and rank.parent.span_id == request.context.span_id
