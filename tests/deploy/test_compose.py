@@ -195,3 +195,12 @@ def test_traces_reach_jaeger_from_the_gateway_and_every_vllm_server(compose: dic
         assert "--otlp-traces-endpoint=grpc://jaeger:4317" in server["command"], name
         assert server["environment"]["OTEL_EXPORTER_OTLP_TRACES_INSECURE"] == "true", name
     assert "4317" in jaeger["expose"]
+
+
+def test_deploy_doc_counts_the_gpus_compose_reserves(compose: dict[str, Any]) -> None:
+    """DEPLOY.md once said four GPUs where compose reserved five."""
+    ids = {i for s in compose["services"].values() if "deploy" in s for i in _gpu_ids(s)}
+    words = {4: "four", 5: "five", 6: "six"}
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    section = doc[doc.index("## Docker Compose") :]
+    assert f"{words[len(ids)]}\nGPUs" in section or f"{words[len(ids)]} GPUs" in section, sorted(ids)
