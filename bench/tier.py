@@ -17,23 +17,17 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from bench.common import ROOT, machine
-from service.ops.launcher import free_port
-from tests.load import Result, _wait_http, drive, gateway_process, stop_process, stub_server
+from tests.load import Result, drive, gateway_process, stub_server, tier_process
 
 logger = logging.getLogger("bench.tier")
 TIER_KEY = "bench-tier-key"
@@ -55,29 +49,12 @@ def gateway_config(stub: str, models: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def tier_process(trained: Path, tmp: Path, threads: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    config = {
+def tier_config(trained: Path, threads: int) -> dict[str, Any]:
+    return {
         "rankers": {"pairrm": {"checkpoint": str(trained / "pairrm"), "threads": threads}},
         "fusers": {"genfuser": {"checkpoint": str(trained / "genfuser"), "threads": threads}},
         "api_keys_env": "TIER_KEYS",
     }
-    path = tmp / "tier.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
-    log = tmp / "tier.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [exe, "serve-models", "--config", str(path), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-            env={**os.environ, "TIER_KEYS": TIER_KEY},
-        )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/ready", proc, 300, log)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        stop_process(proc)
 
 
 def _prompts(n: int) -> list[str]:
@@ -92,44 +69,15 @@ def _answer(url: str, prompt: str) -> dict[str, Any]:
 
 
 async def _load(urls: list[str], seconds: float, clients: int) -> Result:
-    """Closed loop for ``seconds``: ``clients`` in all, split evenly over ``urls``; every request
-    accounted for as tests.load accounts for it (answered, degraded, errors, lost, hung)."""
+    """Closed loop for ``seconds``: ``clients`` in all, split over ``urls``, one tally."""
     result = Result()
-    stop = time.perf_counter() + seconds
-
-    async def worker(url: str, w: int) -> None:
-        async with httpx.AsyncClient(timeout=31.0) as client:
-            i = 0
-            while time.perf_counter() < stop:
-                i += 1
-                result.sent += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(f"{url}/generate", json={"prompt": f"load {w} {i % 50}"})
-                except httpx.TimeoutException:
-                    result.hung += 1
-                    continue
-                except httpx.HTTPError as e:
-                    result.lost += 1
-                    result.problems.append(f"{type(e).__name__}: {e}")
-                    continue
-                try:
-                    body = r.json()
-                except ValueError:
-                    result.lost += 1
-                    continue
-                if r.status_code == 200:
-                    result.answered += 1
-                    result.degraded += bool(body.get("degraded"))
-                    result.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                elif "error" in body:
-                    result.errors[r.status_code] += 1
-                else:
-                    result.lost += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(urls[w % len(urls)], w) for w in range(clients)))
-    result.wall_s = time.perf_counter() - t0
+    per = max(1, clients // len(urls))
+    await asyncio.gather(
+        *(
+            drive(u, lambda i: {"prompt": f"load {i % 50}"}, 10**9, per, 30.0, seconds=seconds, into=result)
+            for u in urls
+        )
+    )
     return result
 
 
@@ -139,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tier-")))
         stub = stack.enter_context(stub_server(delay_ms=20))
-        tier_url, tier_proc = stack.enter_context(tier_process(trained, tmp, args.threads))
+        tier = stack.enter_context(tier_process(tier_config(trained, args.threads), tmp, env={"TIER_KEYS": TIER_KEY}))
+        tier_url, tier_proc = tier.url, tier.proc
         local_models = {
             "rankers": {"pairrm": {"checkpoint": str(trained / "pairrm"), "threads": args.threads}},
             "fusers": {"genfuser": {"checkpoint": str(trained / "genfuser"), "threads": args.threads}},
@@ -185,6 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "answered": killed.answered,
             "degraded": killed.degraded,
             "errors": dict(killed.errors),
+            "refused": killed.refused,
             "lost": killed.lost,
             "hung": killed.hung,
             "p50_ms": round(killed.pct(50), 1),

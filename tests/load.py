@@ -11,7 +11,9 @@ scenario to that JSON-lines file; ``python -m tests.reliability_report`` turns i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -134,6 +136,28 @@ def stub_config(stub_url: str, models: list[str], timeout_s: float = 2.0, **ense
     }
 
 
+@contextmanager
+def tier_process(config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> Iterator[GatewayProcess]:
+    """`ensemble-gateway serve-models` on ``config`` (a model tier's), once /ready; stopped by its pid."""
+    path = tmp / "tier.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = tmp / "tier.log"
+    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, "serve-models", "--config", str(path), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/ready", proc, 300, log)
+        yield GatewayProcess(url, proc, log)
+    finally:
+        stop_process(proc)
+
+
 @dataclass
 class Result:
     sent: int = 0
@@ -182,18 +206,20 @@ async def drive(
     rate: float | None = None,
     stop_on_shutdown: bool = False,
     headers: dict[str, str] | None = None,
+    seconds: float | None = None,
+    into: Result | None = None,
 ) -> Result:
     """Send ``n`` requests, ``concurrency`` at a time (or at ``rate`` per second, open loop, over
-    at most ``concurrency`` connections); each may take its deadline plus one second.
+    at most ``concurrency`` connections); each may take its deadline plus one second. With
+    ``seconds`` (closed loop), no request leaves after that long. ``into``: count into that result
+    (several gateways driven at once, one tally).
 
     With ``stop_on_shutdown``, no request is sent after one was answered 503 ``shutting_down``,
     as a load balancer stops routing to a draining replica."""
     stopping = False
-    result = Result()
+    result = into if into is not None else Result()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
+    indices = itertools.count()
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         result.sent += 1
@@ -232,11 +258,16 @@ async def drive(
             result.lost += 1
             result.problems.append(f"HTTP {resp.status_code}: {resp.text[:200]}")
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not queue.empty() and not stopping:
-            await one(client, queue.get_nowait())
-
     t0 = time.perf_counter()
+    stop_at = t0 + seconds if seconds is not None else math.inf
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not stopping and time.perf_counter() < stop_at:
+            i = next(indices)
+            if i >= n:
+                return
+            await one(client, i)
+
     async with httpx.AsyncClient(limits=limits) as client:
         if rate is None:
             await asyncio.gather(*(worker(client) for _ in range(concurrency)))

@@ -61,12 +61,7 @@ def parse_tier_config(text: str, source: str = "<config>") -> TierConfig:
 
 
 def load_tier_config(path: str | Path) -> TierConfig:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e}") from e
-    return parse_tier_config(text, str(p))
+    return parse_tier_config(_read(Path(path)), str(path))
 
 
 def _parse(model: type[Config], text: str, source: str) -> Config:
@@ -122,9 +117,11 @@ def _name_at(data: dict[str, Any], section: str, index: int) -> str | None:
 
 
 def load_config(path: str | Path) -> GatewayConfig:
-    p = Path(path)
+    return parse_config(_read(Path(path)), str(path))
+
+
+def _read(path: Path) -> str:
     try:
-        text = p.read_text()
+        return path.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e}") from e
-    return parse_config(text, str(p))
+        raise ConfigError(f"cannot read config {path}: {e}") from e

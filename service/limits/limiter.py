@@ -232,7 +232,7 @@ class Limiter:
                 store["error"] = self.last_error
         keys: dict[str, Any] = {}
         for label, stat in sorted(self._stats.items()):
-            limits = self.config.keys.get(label) or (self.config.per_key if label not in self.config.keys else None)
+            limits = self.config.keys.get(label, self.config.per_key)
             keys[label] = {**stat, "limited": dict(stat["limited"])}
             if limits is not None:
                 keys[label]["limits"] = limits.model_dump(exclude_none=True)

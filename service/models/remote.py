@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +23,7 @@ import httpx
 from service.config import BreakerConfig, RemoteModelConfig, RetryConfig
 from service.errors import ModelError
 from service.members.breakers import CircuitBreaker
+from service.members.fanout import backoff_s
 from service.models.rankers.ranking import Ranking
 from service.telemetry.tracing import inject
 
@@ -50,6 +50,11 @@ class _Remote:
         if config.api_key_env and os.environ.get(config.api_key_env):
             self._headers["Authorization"] = f"Bearer {os.environ[config.api_key_env]}"
 
+    def _admit(self) -> None:
+        """Raise while the breaker skips the tier."""
+        if not self.breaker.allow():
+            raise self._fail("circuit_open", f"skipped for {self.breaker.retry_in_s:.1f}s after {self.breaker.reason}")
+
     def _fail(self, kind: str, message: str) -> ModelError:
         return ModelError(f"model tier {self.base_url} ({self.model}): {kind}: {message}", code="model_tier_" + kind)
 
@@ -68,8 +73,7 @@ class _Remote:
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         """The tier's JSON answer to one call, retried after a connection error or a 5xx."""
-        if not self.breaker.allow():
-            raise self._fail("circuit_open", f"skipped for {self.breaker.retry_in_s:.1f}s after {self.breaker.reason}")
+        self._admit()
         attempt = 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout_s
@@ -94,7 +98,7 @@ class _Remote:
                 else:
                     kind = "http_5xx" if resp.status_code >= 500 else "http_4xx"
                     message = f"HTTP {resp.status_code}: {_error_message(resp)}"
-            pause = random.random() * min(self.retry.backoff_max_s, self.retry.backoff_s * 2 ** (attempt - 1))
+            pause = backoff_s(attempt, self.retry)
             if kind in ("connect", "http_5xx") and attempt < self.retry.attempts and loop.time() + pause < deadline:
                 attempt += 1
                 await asyncio.sleep(pause)
@@ -154,8 +158,7 @@ class RemoteFuser(_Remote):
     async def fuse_stream(
         self, instruction: str, input_text: str, candidates: list[str], max_new_tokens: int | None = None
     ) -> AsyncIterator[str]:
-        if not self.breaker.allow():
-            raise self._fail("circuit_open", f"skipped for {self.breaker.retry_in_s:.1f}s after {self.breaker.reason}")
+        self._admit()
         body = {**self._body(instruction, input_text, candidates, max_new_tokens), "stream": True}
         request = self._request("/v1/fuse", body)
         try:

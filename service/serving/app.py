@@ -31,7 +31,7 @@ from service.telemetry.tracing import Tracing, tracing_from_env
 logger = logging.getLogger(__name__)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     """The one place where exceptions become HTTP responses, all through ``error_payload`` (the
     requests are counted where they are taken: ``service.serving.accounting``)."""
 
@@ -133,7 +133,7 @@ def create_app(
     edge.install(
         app, config=lambda: runtime.config, draining=lambda: runtime.admission.draining, tracing=lambda: tracer
     )
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(health.router)
     app.include_router(openai.router)

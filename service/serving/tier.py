@@ -19,7 +19,7 @@ a remote fuser's texts are the in-process ones. Errors leave in the OpenAI shape
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
 import logging
 import os
@@ -28,27 +28,29 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 
 from service.config import TierConfig
-from service.errors import AuthenticationError, GatewayError, ModelError, NotFoundError, NotReadyError, RequestError
+from service.errors import AuthenticationError, GatewayError, ModelError, NotFoundError, NotReadyError
 from service.models.fusers.base import Fuser
 from service.models.fusers.genfuser import GenFuser
 from service.models.rankers.pairrm import PairRMRanker
 from service.models.rankers.ranking import Ranker
 from service.protocol import error_payload
+from service.serving.app import install_error_handlers
+from service.serving.edge.auth import key_matches
 from service.telemetry.tracing import Tracing, stage, tracing_from_env
 
 logger = logging.getLogger(__name__)
 
 OPEN = frozenset({"/health", "/ready", "/metrics"})
+Model = TypeVar("Model", Ranker, Fuser)
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -97,24 +99,25 @@ class Models:
         r.register(_BatchCollector(self))
 
     def ranker(self, name: str) -> Ranker:
-        if not self.ready:
-            raise NotReadyError("the model tier is still loading its models")
-        if name not in self.rankers:
-            raise NotFoundError(f"no ranker {name!r} here (rankers: {sorted(self.rankers)})", param="model")
-        return self.rankers[name]
+        return _named(self, self.rankers, "ranker", name)
 
     def fuser(self, name: str) -> Fuser:
-        if not self.ready:
-            raise NotReadyError("the model tier is still loading its models")
-        if name not in self.fusers:
-            raise NotFoundError(f"no fuser {name!r} here (fusers: {sorted(self.fusers)})", param="model")
-        return self.fusers[name]
+        return _named(self, self.fusers, "fuser", name)
 
     def close(self) -> None:
         for ranker in self.rankers.values():
             ranker.close()
         for fuser in self.fusers.values():
             fuser.close()
+
+
+def _named(models: Models, table: dict[str, Model], kind: str, name: str) -> Model:
+    """The loaded ``kind`` called ``name``: 503 while loading, 404 naming the client's field if none."""
+    if not models.ready:
+        raise NotReadyError("the model tier is still loading its models")
+    if name not in table:
+        raise NotFoundError(f"no {kind} {name!r} here ({kind}s: {sorted(table)})", param="model")
+    return table[name]
 
 
 class _BatchCollector:
@@ -153,6 +156,20 @@ class _Call:
         self.models.queue.labels(self.model).dec()
         self.models.requests.labels(self.model, self.op, str(status)).inc()
         self.models.latency.labels(self.model, self.op).observe(time.perf_counter() - self.start)
+
+
+@contextlib.contextmanager
+def _accounted(call: _Call) -> Iterator[None]:
+    """End ``call`` with 200, or with the status of the error that leaves the block."""
+    status = 500
+    try:
+        yield
+        status = 200
+    except GatewayError as e:
+        status = e.status
+        raise
+    finally:
+        call.end(status)
 
 
 def _keys(config: TierConfig) -> list[str]:
@@ -197,10 +214,7 @@ def create_tier_app(config: TierConfig, *, models: Models | None = None, tracing
         path = request.url.path
         if keys and path not in OPEN:
             scheme, _, given_key = request.headers.get("authorization", "").partition(" ")
-            found = False
-            for k in keys:
-                found |= hmac.compare_digest(given_key.strip().encode(), k.encode())
-            if scheme.lower() != "bearer" or not found:
+            if scheme.lower() != "bearer" or not key_matches(given_key.strip(), keys):
                 error = AuthenticationError(
                     "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key"
                 )
@@ -211,16 +225,7 @@ def create_tier_app(config: TierConfig, *, models: Models | None = None, tracing
         with tracer.request(f"{request.method} {path}", headers, {"url.path": path}):
             return await call_next(request)
 
-    @app.exception_handler(GatewayError)
-    async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(error_payload(exc), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        error = RequestError(f"{param}: {first.get('msg', 'invalid request')}", param=param, code="invalid_request")
-        return JSONResponse(error_payload(error), status_code=400)
+    install_error_handlers(app)  # the gateway's: every error in the OpenAI shape
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -246,17 +251,9 @@ def create_tier_app(config: TierConfig, *, models: Models | None = None, tracing
     @app.post("/v1/rank")
     async def rank(body: RankBody) -> dict[str, Any]:
         ranker = tier.ranker(body.model)
-        call = _Call(tier, body.model, "rank")
-        status = 500
-        try:
-            with stage("rank", {"gateway.ranker": body.model, "gateway.candidates": len(body.candidates)}):
-                ranking = await ranker.rank(body.source, body.candidates)
-            status = 200
-        except ModelError as e:
-            status = e.status
-            raise
-        finally:
-            call.end(status)
+        attrs = {"gateway.ranker": body.model, "gateway.candidates": len(body.candidates)}
+        with _accounted(_Call(tier, body.model, "rank")), stage("rank", attrs):
+            ranking = await ranker.rank(body.source, body.candidates)
         return {"model": body.model, "scores": list(ranking.scores), "ranks": list(ranking.ranks)}
 
     @app.post("/v1/fuse", response_model=None)
@@ -266,16 +263,9 @@ def create_tier_app(config: TierConfig, *, models: Models | None = None, tracing
         call = _Call(tier, body.model, "fuse_stream" if body.stream else "fuse")
         if body.stream:
             return StreamingResponse(_pieces(fuser, args, call), media_type="text/event-stream")
-        status = 500
-        try:
-            with stage("fuse", {"gateway.fuser": body.model, "gateway.fused": len(body.candidates)}):
-                text = await fuser.fuse(*args)
-            status = 200
-        except ModelError as e:
-            status = e.status
-            raise
-        finally:
-            call.end(status)
+        attrs = {"gateway.fuser": body.model, "gateway.fused": len(body.candidates)}
+        with _accounted(call), stage("fuse", attrs):
+            text = await fuser.fuse(*args)
         return {"model": body.model, "text": text}
 
     @app.post("/v1/tokenize")

@@ -7,11 +7,7 @@ too); the tier killed → every request still answered, degraded, saying why."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +19,8 @@ import yaml
 from service.config import FuserConfig, RankerConfig
 from service.models.fusers.genfuser import GenFuser
 from service.models.rankers.pairrm import PairRMRanker
-from service.ops.launcher import free_port
-from tests.integration.conftest import ROOT, Gateway, serve
-from tests.load import _wait_http, stop_process
+from tests.integration.conftest import Gateway, serve
+from tests.load import tier_process
 
 pytestmark = pytest.mark.integration
 
@@ -49,22 +44,8 @@ def tier(checkpoints: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempP
         "fusers": {k: {"checkpoint": str(v["genfuser"]), "threads": 1} for k, v in checkpoints.items()},
         "api_keys_env": "TIER_KEYS",
     }
-    path = tmp / "tier.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
-    log = tmp / "tier.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [exe, "serve-models", "--config", str(path), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-            env={**os.environ, "TIER_KEYS": TIER_KEY},
-        )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/ready", proc, 120, log)
-        yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "log": log}
-    finally:
-        stop_process(proc)
+    with tier_process(config, tmp, env={"TIER_KEYS": TIER_KEY}) as tier:
+        yield {"url": tier.url, "proc": tier.proc, "log": tier.log}
 
 
 @pytest.fixture(scope="module")

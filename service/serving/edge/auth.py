@@ -15,7 +15,7 @@ from service.serving.edge.access import Access, access_map
 from service.serving.edge.errors import header, send_error
 
 
-def _key_matches(given: str, keys: list[str]) -> bool:
+def key_matches(given: str, keys: list[str]) -> bool:
     """Constant time in the key's content: every configured key is compared, always."""
     found = False
     for key in keys:
@@ -72,7 +72,7 @@ class AuthMiddleware:
             admin = auth.admin_key()
             if admin is None:
                 raise PermissionDenied("the admin API is disabled: set the admin key (auth.admin_key_env)")
-            if not given or not _key_matches(given, [admin]):
+            if not given or not key_matches(given, [admin]):
                 raise AuthenticationError("a valid admin key is required", code="invalid_api_key")
             return
         keys = auth.named_keys()

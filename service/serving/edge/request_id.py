@@ -40,7 +40,7 @@ class RequestIdMiddleware:
         ex_token = exchange.set(ex)
         start = time.perf_counter()
         status = 500
-        tracing = self.tracing() if scope["path"] not in UNTRACED else Tracing()
+        tracing = self.tracing() if scope["path"] not in UNTRACED else _OFF
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -50,7 +50,11 @@ class RequestIdMiddleware:
             await send(message)
 
         method, path = scope["method"], scope["path"]
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _TRACE_HEADERS}
+        headers = (
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _TRACE_HEADERS}
+            if tracing.enabled
+            else {}
+        )
         attributes = {"http.request.method": method, "url.path": path, "gateway.request_id": rid}
         traced = response_id = None
         try:
@@ -87,3 +91,4 @@ class RequestIdMiddleware:
 
 
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
+_OFF = Tracing()
