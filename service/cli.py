@@ -18,7 +18,7 @@ logger = logging.getLogger("service.cli")
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.serving.server import serve
 
-    return serve(Path(args.config), args.host, args.port, Path(args.log_dir))
+    return serve(Path(args.config), args.host, args.port, Path(args.log_dir), args.ops_port)
 
 
 def cmd_serve_models(args: argparse.Namespace) -> int:
@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="YAML configuration file (see README, Configuration)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--ops-port",
+        type=int,
+        default=None,
+        help="a second port for operators: /metrics, /status.json and the status page move there (the API's port "
+        "answers 404 for them); /health and /ready answer on both. Default: everything on --port",
+    )
     serve.add_argument(
         "--log-dir", default=".cache/logs", help="where launched vLLM servers write their logs (default .cache/logs)"
     )

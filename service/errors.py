@@ -12,7 +12,8 @@
     │   └── MemberFailure             502 member_failure     (one member's call; ``kind`` labels it)
     ├── LaunchError                   502 launch_error       (a local server did not start)
     ├── NoQuorumError                 502 no_quorum          (too few candidates arrived)
-    │   └── DeadlineExceeded          504 deadline_exceeded
+    │   ├── DeadlineExceeded          504 deadline_exceeded
+    │   └── MembersUnavailable        503 service_unavailable (not one member reachable)
     ├── ModelError                    500 model_error        (ranker or fuser failed)
     ├── NotReadyError                 503 not_ready
     │   └── ShuttingDown              503 shutting_down      (draining after SIGTERM)
@@ -124,6 +125,15 @@ class NoQuorumError(GatewayError):
 class DeadlineExceeded(NoQuorumError):
     status = 504
     type = "deadline_exceeded"
+
+
+class MembersUnavailable(NoQuorumError):
+    """Not one member could be reached (refused connections, open circuits, members marked
+    unavailable): the gateway itself serves (it stays Ready) and says so with a 503 in the OpenAI
+    shape, which clients retry, rather than a 502 for members that answered badly."""
+
+    status = 503
+    type = "service_unavailable"
 
 
 class ModelError(GatewayError):

@@ -97,19 +97,24 @@ class GatewayProcess:
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
+    ops_url: str | None = None  # the operators' port (serve --ops-port), where one was asked for
 
 
 @contextmanager
-def gateway_process(config: dict[str, Any], tmp: Path, wait_ready: bool = True) -> Iterator[GatewayProcess]:
-    """`ensemble-gateway serve` on ``config``; stopped with SIGTERM (then SIGKILL) by its pid."""
+def gateway_process(
+    config: dict[str, Any], tmp: Path, wait_ready: bool = True, ops_port: bool = False
+) -> Iterator[GatewayProcess]:
+    """`ensemble-gateway serve` on ``config`` (``ops_port``: with an operators' port too); stopped with
+    SIGTERM (then SIGKILL) by its pid."""
     cfg = tmp / "gateway.yaml"
     cfg.write_text(yaml.safe_dump(config))
     port = free_port()
+    ops = ["--ops-port", str(free_port())] if ops_port else []
     log = tmp / "gateway.log"
     exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [exe, "serve", "--config", str(cfg), "--port", str(port), "--log-dir", str(tmp / "logs")],
+            [exe, "serve", "--config", str(cfg), "--port", str(port), *ops, "--log-dir", str(tmp / "logs")],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -118,7 +123,7 @@ def gateway_process(config: dict[str, Any], tmp: Path, wait_ready: bool = True) 
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{url}/ready" if wait_ready else f"{url}/health", proc, 300, log)
-        yield GatewayProcess(url, proc, log)
+        yield GatewayProcess(url, proc, log, f"http://127.0.0.1:{ops[1]}" if ops else None)
     finally:
         stop_process(proc)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from service.errors import DeadlineExceeded, NoQuorumError
+from service.errors import DeadlineExceeded, MembersUnavailable, NoQuorumError
 from service.members.base import Completion
 from service.members.fanout import FanOut, Wait
 from service.pipeline.plan import Plan
@@ -80,6 +80,10 @@ async def gather(fan_out: FanOut, plan: Plan, keys: list[str] | None = None, *, 
     return ballot
 
 
+# Failures that mean a member could not be reached at all (as against one that answered badly).
+UNREACHABLE = frozenset({"connect", "circuit_open", "unavailable"})
+
+
 def check_quorum(plan: Plan, ballot: Ballot) -> None:
     ens = plan.ensemble
     if len(ballot.keys) >= ens.min_candidates:
@@ -89,6 +93,8 @@ def check_quorum(plan: Plan, ballot: Ballot) -> None:
     msg = f"{len(ballot.keys)} of {asked} members answered, {ens.min_candidates} needed ({detail})"
     if any(f.kind in ("timeout", "deadline") for f in ballot.failed):
         raise DeadlineExceeded(msg, code="no_quorum")
+    if not ballot.keys and ballot.failed and all(f.kind in UNREACHABLE for f in ballot.failed):
+        raise MembersUnavailable(msg, code="members_unavailable")
     raise NoQuorumError(msg, code="no_quorum")
 
 

@@ -76,12 +76,14 @@ def create_app(
     host: str | None = None,
     port: int | None = None,
     tracing: Tracing | None = None,
+    ops_port: int | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the lifespan (off the event loop); a failure stops start-up.
     ``members_checked``: the caller ran ``materialize`` on this config already (``serve`` does,
     before it starts any server). ``host`` and ``port``: where it will listen, for the start-up
     warnings and summary (printed to stderr once ready, when the port is known). ``tracing``: as the
-    ``OTEL_*`` variables say, unless given (tests pass one over the SDK's in-memory exporter)."""
+    ``OTEL_*`` variables say, unless given (tests pass one over the SDK's in-memory exporter).
+    ``ops_port``: the operators' port, where metrics, status and the status page are served alone."""
     metrics = Metrics()
     tracer = tracing if tracing is not None else tracing_from_env()
 
@@ -110,7 +112,10 @@ def create_app(
         if port is not None:
             health = await runtime.probe_members()
             base_url = f"http://{host or '127.0.0.1'}:{port}"
-            summary = startup_summary(config, health, base_url, time.perf_counter() - start, package_version())
+            ops_url = f"http://{host or '127.0.0.1'}:{ops_port}" if ops_port is not None else None
+            summary = startup_summary(
+                config, health, base_url, time.perf_counter() - start, package_version(), ops_url=ops_url
+            )
             print(summary, file=sys.stderr, flush=True)
         hup = _install_sighup(runtime)
         try:
@@ -131,7 +136,11 @@ def create_app(
     app.state.metrics = metrics
     app.state.tracing = tracer
     edge.install(
-        app, config=lambda: runtime.config, draining=lambda: runtime.admission.draining, tracing=lambda: tracer
+        app,
+        config=lambda: runtime.config,
+        draining=lambda: runtime.admission.draining,
+        tracing=lambda: tracer,
+        ops_port=ops_port,
     )
     install_error_handlers(app)
     app.include_router(generate.router)

@@ -56,9 +56,13 @@ class _DrainingServer(uvicorn.Server):
         self.timer = timer
 
 
-def serve(config_path: Path, host: str, port: int, log_dir: Path) -> int:
+def serve(config_path: Path, host: str, port: int, log_dir: Path, ops_port: int | None = None) -> int:
     """``ensemble-gateway serve``: the config's servers launched, the gateway served until a signal
-    (draining first); the exit status (2: a bad config, named)."""
+    (draining first); the exit status (2: a bad config, named). ``ops_port``: a second port on the
+    same host for metrics, status and the status page (served there only), and the probes."""
+    if ops_port is not None and ops_port == port:
+        print(f"ensemble-gateway: --ops-port {ops_port} is the API's port; give another", file=sys.stderr)
+        return 2
     try:
         config = load_config(config_path)
         setup_logging(config.logging.level, config.logging.json_logs)
@@ -81,6 +85,7 @@ def serve(config_path: Path, host: str, port: int, log_dir: Path) -> int:
             members_checked=True,
             host=host,
             port=port,
+            ops_port=ops_port,
         )
         logger.info("serving on http://%s:%d", host, port)
         server_config = uvicorn.Config(
@@ -92,7 +97,14 @@ def serve(config_path: Path, host: str, port: int, log_dir: Path) -> int:
             access_log=False,
             timeout_graceful_shutdown=max(1, round(config.resilience.drain_timeout_s)),
         )
-        _DrainingServer(server_config, app.state.runtime.admission, config.resilience.drain_grace_s).run()
+        server = _DrainingServer(server_config, app.state.runtime.admission, config.resilience.drain_grace_s)
+        if ops_port is None:
+            server.run()
+        else:
+            # One server, two listeners: the app tells them apart by the port a request came in on.
+            logger.info("operators' port: http://%s:%d (metrics, status)", host, ops_port)
+            ops = uvicorn.Config(app, host=host, port=ops_port, log_config=None)
+            server.run(sockets=[server_config.bind_socket(), ops.bind_socket()])
         return 0
     except _Interrupted as e:
         logger.info("stopping on %s", e)

@@ -11,11 +11,16 @@ def _where(config: GatewayConfig, name: str) -> str:
 
 
 def startup_summary(
-    config: GatewayConfig, health: dict[str, str | None], base_url: str, seconds: float, version: str
+    config: GatewayConfig,
+    health: dict[str, str | None],
+    base_url: str,
+    seconds: float,
+    version: str,
+    ops_url: str | None = None,
 ) -> str:
     """Several lines for a person: each ensemble with its members (kind, where, state), its ranker,
-    fuser and fusion policy; the URLs of the API, docs, status page and metrics; whether a key is
-    needed. ``health``: each member's error, None when it is up."""
+    fuser and fusion policy; the URLs of the API, docs, status page and metrics (``ops_url``: on the
+    operators' port); whether a key is needed. ``health``: each member's error, None when it is up."""
     lines = [f"ensemble-gateway {version} ready in {seconds:.1f}s"]
     for name, ens in config.ensembles.items():
         default = " (default)" if name == config.default else ""
@@ -33,8 +38,8 @@ def startup_summary(
     lines += [
         f"  API       {base_url}/v1 (OpenAI: chat/completions, completions, responses, models), {base_url}/generate",
         f"  docs      {base_url}/docs",
-        f"  status    {base_url}/",
-        f"  metrics   {base_url}/metrics",
+        f"  status    {ops_url or base_url}/",
+        f"  metrics   {ops_url or base_url}/metrics",
         f"  API keys  {needed}; admin API {admin}",
     ]
     return "\n".join(lines)

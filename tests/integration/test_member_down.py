@@ -32,6 +32,7 @@ fusers: {{genfuser: {{checkpoint: "{fuser}"}}}}
 ensembles:
   e: {{members: [a, ghost, b], ranker: pairrm, fuser: genfuser, min_candidates: 2}}
   strict: {{members: [a, ghost, b], ranker: pairrm, min_candidates: 3}}
+  gone: {{members: [ghost], ranker: pairrm}}
 """
     )
     with TestClient(create_app(config)) as client:
@@ -46,9 +47,19 @@ ensembles:
         strict = client.post("/generate", json={"prompt": "hello", "ensemble": "strict"})
         assert strict.status_code == 502
         assert strict.json()["error"]["type"] == "no_quorum"
+        # Not one member reachable: 503 in the OpenAI shape, while the gateway itself stays Ready.
+        gone = client.post(
+            "/v1/chat/completions", json={"model": "gone", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert gone.status_code == 503, gone.text
+        assert (
+            gone.json()["error"]["type"] == "service_unavailable"
+            and gone.json()["error"]["code"] == "members_unavailable"
+        )
+        assert client.get("/ready", params={"scope": "gateway"}).status_code == 200
 
         ready = client.get("/ready").json()
         assert ready["members"]["ghost"]["up"] is False
         assert ready["ensembles"]["e"]["ready"] is True and ready["ensembles"]["strict"]["ready"] is False
         metrics = client.get("/metrics").text
-        assert 'gateway_member_errors_total{error_type="connect",member="ghost"} 2.0' in metrics
+        assert 'gateway_member_errors_total{error_type="connect",member="ghost"} 3.0' in metrics

@@ -1,5 +1,6 @@
 """The status page in headless Chromium (Debian's chromium package) against a real gateway:
-after a few requests, the members table renders live data from /status.json."""
+after a few requests, the members table renders live data from /status.json. The gateway has an
+operators' port (serve --ops-port): the page and its data are served there, not on the API's port."""
 
 from __future__ import annotations
 
@@ -75,18 +76,26 @@ def test_status_page_renders_live_member_data(tiny_models: Path, tmp_path: Path)
         cfg["rankers"] = {"pairrm": {"checkpoint": str(tiny_models / "pairrm"), "device": "cpu"}}
         cfg["store"] = {"url": f"sqlite:///{tmp_path / 'store.db'}"}
         cfg["limits"] = {"per_key": {"requests_per_minute": 100}}  # the open API's callers, as one key
-        with gateway_process(cfg, tmp_path) as gw:
+        with gateway_process(cfg, tmp_path, ops_port=True) as gw:
+            assert gw.ops_url is not None
             for i in range(5):
                 resp = httpx.post(gw.url + "/generate", json={"prompt": f"status page question {i}"}, timeout=30)
                 assert resp.status_code == 200, resp.text
+            # Each port serves its own: the API and the probes on one; metrics, status and the probes on the other.
+            for path in ("/", "/status.json", "/metrics"):
+                assert httpx.get(gw.url + path).status_code == 404, path
+            assert httpx.post(gw.ops_url + "/generate", json={"prompt": "x"}).status_code == 404
+            assert httpx.get(gw.ops_url + "/metrics").text.count("gateway_requests_total") > 0
+            for base in (gw.url, gw.ops_url):
+                assert httpx.get(base + "/ready").status_code == 200, base
             profile = tmp_path / "chromium-profile"
             args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
             dom = subprocess.run(
-                [*args, "--dump-dom", gw.url + "/"], capture_output=True, text=True, timeout=120, check=True
+                [*args, "--dump-dom", gw.ops_url + "/"], capture_output=True, text=True, timeout=120, check=True
             ).stdout
             shot = tmp_path / "status.png"
             subprocess.run(
-                [*args, f"--screenshot={shot}", "--window-size=1280,900", gw.url + "/"],
+                [*args, f"--screenshot={shot}", "--window-size=1280,900", gw.ops_url + "/"],
                 capture_output=True,
                 timeout=120,
                 check=True,

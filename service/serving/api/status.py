@@ -15,7 +15,7 @@ from service.serving.api.deps import RuntimeDep
 router = APIRouter()
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False, tags=["public"])
+@router.get("/", response_class=HTMLResponse, include_in_schema=False, tags=["public", "ops"])
 async def page() -> HTMLResponse:
     html = files("service.serving").joinpath("static/status.html").read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Cache-Control": "no-cache"})

@@ -1,5 +1,6 @@
 """Who may call a route, as the route itself declares it with a tag (one of ``ACCESS``); a route
-without one needs a client key. FastAPI's own documentation routes are public."""
+without one needs a client key. FastAPI's own documentation routes are public. Where a route is
+served (``ops_paths``): the operators' routes are those tagged ``metrics`` or ``ops``."""
 
 from __future__ import annotations
 
@@ -22,3 +23,10 @@ def access_map(app: Any) -> dict[str, Access]:
         if path:
             out[path] = "public"
     return out
+
+
+def ops_paths(app: Any) -> frozenset[str]:
+    """The paths that ``serve --ops-port`` moves to the operators' port: metrics, status, status page."""
+    return frozenset(
+        route.path for route in app.routes if isinstance(route, APIRoute) and ({"metrics", "ops"} & set(route.tags))
+    )

@@ -117,6 +117,17 @@ def test_no_quorum_is_502() -> None:
         assert "a: connect" in err["message"]
 
 
+def test_no_member_reachable_is_503_and_the_gateway_stays_ready() -> None:
+    members = [FakeMember(name, "x", fail="connect") for name in ("a", "b", "c")]
+    with make_client(members) as c:
+        err = assert_openai_error(c.post("/generate", json={"prompt": "q"}), 503, "service_unavailable")
+        assert err["code"] == "members_unavailable" and "0 of 3 members answered" in err["message"]
+        chat = c.post("/v1/chat/completions", json={"model": "main", "messages": [{"role": "user", "content": "q"}]})
+        assert assert_openai_error(chat, 503, "service_unavailable")["code"] == "members_unavailable"
+        assert c.get("/ready", params={"scope": "gateway"}).status_code == 200
+        assert c.get("/ready").status_code == 503  # for operators: the members are down
+
+
 def test_health_ready_metrics(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")

@@ -54,6 +54,29 @@ def test_health_and_metrics_can_be_protected() -> None:
         assert c.get("/metrics", headers={"Authorization": "Bearer k-one"}).status_code == 200
 
 
+def test_the_operators_port_serves_metrics_and_status_alone() -> None:
+    """``serve --ops-port``: the app tells the two listeners apart by the port in the request's scope."""
+    parts = Components(
+        members={m: FakeMember(m, m * 2) for m in "abc"},
+        rankers={"length": LengthRanker()},
+        fusers={"join": JoinFuser()},
+    )
+    app = create_app(fake_config(FAKE_CONFIG), parts=parts, ops_port=9000)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        api, ops = "http://gw:8000", "http://gw:9000"
+        for path in ("/metrics", "/status.json", "/"):
+            assert c.get(ops + path).status_code == 200, path
+            refused = c.get(api + path)
+            assert refused.status_code == 404 and refused.json()["error"]["type"] == "not_found_error", path
+            assert "operators' port" in refused.json()["error"]["message"]
+        for path in ("/health", "/ready"):
+            assert c.get(api + path).status_code == 200 and c.get(ops + path).status_code == 200, path
+        assert c.post(api + "/generate", json={"prompt": "q"}).status_code == 200
+        for path in ("/generate", "/v1/chat/completions", "/admin/reload"):
+            assert c.post(ops + path, json={}).status_code == 404, path
+        assert c.get(ops + "/docs").status_code == 404 and c.get(api + "/docs").status_code == 200
+
+
 def test_no_keys_means_open() -> None:
     with client("auth: {api_keys_env: null}\n") as c:
         assert c.post("/generate", json={"prompt": "q"}).status_code == 200
