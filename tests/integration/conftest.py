@@ -60,9 +60,10 @@ def _log_tail(path: Path, n: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def serve(config_file: Path, tmp: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
+def serve(config_file: Path, tmp: Path, env: dict[str, str] | None = None, exe: str | None = None) -> Iterator[Gateway]:
     """`ensemble-gateway serve` on ``config_file`` with its servers on free ports (``env``: more
-    variables for the gateway, and so for the servers it starts).
+    variables for the gateway, and so for the servers it starts; ``exe``: another installation's
+    `ensemble-gateway`).
 
     Tear-down sends SIGTERM, as Ctrl-C or an orchestrator would, and fails unless every process
     the gateway started is gone afterwards.
@@ -78,7 +79,7 @@ def serve(config_file: Path, tmp: Path, env: dict[str, str] | None = None) -> It
     server_urls = {s.name: f"http://127.0.0.1:{s.port}/v1" for s in config.servers}
     port = free_port()
     log = tmp / "gateway.log"
-    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
+    exe = exe or shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [exe, "serve", "--config", str(cfg_path), "--port", str(port), "--log-dir", str(tmp / "logs")],

@@ -1,13 +1,17 @@
 """The model tier as its own process (`ensemble-gateway serve-models`) serving the tiny random and
 the trained PairRM and GenFuser, and a gateway process whose rankers and fusers are `endpoint`s
-on it, its members on the random-weight ensemble's vLLM servers. Its answers are what the same
-models give in this process for the same candidates (scores equal, fused texts identical, streamed
-too); the tier killed → every request still answered, degraded, saying why."""
+on it, its members on the random-weight ensemble's vLLM servers. That gateway runs from a fresh
+venv with the package installed as deploy/Dockerfile installs it (`pip install .`: no torch, no
+transformers). Its answers are what the same models give in this process for the same candidates
+(scores equal, fused texts identical, streamed too); the tier killed → every request still
+answered, degraded, saying why."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ import yaml
 from service.config import FuserConfig, RankerConfig
 from service.models.fusers.genfuser import GenFuser
 from service.models.rankers.pairrm import PairRMRanker
-from tests.integration.conftest import Gateway, serve
+from tests.integration.conftest import ROOT, Gateway, serve
 from tests.load import tier_process
 
 pytestmark = pytest.mark.integration
@@ -49,9 +53,39 @@ def tier(checkpoints: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="module")
-def remote(gateway: Gateway, tier: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A gateway without models of its own: members on the random ensemble's base-b server, the
-    rankers and fusers on the tier."""
+def torchless(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv holding the gateway as its image has it: `pip install .`, the core dependencies only."""
+    venv = tmp_path_factory.mktemp("torchless") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for module in ("torch", "transformers", "llm_blender", "tokenizers"):
+        found = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {module}"], capture_output=True)
+        assert found.returncode != 0, f"{module} is importable in the gateway's install"
+    return venv
+
+
+def test_the_torchless_gateway_refuses_a_model_in_process(torchless: Path, tmp_path: Path) -> None:
+    config = tmp_path / "local.yaml"
+    config.write_text(
+        'members: [{name: a, endpoint: "http://127.0.0.1:9/v1", model: m}]\n'
+        "rankers: {pairrm: {checkpoint: llm-blender/PairRM-hf}}\n"
+        "ensembles: {main: {members: [a], ranker: pairrm}}\n"
+    )
+    done = subprocess.run(
+        [str(torchless / "bin" / "ensemble-gateway"), "check-config", str(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done
+    assert "rankers.pairrm: runs in this process, which lacks torch and transformers" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def remote(
+    gateway: Gateway, tier: dict[str, Any], torchless: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A gateway without models of its own, from the torchless venv: members on the random
+    ensemble's base-b server, the rankers and fusers on the tier."""
     tmp = tmp_path_factory.mktemp("remote-gateway")
     endpoint = gateway.server_urls["base-b"]
     member = {"endpoint": endpoint, "model": "tiny-llama-b", "timeout_s": 30}
@@ -78,7 +112,7 @@ def remote(gateway: Gateway, tier: dict[str, Any], tmp_path_factory: pytest.Temp
     }
     path = tmp / "remote.yaml"
     path.write_text(yaml.safe_dump(config))
-    with serve(path, tmp, env={"TIER_KEY": TIER_KEY}) as gw:
+    with serve(path, tmp, env={"TIER_KEY": TIER_KEY}, exe=str(torchless / "bin" / "ensemble-gateway")) as gw:
         yield gw
 
 

@@ -12,6 +12,7 @@ from a worker thread.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from service.config import GatewayConfig, LoRAMemberConfig, ServerConfig
+from service.config import FuserConfig, GatewayConfig, LoRAMemberConfig, RankerConfig, ServerConfig, SoftPromptMemberConfig
+from service.errors import ConfigError
 from service.members.checks import check_members
 from service.models.build.cache import tree_fingerprint
 from service.models.build.merges import build_merge, merge_inputs
@@ -108,5 +110,34 @@ def materialize(config: GatewayConfig, build: bool = True) -> GatewayConfig:
         for m in config.members
     ]
     config = config.model_copy(update={"members": members})
+    check_model_runtime(config)
     check_members(config)
     return config
+
+
+# What a model in this process needs: the `models` extra (a gateway image without it serves its
+# rankers and fusers from the model tier).
+MODEL_RUNTIME = ("torch", "transformers")
+
+
+def local_models(config: GatewayConfig) -> list[str]:
+    """The fields whose models would run in this process: local rankers and GenFusers, encoder
+    routers, soft-prompt members (their prompt_embeds are built here)."""
+    fields = [f"rankers.{n}" for n, r in config.rankers.items() if isinstance(r, RankerConfig)]
+    fields += [f"fusers.{n}" for n, f in config.fusers.items() if isinstance(f, FuserConfig)]
+    fields += [f"routers.{n}" for n, r in config.routers.items() if r.kind == "encoder"]
+    fields += [f"members.{m.name}" for m in config.members if isinstance(m, SoftPromptMemberConfig)]
+    return fields
+
+
+def check_model_runtime(config: GatewayConfig) -> None:
+    """Refuse, naming the field, a model that would run here when torch or transformers is not
+    installed (rather than an ImportError halfway through loading)."""
+    missing = [name for name in MODEL_RUNTIME if importlib.util.find_spec(name) is None]
+    fields = local_models(config) if missing else []
+    if fields:
+        raise ConfigError(
+            f"{fields[0]}: runs in this process, which lacks {' and '.join(missing)}: install the models extra "
+            "(pip install 'ensemble-gateway[models]'), or serve it on the model tier (an `endpoint:` for a ranker "
+            "or fuser; see README, The model tier)"
+        )
