@@ -7,6 +7,9 @@ against llm-blender on the same GPU, in the same precision, in one run.
   the parity of the scores (largest difference, share of requests with the same first candidate).
 - GenFuser at Flan-T5-XL shape (2.85 B parameters): top-3 fusion latency, and the share of fused
   texts identical to ``Blender.fuse``'s.
+- The model tier (``bench/remote.py``): the same two models in this process and behind
+  ``serve-models`` on the same device, called as a gateway calls them: pairs/s and fusions/s one
+  request at a time and from eight clients, and whether scores and fused texts are the same.
 
 Random weights (no hub here; what costs time is the shapes and the token counts, not the values),
 built once under .cache/bench. Default: cuda, bfloat16; about 10 minutes on one H200-class GPU, most of
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import fuser, ranker
+from bench import fuser, ranker, remote
 from bench.common import CACHE, ROOT, commit
 from bench.models import make_fuser_shaped, make_pairrm_shaped
 
@@ -104,6 +107,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     )
     out["fuser"]["seconds"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    out["tier"] = remote.run(
+        pairrm,
+        checkpoint,
+        args.device,
+        args.dtype,
+        source_words=source_words,
+        cand_words=cand_words,
+        requests=2 if args.smoke else 20,
+        rounds=1 if args.smoke else 3,
+    )
+    out["tier"]["seconds"] = time.perf_counter() - start
     return out
 
 
@@ -128,6 +144,25 @@ def table(result: dict[str, Any]) -> str:
     for name, ours, ref in rows:
         ratio = ref / ours if "ms" in name else ours / ref
         lines.append(f"| {name} | {ours:.1f} | {ref:.1f} | {ratio:.2f}x |")
+    t = result["parts"].get("tier")
+    if t is not None:
+        lines += [
+            "",
+            "The model tier (`serve-models` on the same device, loopback HTTP) against the same models in process:",
+            "",
+            "| figure | in process | through the tier | ratio |",
+            "|---|---|---|---|",
+        ]
+        for part, unit in (("ranker", "PairRM pairs/s"), ("fuser", "GenFuser fusions/s")):
+            per = t[part]["per_request"]
+            c1 = {k: per * 1000 / v for k, v in t[part]["c1_p50_ms"].items()}
+            for label, figures in (("1 request at a time", c1), ("8 clients", t[part]["c8_per_s"])):
+                ours, tier = figures["in_process"], figures["tier"]
+                lines.append(f"| {unit}, {label} | {ours:.1f} | {tier:.1f} | {tier / ours:.2f}x |")
+        lines.append(
+            f"Scores equal in {100 * t['scores_equal_share']:.0f}% of requests, fused texts identical in "
+            f"{100 * t['fused_identical_share']:.0f}%."
+        )
     lines += [
         "",
         f"Parity in the same run: scores within {r['max_abs_score_diff_vs_llm_blender']:.2g} of llm-blender's, the "

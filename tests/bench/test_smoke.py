@@ -61,3 +61,10 @@ def test_gpu_bench_runs_its_code_on_the_cpu_with_tiny_shapes(tmp_path: Path) -> 
         assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
     assert fuser["identical_share"] == 1.0, fuser["mismatches"]
     assert "| PairRM pairs/s, 1 request at a time |" in proc.stdout
+    # The model tier beside the same models in process: the same answers, and every figure measured.
+    tier = data["parts"]["tier"]
+    assert tier["scores_equal_share"] == 1.0 and tier["fused_identical_share"] == 1.0
+    for part in ("ranker", "fuser"):
+        for figures in (tier[part]["c1_p50_ms"], tier[part]["c8_per_s"]):
+            assert set(figures) == {"in_process", "tier"} and all(v > 0 for v in figures.values()), figures
+    assert "| GenFuser fusions/s, 8 clients |" in proc.stdout
