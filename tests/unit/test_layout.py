@@ -112,3 +112,21 @@ def test_architecture_names_files_that_exist() -> None:
         n for n in named if not (ROOT / n).exists() and not any(p.endswith(n.removeprefix("service/")) for p in present)
     )
     assert named and not missing, missing
+
+
+def test_every_package_is_tracked_and_installed() -> None:
+    """Each folder of Python modules is a package git keeps (its ``__init__.py`` tracked: a clean clone
+    has only what git tracks) and that setuptools finds (``pip install .``, the images, installs only
+    those: a folder without ``__init__.py`` is left out of the wheel)."""
+    from setuptools import find_packages
+
+    tracked = set(
+        subprocess.run(["git", "ls-files", "service"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    )
+    # Alembic's migrations are package data (pyproject's package-data), read by path, not imported.
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if not {"__pycache__", "migrations"} & set(p.parts)}
+    for folder in folders:
+        init = (folder / "__init__.py").relative_to(ROOT).as_posix()
+        assert init in tracked, f"{init} is not tracked by git (is it ignored?)"
+    found = set(find_packages(str(ROOT), include=["service*"]))
+    assert {".".join(f.relative_to(ROOT).parts) for f in folders} <= found
