@@ -26,16 +26,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-EXAMPLE_CONFIG = DEPLOY / "config" / "ensemble.yaml"
+EXAMPLE_CONFIG = DEPLOY / "config" / "ensemble.yaml"  # compose's gateway, with its models in process
+CLUSTER_CONFIG = DEPLOY / "config" / "cluster.yaml"  # Kubernetes' gateways, the models on the tier
+TIER_CONFIG = DEPLOY / "config" / "tier.yaml"  # Kubernetes' model tier (serve-models)
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ensemble-gateway.json"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 VLLM_IMAGE = "vllm/vllm-openai"
 ADAPTERS_IMAGE = "ensemble-gateway-adapters"  # deploy/Dockerfile.adapters
+MODELS_IMAGE = "ensemble-gateway-models"  # deploy/Dockerfile.models: the model tier and the downloads
 VLLM_PORT = 8000
 POSTGRES_IMAGE = "postgres"  # the official image: the store of answers and feedback
 POSTGRES_PORT = 5432
 # The Secrets deploy/k8s generates, each from an env file whose committed example is named here.
-K8S_SECRET_EXAMPLES = {"gateway-secrets": "secrets.env.example", "postgres-secrets": "postgres-secrets.env.example"}
+K8S_SECRET_EXAMPLES = {
+    "gateway-secrets": "secrets.env.example",
+    "postgres-secrets": "postgres-secrets.env.example",
+    "members-secrets": "members-secrets.env.example",
+    "model-tier-secrets": "model-tier-secrets.env.example",
+    "hub-token": "hub-token.env.example",
+}
 
 
 def require_tool(name: str, install: str) -> str:
@@ -85,8 +94,8 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def rendered_k8s(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """`kubectl kustomize deploy/k8s`, with each secrets file (secrets.env, postgres-secrets.env)
-    written from its committed example."""
+    """`kubectl kustomize deploy/k8s`, with each secrets file (K8S_SECRET_EXAMPLES) written from
+    its committed example."""
     kubectl = require_tool(
         "kubectl", "kustomize is built into kubectl (`kubectl kustomize`); install kubectl to render deploy/k8s"
     )
@@ -228,6 +237,11 @@ class Server:
         return {served} if served else {self.args[0]}
 
 
+def runtime_lora(server: Server) -> bool:
+    """Whether a vLLM server lets clients load and unload LoRA adapters (/v1/load_lora_adapter)."""
+    return server.env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true")
+
+
 def check_members_served(config: Any, servers: dict[str, Server]) -> dict[str, set[str]]:
     """Every member of ``config`` (a GatewayConfig) reaches a declared vLLM server that serves
     what it asks for. Returns server name -> the member kinds it carries."""
@@ -257,9 +271,10 @@ def check_members_served(config: Any, servers: dict[str, Server]) -> dict[str, s
                 f"member {m.name}: {server.name} does not preload adapter {m.served_name!r} (--lora-modules)"
             )
             # The gateway asks to load runtime LoRA members; without this the route is missing (404).
-            assert server.env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"), (
-                f"member {m.name}: {server.name} needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
-            )
+            if m.load == "runtime":
+                assert runtime_lora(server), (
+                    f"member {m.name}: {server.name} needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+                )
         else:
             assert m.served_name in server.served_names, (
                 f"member {m.name}: {server.name} serves {sorted(server.served_names)}, not {m.served_name!r}"

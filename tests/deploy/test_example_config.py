@@ -1,4 +1,5 @@
-"""deploy/config/ensemble.yaml: the real-model example that compose and Kubernetes both use."""
+"""deploy/config/ensemble.yaml: the real-model example that compose uses (Kubernetes' cluster.yaml and
+tier.yaml are checked against it in test_k8s.py)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,12 @@ from service.errors import ConfigError
 from tests.deploy.conftest import EXAMPLE_CONFIG, POSTGRES_PORT
 
 
-@pytest.mark.parametrize(
-    "embeds_url",
-    [None, "http://vllm-llama-embeds:8000/v1"],
-    ids=["compose", "kubernetes"],
-)
 def test_check_config_passes(
-    embeds_url: str | None, adapters_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    adapters_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The real `ensemble-gateway check-config`, adapters included (stand-ins in PEFT format)."""
     monkeypatch.setenv("ADAPTERS_DIR", str(adapters_dir))
     monkeypatch.setenv("STORE_PASSWORD", "from-the-environment")
-    if embeds_url is None:
-        monkeypatch.delenv("LLAMA_EMBEDS_URL", raising=False)
-    else:
-        monkeypatch.setenv("LLAMA_EMBEDS_URL", embeds_url)
     assert main(["check-config", str(EXAMPLE_CONFIG)]) == 0, capsys.readouterr().err
     assert "ok: 6 members" in capsys.readouterr().out
 
@@ -36,7 +28,7 @@ def test_real_models_and_no_launched_servers(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("ADAPTERS_DIR", raising=False)
     monkeypatch.setenv("STORE_PASSWORD", "from-the-environment")
     config = load_config(EXAMPLE_CONFIG)
-    assert config.servers == [], "in compose and Kubernetes the members are servers of their own"
+    assert config.servers == [], "in compose the members are servers of their own"
     assert {config.local_ranker(n).checkpoint for n in config.rankers} == {"llm-blender/PairRM-hf"}
     assert {getattr(f, "checkpoint", None) for f in config.fusers.values()} == {"llm-blender/gen_fuser_3b"}
     assert all(config.local_ranker(n).device.startswith("cuda") for n in config.rankers)
