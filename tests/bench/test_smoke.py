@@ -68,3 +68,20 @@ def test_gpu_bench_runs_its_code_on_the_cpu_with_tiny_shapes(tmp_path: Path) -> 
         for figures in (tier[part]["c1_p50_ms"], tier[part]["c8_per_s"]):
             assert set(figures) == {"in_process", "tier"} and all(v > 0 for v in figures.values()), figures
     assert "| GenFuser fusions/s, 8 clients |" in proc.stdout
+
+
+def test_tier_bench_runs_end_to_end_small(tmp_path: Path) -> None:
+    """`python -m bench.tier` at a small size: both set-ups answer the same, load is served, and the
+    tier killed under load loses nothing (the figures in docs/PERFORMANCE.md come from its full run)."""
+    out = tmp_path / "tier.json"
+    run_module(
+        "bench.tier", "--prompts", "3", "--c1", "3", "--seconds", "2", "--clients", "4", "--kill-after", "0.5",
+        "--out", str(out), timeout=600,
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["identical_answers"] == data["prompts"] == 3
+    for setup in ("in_process", "tier"):
+        assert data[setup]["errors"] == {} and data[setup]["degraded"] == 0 and data[setup]["load_rps"] > 0, data[setup]
+    killed = data["tier_killed"]
+    assert killed["sent"] == killed["answered"] > 0 and killed["lost"] == killed["hung"] == 0, killed
+    assert killed["degraded"] > 0  # the tier was gone for some of them
