@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="greedy requests for one adapter per generate")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the model's worker")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_API_KEY"),
+        help="the key /v1 requests must send as Bearer (default: VLLM_API_KEY, as vLLM; unset: open)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
 
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except AdapterError as e:
         print(f"adapter server: {e}", file=sys.stderr)
         return 2
-    app = create_app(engine, args.served_model_name or args.model, args.max_model_len)
+    app = create_app(engine, args.served_model_name or args.model, args.max_model_len, args.api_key)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -2,12 +2,15 @@
 
 ``/v1/chat/completions`` and ``/v1/completions`` (JSON or server-sent events), ``/v1/models`` (the
 base, and each adapter with the base as parent, as vLLM lists LoRA adapters), ``/health``; errors in
-OpenAI's shape. A request names the base or one adapter as ``model``.
+OpenAI's shape. A request names the base or one adapter as ``model``. With an API key (``--api-key``
+or ``VLLM_API_KEY``, as vLLM), every ``/v1`` route wants ``Authorization: Bearer KEY`` (compared in
+constant time) and ``/health`` stays open, as vLLM's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -41,8 +44,19 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     return float(value)
 
 
-def create_app(engine: Engine, served_name: str, max_model_len: int = 2048) -> FastAPI:
+def create_app(engine: Engine, served_name: str, max_model_len: int = 2048, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="ensemble-gateway adapter server")
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next: Any) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1") and not hmac.compare_digest(given, expected):
+                return _error(401, "a valid API key is required (Authorization: Bearer KEY)", "invalid_api_key")
+            response: Response = await call_next(request)
+            return response
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, e: BadRequest) -> JSONResponse:

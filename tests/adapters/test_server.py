@@ -189,3 +189,22 @@ def test_runs_on_its_own_and_refuses_a_bad_adapter_at_start(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_key_guards_the_api_but_not_health(base_dir: Path) -> None:
+    """With ``api_key`` (``--api-key`` or ``VLLM_API_KEY``), as vLLM: /v1 wants the key, /health does not."""
+    from fastapi.testclient import TestClient
+
+    from service.adapterserver.app import create_app
+
+    engine = Engine(str(base_dir), {})
+    try:
+        with TestClient(create_app(engine, "base-a", api_key="k1")) as c:
+            refused = c.get("/v1/models")
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+            assert c.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 401
+            assert c.post("/v1/chat/completions", json={}).status_code == 401
+            assert c.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+            assert c.get("/health").status_code == 200
+    finally:
+        engine.close()

@@ -634,14 +634,15 @@ def test_members_have_a_gpu_and_health_readiness(rendered_k8s: list[dict[str, An
         assert d["spec"]["strategy"]["type"] == "Recreate", f"{name}: a rolling update would need a second GPU"
 
 
-def test_vllm_members_require_the_key_the_gateway_sends(rendered_k8s: list[dict[str, Any]]) -> None:
-    """Every vLLM server takes an API key from members-secrets (VLLM_API_KEY, or --api-key from it),
-    and every member on it sends that key: its api_key_env is a gateway variable from the same key."""
+def test_member_servers_require_the_key_the_gateway_sends(rendered_k8s: list[dict[str, Any]]) -> None:
+    """Every member server (the vLLM ones and the adapter server, which reads VLLM_API_KEY as vLLM
+    does) takes an API key from members-secrets (VLLM_API_KEY, or --api-key from it), and every member
+    on it sends that key: its api_key_env is a gateway variable from the same key."""
     gateway = _container(_gateway(rendered_k8s))
     by_server = _members_by_server(rendered_k8s)
-    vllm = _vllm_members(rendered_k8s)
-    assert vllm
-    for name, d in vllm.items():
+    servers = _members(rendered_k8s)
+    assert len(servers) > len(_vllm_members(rendered_k8s))  # the adapter server too
+    for name, d in servers.items():
         c = _container(d)
         api_key = flag_value([str(a) for a in c["args"]], "--api-key")
         var = api_key[2:-1] if api_key and api_key.startswith("$(") else "VLLM_API_KEY"
@@ -736,8 +737,8 @@ def _example_keys(secret: str) -> set[str]:
 
 
 def test_each_secret_reaches_only_its_readers(rendered_k8s: list[dict[str, Any]]) -> None:
-    """One Secret per audience: the hub token only in the download Job; the members' key in the vLLM
-    servers and the gateway; the tier's keys in the tier and the gateway; the store's password in
+    """One Secret per audience: the hub token only in the download Job; the members' key in the member
+    servers (vLLM's and the adapter server) and the gateway; the tier's keys in the tier and the gateway; the store's password in
     PostgreSQL and the gateway; the client keys in the gateway alone."""
     workloads = _workloads(rendered_k8s)
     readers: dict[str, set[str]] = {}
@@ -746,7 +747,7 @@ def test_each_secret_reaches_only_its_readers(rendered_k8s: list[dict[str, Any]]
             readers.setdefault(_unhashed(secret), set()).add(name)
     assert readers == {
         "hub-token": {"model-download"},
-        "members-secrets": {"ensemble-gateway", *_vllm_members(rendered_k8s)},
+        "members-secrets": {"ensemble-gateway", *_members(rendered_k8s)},
         "model-tier-secrets": {"ensemble-gateway", "ensemble-models"},
         "postgres-secrets": {"ensemble-gateway", "postgres"},
         "gateway-secrets": {"ensemble-gateway"},

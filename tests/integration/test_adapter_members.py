@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["reverse abcde", "sort the letters: dcba", "What is the capital of Veltoria?", "What is 12 plus 30?"]
+ADAPTER_KEY = "adapter-server-test-key"
 
 MAKE = """
 import sys
@@ -93,6 +94,7 @@ def _config(trained: Path, dirs: dict[str, Path]) -> dict[str, Any]:
                 "served_model_names": ["base-a"],
                 "args": ["--max-batch", "8"],
                 "startup_timeout_s": 300,
+                "env": {"VLLM_API_KEY": ADAPTER_KEY},  # the server wants a key, as vLLM with --api-key
             }
         ],
         "members": [
@@ -102,9 +104,24 @@ def _config(trained: Path, dirs: dict[str, Path]) -> dict[str, Any]:
                 "server": "adapters",
                 "adapter": str(dirs["bottleneck"]),
                 "sampling": greedy,
+                "api_key_env": "ADAPTER_KEY",
             },
-            {"name": "pt", "kind": "prefix", "server": "adapters", "adapter": str(dirs["prefix"]), "sampling": greedy},
-            {"name": "base", "kind": "model", "server": "adapters", "model": "base-a", "sampling": greedy},
+            {
+                "name": "pt",
+                "kind": "prefix",
+                "server": "adapters",
+                "adapter": str(dirs["prefix"]),
+                "sampling": greedy,
+                "api_key_env": "ADAPTER_KEY",
+            },
+            {
+                "name": "base",
+                "kind": "model",
+                "server": "adapters",
+                "model": "base-a",
+                "sampling": greedy,
+                "api_key_env": "ADAPTER_KEY",
+            },
         ],
         "ensembles": {
             "adapters": {"members": ["bn", "pt", "base"], "min_candidates": 3},
@@ -120,8 +137,20 @@ def gw(
     tmp = tmp_path_factory.mktemp("adapter-gateway")
     path = tmp / "adapters.yaml"
     path.write_text(yaml.safe_dump(_config(trained_models, adapter_dirs)))
-    with serve(path, tmp) as g:
+    with serve(path, tmp, env={"ADAPTER_KEY": ADAPTER_KEY}) as g:
         yield g
+
+
+def test_the_adapter_server_wants_its_key(gw: Gateway) -> None:
+    """The members send the key (api_key_env); a caller without it is refused in the OpenAI shape."""
+    server = gw.server_urls["adapters"]
+    refused = httpx.get(f"{server}/models", timeout=30)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    wrong = httpx.get(f"{server}/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    ok = httpx.get(f"{server}/models", headers={"Authorization": f"Bearer {ADAPTER_KEY}"}, timeout=30)
+    assert ok.status_code == 200 and {m["id"] for m in ok.json()["data"]} >= {"base-a"}
+    assert httpx.get(server.removesuffix("/v1") + "/health", timeout=30).status_code == 200
 
 
 def _answers(gw: Gateway, ensemble: str, prompts: list[str]) -> list[str]:

@@ -15,13 +15,19 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from service.config import FuserConfig, GatewayConfig, LoRAMemberConfig, RankerConfig, ServerConfig, SoftPromptMemberConfig
+from service.config import (
+    FuserConfig,
+    GatewayConfig,
+    LoRAMemberConfig,
+    RankerConfig,
+    ServerConfig,
+    SoftPromptMemberConfig,
+)
 from service.errors import ConfigError
 from service.members.checks import check_members
 from service.models.build.cache import tree_fingerprint

@@ -41,8 +41,11 @@ def test_remote_models_need_no_torch(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
-        (("rankers: {pairrm: {endpoint: \"http://127.0.0.1:9\"}}", "rankers: {pairrm: {checkpoint: x}}"), "rankers.pairrm"),
-        (("genfuser: {endpoint: \"http://127.0.0.1:9\"}", "genfuser: {checkpoint: x}"), "fusers.genfuser"),
+        (
+            ('rankers: {pairrm: {endpoint: "http://127.0.0.1:9"}}', "rankers: {pairrm: {checkpoint: x}}"),
+            "rankers.pairrm",
+        ),
+        (('genfuser: {endpoint: "http://127.0.0.1:9"}', "genfuser: {checkpoint: x}"), "fusers.genfuser"),
         (("coin: {kind: random}", "coin: {kind: encoder, checkpoint: x}"), "routers.coin"),
     ],
 )
