@@ -1,5 +1,5 @@
 """Command line: ``ensemble-gateway serve | serve-models | check-config | merge | make-tiny-models | train |
-suite | eval | train-ranker | export | retrain-ranker``."""
+suite | eval | train-ranker | train-fuser | train-router | export | retrain-ranker``."""
 
 from __future__ import annotations
 
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from service.quality.learn_cli import add_commands
 
-    add_commands(sub)  # train-ranker, export, retrain-ranker
+    add_commands(sub)  # train-ranker, train-fuser, train-router, export, retrain-ranker
 
     ad = sub.add_parser(
         "adapter-server",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
@@ -112,7 +112,22 @@ def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def train(model: Any, tok: Any, examples: Sequence[FuserExample], recipe: FuserRecipe, desc: str = "genfuser") -> float:
+class Schedule(Protocol):
+    """How long and how fast to train (a ``FuserRecipe``, or train-fuser's ``FineTune``)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def warmup(self) -> int: ...
+
+
+def train(model: Any, tok: Any, examples: Sequence[FuserExample], recipe: Schedule, desc: str = "genfuser") -> float:
     """Teacher-forced cross-entropy on the targets; returns the mean loss of the last 20 steps."""
     rows = [_encode(tok, ex) for ex in examples]
 

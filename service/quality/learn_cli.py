@@ -1,4 +1,4 @@
-"""The learning commands: ``train-ranker`` (from JSONL or from the store), ``train-router``,
+"""The learning commands: ``train-ranker`` (from JSONL or from the store), ``train-fuser``, ``train-router``,
 ``export`` (the store as JSONL) and ``retrain-ranker`` (the whole loop). Heavy imports wait until a command runs."""
 
 from __future__ import annotations
@@ -101,10 +101,40 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training(p: argparse.ArgumentParser, steps: int) -> None:
+def cmd_train_fuser(args: argparse.Namespace) -> int:
+    from service.quality.learn import read_store
+    from service.quality.train_fuser import FineTune, fine_tune, read_examples, store_examples
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    fit = FineTune(steps=args.steps, lr=args.lr, seed=args.seed, batch=args.batch, warmup=args.warmup)
+    bad: list[tuple[int, str]] = []
+    try:
+        if args.from_store:
+            examples = store_examples(asyncio.run(read_store(args.from_store, args.ensemble)), args.top_k)
+            if not examples:
+                raise ValueError("no stored answer has a reference in its feedback")
+        else:
+            examples, bad = read_examples(args.data)
+            for number, why in bad:
+                print(f"{args.data}:{number}: skipped: {why}", file=sys.stderr)
+        result = fine_tune(args.checkpoint, examples, args.out, fit, args.heldout)
+    except (OSError, ValueError) as e:
+        print(f"ensemble-gateway train-fuser: {e}", file=sys.stderr)
+        return 2
+    result["bad_lines"] = [{"line": n, "why": w} for n, w in bad]
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _training(p: argparse.ArgumentParser, steps: int, lr: float = 3e-5, batch_help: str | None = None) -> None:
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--batch", type=int, default=16, help="comparisons per step (a pair gives two, one per order)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument(
+        "--batch", type=int, default=16, help=batch_help or "comparisons per step (a pair gives two, one per order)"
+    )
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads")
@@ -137,6 +167,25 @@ def add_commands(sub: Any) -> None:
     tr.add_argument("--ensemble", help="with --from-store: only this ensemble's answers")
     tr.add_argument("--chrf-threshold", type=float, default=80.0, help="chrF at which free text matches a reference")
     tr.set_defaults(func=cmd_train_ranker)
+
+    tf = sub.add_parser(
+        "train-fuser",
+        help="fine-tune a GenFuser checkpoint on fusion examples; writes a checkpoint the gateway serves",
+        description="Fine-tune any GenFuser (seq2seq) checkpoint, the published llm-blender/gen_fuser_3b or one of "
+        "ours, on JSONL examples ({instruction, input, candidates (the ranker's order, best first), target}) or on "
+        "the store's answers whose feedback gave a reference; report exact match and chrF of the fused texts on "
+        "held-out inputs before and after.",
+    )
+    tf.add_argument("--checkpoint", type=Path, required=True, help="the GenFuser directory to start from")
+    fsrc = tf.add_mutually_exclusive_group(required=True)
+    fsrc.add_argument("--data", type=Path, help="JSONL fusion examples")
+    fsrc.add_argument("--from-store", metavar="URL", help="the store's URL: answers with a reference in their feedback")
+    tf.add_argument("--ensemble", help="with --from-store: only this ensemble's answers")
+    tf.add_argument("--top-k", type=int, default=3, help="with --from-store: candidates per example (default 3)")
+    tf.add_argument("--out", type=Path, required=True, help="where the fine-tuned checkpoint goes")
+    tf.add_argument("--heldout", type=float, default=0.1, help="share of inputs kept aside (default 0.1)")
+    _training(tf, 300, lr=1e-4, batch_help="examples per step")
+    tf.set_defaults(func=cmd_train_fuser)
 
     ro = sub.add_parser(
         "train-router",

@@ -738,8 +738,8 @@ def _example_keys(secret: str) -> set[str]:
 
 def test_each_secret_reaches_only_its_readers(rendered_k8s: list[dict[str, Any]]) -> None:
     """One Secret per audience: the hub token only in the download Job; the members' key in the member
-    servers (vLLM's and the adapter server) and the gateway; the tier's keys in the tier and the gateway; the store's password in
-    PostgreSQL and the gateway; the client keys in the gateway alone."""
+    servers (vLLM's and the adapter server) and the gateway; the tier's keys in the tier and the
+    gateway; the store's password in PostgreSQL and the gateway; the client keys in the gateway alone."""
     workloads = _workloads(rendered_k8s)
     readers: dict[str, set[str]] = {}
     for name, d in workloads.items():

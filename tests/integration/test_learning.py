@@ -70,3 +70,34 @@ def test_answers_feedback_retrain_and_reload(learner: Gateway, tmp_path: Path) -
         after = client.post("/generate", json={"prompt": "Say something about 3.", "return_candidates": True})
         assert after.status_code == 200 and after.json()["candidates"][0]["score"] is not None
         assert swapped["reload"]["changes"]["rankers_loaded"] == ["pairrm"]
+
+
+def test_train_fuser_from_the_answers_with_a_reference(learner: Gateway, tiny_models: Path, tmp_path: Path) -> None:
+    """Answers of the real gateway, a reference given as feedback for each, `train-fuser --from-store`
+    on the tiny GenFuser: an example per answer with a reference, scored before and after, and a
+    checkpoint the gateway's GenFuser serves."""
+    from service.config import FuserConfig
+    from service.models.fusers.genfuser import GenFuser
+
+    with httpx.Client(base_url=learner.url, timeout=120) as client:
+        for i in range(8):
+            body = client.post("/generate", json={"prompt": f"Name a colour, {i}."}).json()
+            fb = client.post("/v1/feedback", json={"id": body["id"], "reference": "green"})
+            assert fb.status_code == 200, fb.text
+    store = f"sqlite:///{learner.config_path.parent / 'store.db'}"
+    exe = shutil.which("ensemble-gateway", path=str(Path(sys.executable).parent)) or "ensemble-gateway"
+    run = subprocess.run(
+        [exe, "train-fuser", "--from-store", store, "--checkpoint", str(tiny_models / "genfuser"),
+         "--out", str(tmp_path / "fuser"), "--steps", "60", "--lr", "3e-3", "--warmup", "5", "--batch", "8",
+         "--heldout", "0.25", "--threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["examples"]["train"] + report["examples"]["heldout"] >= 8, report
+    assert report["heldout"]["after"]["exact_match"] == 100.0, report
+    fuser = GenFuser("tuned", FuserConfig(checkpoint=str(tmp_path / "fuser")))
+    try:
+        assert fuser.fuse_sync("", "Name a colour, 99.", ["blue", "red"]) == "green"
+    finally:
+        fuser.close()
