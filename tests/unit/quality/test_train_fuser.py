@@ -52,7 +52,7 @@ def _row(reference: str | None, hashed: bool = False) -> tuple[dict[str, Any], l
             {"member": "d", "text": "five", "rank": None},
         ],
     }
-    notes = [{"preferred": None, "rejected": [], "reference": reference, "rating": None}]
+    notes: list[dict[str, Any]] = [{"preferred": None, "rejected": [], "reference": reference, "rating": None}]
     return row, notes
 
 
