@@ -53,6 +53,7 @@ demo: models
 quality: models
 	$(BIN)/python -m bench.learning
 	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.fusion
 	$(BIN)/python -m bench.quality
 
 test: models $(ADAPTERS_STAMP)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import combinations, learning, routing
+from bench import combinations, fusion, learning, routing
 from bench.common import ROOT, commit, machine
 
 logger = logging.getLogger("bench.quality")
@@ -179,6 +179,7 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         *(combos or []),
         *learning.section(_learning(), em.get("ensemble (policy)")),
         *routing.section(_routing()),
+        *fusion.section(_fusion()),
         "## Reproduce",
         "",
         "```",
@@ -200,6 +201,12 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
 def _learning() -> dict[str, Any] | None:
     """``python -m bench.learning``'s last result, if it ran (``make quality`` runs it first)."""
     path = ROOT / "bench" / "results" / "learning.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fusion() -> dict[str, Any] | None:
+    """``python -m bench.fusion``'s last result, if it ran (``make quality`` runs it first)."""
+    path = ROOT / "bench" / "results" / "fusion.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 

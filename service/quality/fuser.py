@@ -8,7 +8,9 @@ Decoding is llm-blender's: 4 beams, ``CANDIDATE_MAX`` new tokens, special tokens
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+import random
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
-from service.quality import lm, vocab
+from service.quality import lm, suite, vocab
 from service.quality.lm import IGNORE
 
 CANDIDATE_MAX = 128
@@ -37,6 +39,16 @@ class FuserRecipe:
     heads: int = 4
     batch: int = 64
     warmup: int = 50
+    # Lowercase letter strings as letter pairs ("bigrams") or single letters ("letters").
+    pieces: str = "bigrams"
+    # Added at initialization to the first encoder layer's relative-position bias for "the token just
+    # before", in its first head: that head starts out copying each token's predecessor into its
+    # position, the first half of the induction circuit that copying a candidate needs. Without it the
+    # copying mechanism forms only after 400-1,000 steps (docs/QUALITY.md, "Fusion: what was tried").
+    previous_token_bias: float = 0.0
+    # Share of each batch made of fresh synthetic examples (``synthetic_examples``): the fuser cannot
+    # memorize them, and their prompt words are no shortcut.
+    synthetic: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,36 @@ class FuserExample:
     input_text: str
     candidates: tuple[str, ...]
     target: str
+
+
+def _mistake(rng: random.Random, word: str) -> str:
+    """One of the members' kinds of wrong answer to a word task: two letters swapped, one dropped, a shuffle."""
+    kind = rng.randrange(3)
+    if kind == 0 and len(word) > 2:
+        i = rng.randrange(len(word) - 1)
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    if kind == 1 and len(word) > 3:
+        i = rng.randrange(len(word))
+        return word[:i] + word[i + 1 :]
+    return "".join(rng.sample(word, len(word)))
+
+
+def synthetic_examples(seed: int, exclude: Collection[str] = ()) -> Iterator[FuserExample]:
+    """Fresh fusion examples without end: the suite's reverse and sort prompts on new words (never a
+    prompt in ``exclude``: the evaluation's), the right answer and two wrong ones (mistakes of it, or
+    the prompt's word unchanged), the right one first nine times in ten, as a ranker would order them."""
+    rng = random.Random(seed)
+    skip = set(exclude)
+    for index in itertools.count():
+        item = suite.make_item(seed, ("reverse", "sort")[index % 2], index)
+        if item.prompt in skip:
+            continue
+        word = suite.subject(item.prompt)
+        wrong = rng.sample([_mistake(rng, item.reference), word, _mistake(rng, item.reference)], 2)
+        cands = [item.reference, *wrong]
+        if rng.random() < 0.1:
+            cands[0], cands[1] = cands[1], cands[0]
+        yield FuserExample("", item.prompt, tuple(cands), item.reference)
 
 
 def fuser_text(tok: Any, instruction: str, input_text: str, candidates: Sequence[str]) -> str:
@@ -65,7 +107,7 @@ def fuser_text(tok: Any, instruction: str, input_text: str, candidates: Sequence
 
 def build(words: Sequence[str], recipe: FuserRecipe) -> tuple[Any, Any]:
     """A freshly initialised T5 fuser (gated-gelu, like Flan-T5) and its tokenizer."""
-    tok = vocab.fuser_tokenizer(words)
+    tok = vocab.fuser_tokenizer(words, bigrams=recipe.pieces == "bigrams")
     config = T5Config(
         vocab_size=len(tok),
         d_model=recipe.d_model,
@@ -85,6 +127,16 @@ def build(words: Sequence[str], recipe: FuserRecipe) -> tuple[Any, Any]:
     )
     torch.manual_seed(recipe.seed)
     model = T5ForConditionalGeneration(config)
+    if recipe.previous_token_bias:
+        attention: Any = model.encoder.block[0].layer[0].SelfAttention  # type: ignore[index,union-attr]
+        bucket = attention._relative_position_bucket(
+            torch.tensor(-1),
+            bidirectional=True,
+            num_buckets=config.relative_attention_num_buckets,
+            max_distance=config.relative_attention_max_distance,
+        )
+        with torch.no_grad():
+            attention.relative_attention_bias.weight[int(bucket), 0] += recipe.previous_token_bias
     model.generation_config = GenerationConfig(
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id
     )
@@ -100,14 +152,14 @@ def load(path: Path) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _encode(tok: Any, ex: FuserExample) -> tuple[list[int], list[int]]:
+def encode(tok: Any, ex: FuserExample) -> tuple[list[int], list[int]]:
     text = fuser_text(tok, ex.instruction, ex.input_text, ex.candidates)
     src: list[int] = tok(text, add_special_tokens=False, max_length=INPUT_MAX, truncation=True)["input_ids"]
     tgt: list[int] = tok(ex.target)["input_ids"]
     return src, tgt
 
 
-def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
+def pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
@@ -127,14 +179,26 @@ class Schedule(Protocol):
     def warmup(self) -> int: ...
 
 
-def train(model: Any, tok: Any, examples: Sequence[FuserExample], recipe: Schedule, desc: str = "genfuser") -> float:
-    """Teacher-forced cross-entropy on the targets; returns the mean loss of the last 20 steps."""
-    rows = [_encode(tok, ex) for ex in examples]
+def train(
+    model: Any,
+    tok: Any,
+    examples: Sequence[FuserExample],
+    recipe: Schedule,
+    desc: str = "genfuser",
+    synthetic: Iterator[FuserExample] | None = None,
+    share: float = 0.0,
+) -> float:
+    """Teacher-forced cross-entropy on the targets (``share`` of each batch drawn from ``synthetic``);
+    returns the mean loss of the last 20 steps."""
+    rows = [encode(tok, ex) for ex in examples]
+    fresh = round(recipe.batch * share) if synthetic is not None else 0
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for chunk in lm.shuffled(len(rows), recipe.batch, recipe.seed):
-            src = _pad([rows[i][0] for i in chunk], tok.pad_token_id)
-            labels = _pad([rows[i][1] for i in chunk], IGNORE)
+        for chunk in lm.shuffled(len(rows), recipe.batch - fresh, recipe.seed):
+            extra = [encode(tok, next(synthetic)) for _ in range(fresh)] if synthetic is not None else []
+            got = [rows[i] for i in chunk] + extra
+            src = pad([g[0] for g in got], tok.pad_token_id)
+            labels = pad([g[1] for g in got], IGNORE)
             yield {"input_ids": src, "attention_mask": (src != tok.pad_token_id).long(), "labels": labels}
 
     torch.manual_seed(recipe.seed)
@@ -146,7 +210,7 @@ def fuse(model: Any, tok: Any, examples: Sequence[FuserExample], batch: int = 64
     """Fused answers (``target`` unused), decoded as ``Blender.fuse`` does."""
     out: list[str] = []
     for start in range(0, len(examples), batch):
-        src = _pad([_encode(tok, ex)[0] for ex in examples[start : start + batch]], tok.pad_token_id)
+        src = pad([encode(tok, ex)[0] for ex in examples[start : start + batch]], tok.pad_token_id)
         gen = model.generate(
             input_ids=src,
             attention_mask=(src != tok.pad_token_id).long(),

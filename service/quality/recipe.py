@@ -130,5 +130,17 @@ def default_recipe() -> Recipe:
         },
         candidates=CandidateRecipe(per_skill=1500, seed=500),
         ranker=ranker.RankerRecipe(hidden=128, layers=2, intermediate=256, steps=1000, lr=5e-4, seed=7, hard_weight=4),
-        fuser=fuser.FuserRecipe(d_model=128, layers=2, d_ff=256, steps=300, lr=2e-3, seed=11),
+        # Single letters, the previous-token prior and half of each batch synthetic: see python -m bench.fusion
+        # (docs/QUALITY.md, "Fusion: what was tried") for each change's share of the gain.
+        fuser=fuser.FuserRecipe(
+            d_model=128,
+            layers=2,
+            d_ff=256,
+            steps=600,
+            lr=2e-3,
+            seed=11,
+            pieces="letters",
+            previous_token_bias=8.0,
+            synthetic=0.5,
+        ),
     )

@@ -119,7 +119,7 @@ def _write_candidates(out: Path, root: Path, recipe: Recipe, items: list[suite.I
             )
 
 
-def _read_candidates(out: Path) -> tuple[list[suite.Item], list[list[str]]]:
+def read_candidates(out: Path) -> tuple[list[suite.Item], list[list[str]]]:
     items, answers = [], []
     with (out / "candidates.jsonl").open(encoding="utf-8") as f:
         for line in f:
@@ -259,7 +259,7 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         loss = ranker.train(
             model,
             tok,
-            ranker_pairs(*_read_candidates(cands), recipe.ranker.add_reference, recipe.ranker.hard_weight),
+            ranker_pairs(*read_candidates(cands), recipe.ranker.add_reference, recipe.ranker.hard_weight),
             recipe.ranker,
         )
         model.save_pretrained(out, safe_serialization=True)
@@ -269,11 +269,13 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
     ranker_dir = steps.run("pairrm", {"ranker": asdict(recipe.ranker)}, [CANDIDATES], build_ranker)
 
     def build_fuser(out: Path) -> float:
-        cand_items, answers = _read_candidates(cands)
+        cand_items, answers = read_candidates(cands)
         rmodel, rtok = ranker.load(ranker_dir)
         scores = ranker.scores(rmodel, rtok, [it.prompt for it in cand_items], answers)
         model, tok = fuser.build(words, recipe.fuser)
-        loss = fuser.train(model, tok, fuser_examples(cand_items, answers, scores), recipe.fuser)
+        fresh = fuser.synthetic_examples(recipe.fuser.seed, exclude={it.prompt for it in suite.eval_suite()})
+        examples = fuser_examples(cand_items, answers, scores)
+        loss = fuser.train(model, tok, examples, recipe.fuser, synthetic=fresh, share=recipe.fuser.synthetic)
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
         return loss
@@ -283,7 +285,7 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
     def build_router(out: Path) -> None:
         from service.quality.train_router import examples_from_candidates, train
 
-        cand_items, answers = _read_candidates(cands)
+        cand_items, answers = read_candidates(cands)
         examples = examples_from_candidates(members, cand_items, answers)
         if len(examples) < 2:  # the small recipe's members may get nothing right: a router that knows nothing
             examples = examples_from_candidates(members, cand_items, answers, keep_unanswered=True)

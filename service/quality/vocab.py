@@ -99,10 +99,10 @@ def pairrm_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
-def fuser_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
-    """T5-style (text </s>) with ``<extra_id_N>`` sentinels; letter pairs are single pieces, which
-    halves the tokens a candidate word takes to copy."""
-    tok = _word_unigram(words, ["<pad>", "</s>", "<unk>"], "<unk>", bigrams=True)
+def fuser_tokenizer(words: Iterable[str], bigrams: bool = True) -> PreTrainedTokenizerFast:
+    """T5-style (text </s>) with ``<extra_id_N>`` sentinels; with ``bigrams`` letter pairs are single
+    pieces (half the tokens a candidate word takes to copy), else every letter is one."""
+    tok = _word_unigram(words, ["<pad>", "</s>", "<unk>"], "<unk>", bigrams=bigrams)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )

@@ -85,3 +85,19 @@ def test_tier_bench_runs_end_to_end_small(tmp_path: Path) -> None:
     killed = data["tier_killed"]
     assert killed["sent"] == killed["answered"] > 0 and killed["lost"] == killed["hung"] == 0, killed
     assert killed["degraded"] > 0  # the tier was gone for some of them
+
+
+def test_fusion_bench_runs_end_to_end_small(tmp_path: Path) -> None:
+    """`python -m bench.fusion` on a few prompts and steps (the checkpoints `make models` trained): every
+    variant trains and is scored beside the ranker's first choice and the top-3 oracle, and the QUALITY.md
+    section renders."""
+    out = tmp_path / "fusion.json"
+    proc = run_module("bench.fusion", "--limit", "40", "--steps", "4", "--out", str(out), timeout=600)
+    data = json.loads(out.read_text())
+    assert data["heldout"] == 4 * 8 and len(data["variants"]) == 5
+    for scores in (data["ranker_first"], data["oracle"], *(v["exact_match"] for v in data["variants"])):
+        assert set(scores) >= {"add", "capital", "reverse", "sort", "all"} and all(
+            0 <= x <= 100 for x in scores.values()
+        )
+    assert data["oracle"]["all"] >= data["ranker_first"]["all"]
+    assert "## Fusion: what was tried" in proc.stdout and "| ranker's first choice |" in proc.stdout

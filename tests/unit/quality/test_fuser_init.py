@@ -1,0 +1,57 @@
+"""The fuser's previous-token prior: with ``previous_token_bias`` the first head of the first encoder
+layer starts out looking at each token's predecessor (the first half of the copying circuit);
+without it, no head does."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from service.quality import fuser, vocab
+
+RECIPE = fuser.FuserRecipe(d_model=64, layers=2, d_ff=128, steps=1, lr=1e-3, seed=3, pieces="letters")
+
+
+def _attention_to_predecessor(recipe: fuser.FuserRecipe) -> torch.Tensor:
+    """Per head of the first encoder layer: mean attention weight on the token just before."""
+    model, tok = fuser.build(vocab.suite_words(), recipe)
+    model.config._attn_implementation = "eager"  # sdpa returns no attention weights
+    model.encoder.config._attn_implementation = "eager"
+    text = fuser.fuser_text(tok, "", "Reverse the word planet.", ["tenalp", "tenlap", "planet"])
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        att = model.encoder(input_ids=ids, output_attentions=True, return_dict=True).attentions[0][0]  # heads x q x k
+    n = ids.shape[1]
+    return torch.stack([att[h, torch.arange(1, n), torch.arange(0, n - 1)].mean() for h in range(att.shape[0])])
+
+
+def test_the_prior_makes_the_first_head_look_one_token_back() -> None:
+    plain = _attention_to_predecessor(RECIPE)
+    primed = _attention_to_predecessor(replace(RECIPE, previous_token_bias=8.0))
+    assert primed[0] > 0.9 and float(plain.max()) < 0.2, (primed, plain)
+    assert torch.allclose(primed[1:], plain[1:])  # the other heads are as they were
+
+
+def test_letters_or_letter_pairs() -> None:
+    _, letters = fuser.build(vocab.suite_words(), RECIPE)
+    _, pairs = fuser.build(vocab.suite_words(), replace(RECIPE, pieces="bigrams"))
+    assert len(letters.tokenize("tenalp")) == 6 and len(pairs.tokenize("tenalp")) == 3
+
+
+def test_synthetic_examples_are_fresh_suite_prompts_with_the_right_answer_mostly_first() -> None:
+    from itertools import islice
+
+    from service.quality import suite
+
+    first = list(islice(fuser.synthetic_examples(5), 400))
+    excluded = {first[0].input_text, first[1].input_text}
+    again = list(islice(fuser.synthetic_examples(5, exclude=excluded), 398))
+    assert not excluded & {e.input_text for e in again}
+    assert [e.input_text for e in again[:5]] == [e.input_text for e in first[2:7]]  # the same stream, less those
+    for e in first:
+        skill = "reverse" if e.input_text.startswith("Reverse the word ") else "sort"
+        assert e.input_text.startswith(("Reverse the word ", "Sort the letters "))
+        assert e.target == suite.WORD_SKILLS[skill](suite.subject(e.input_text)) and e.target in e.candidates
+    share_first = sum(e.candidates[0] == e.target for e in first) / len(first)
+    assert 0.8 < share_first < 0.97, share_first
