@@ -116,7 +116,7 @@ def section(result: dict[str, Any] | None) -> list[str]:
         "## Fusion: what was tried",
         "",
         f"GenFuser recipes on the members' real candidates (`python -m bench.fusion`, {result['date']}): the recipe's "
-        "training prompts, the last 100 of each skill held out ({result['heldout']} prompts; the other "
+        f"training prompts, the last 100 of each skill held out ({result['heldout']} prompts; the other "
         f"{result['train']} train), candidates ranked by the trained PairRM, top 3. Exact match (%) of the fused "
         "answer, 4 beams as `Blender.fuse`; each variant trained from scratch on this machine's 2 cores. The "
         "previous-token prior sets, at initialization, the first encoder layer's first head to look at the token "
