@@ -14,16 +14,14 @@ RECIPE = fuser.FuserRecipe(d_model=64, layers=2, d_ff=128, steps=1, lr=1e-3, see
 
 
 def _attention_to_predecessor(recipe: fuser.FuserRecipe) -> torch.Tensor:
-    """Per head of the first encoder layer: mean attention weight on the token just before."""
-    model, tok = fuser.build(vocab.suite_words(), recipe)
-    model.config._attn_implementation = "eager"  # sdpa returns no attention weights
-    model.encoder.config._attn_implementation = "eager"
-    text = fuser.fuser_text(tok, "", "Reverse the word planet.", ["tenalp", "tenlap", "planet"])
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    """Per head of the first encoder layer: the attention weight its position bias alone puts on the
+    token just before (mean over positions; the bias is what the prior sets, content comes on top)."""
+    model, _ = fuser.build(vocab.suite_words(), recipe)
+    n = 24
     with torch.no_grad():
-        att = model.encoder(input_ids=ids, output_attentions=True, return_dict=True).attentions[0][0]  # heads x q x k
-    n = ids.shape[1]
-    return torch.stack([att[h, torch.arange(1, n), torch.arange(0, n - 1)].mean() for h in range(att.shape[0])])
+        bias = model.encoder.block[0].layer[0].SelfAttention.compute_bias(n, n)[0]  # heads x query x key
+    weights = bias.softmax(dim=-1)
+    return torch.stack([weights[h, torch.arange(1, n), torch.arange(0, n - 1)].mean() for h in range(bias.shape[0])])
 
 
 def test_the_prior_makes_the_first_head_look_one_token_back() -> None:
