@@ -13,7 +13,7 @@ import random
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
@@ -164,26 +164,11 @@ def pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-class Schedule(Protocol):
-    """How long and how fast to train (a ``FuserRecipe``, or train-fuser's ``FineTune``)."""
-
-    @property
-    def steps(self) -> int: ...
-    @property
-    def lr(self) -> float: ...
-    @property
-    def seed(self) -> int: ...
-    @property
-    def batch(self) -> int: ...
-    @property
-    def warmup(self) -> int: ...
-
-
 def train(
     model: Any,
     tok: Any,
     examples: Sequence[FuserExample],
-    recipe: Schedule,
+    recipe: lm.Schedule,
     desc: str = "genfuser",
     synthetic: Iterator[FuserExample] | None = None,
     share: float = 0.0,

@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _fit(args: argparse.Namespace) -> Any:
-    from service.quality.train_ranker import FineTune
+    from service.quality.lm import FineTune
 
     if args.threads:
         import torch
@@ -103,7 +103,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
 def cmd_train_fuser(args: argparse.Namespace) -> int:
     from service.quality.learn import read_store
-    from service.quality.train_fuser import FineTune, fine_tune, read_examples, store_examples
+    from service.quality.lm import FineTune
+    from service.quality.train_fuser import fine_tune, read_examples, store_examples
 
     if args.threads:
         import torch

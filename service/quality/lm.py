@@ -7,11 +7,13 @@ tokens only. The same loop trains a full model, a PEFT LoRA and a PEFT prompt-tu
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -97,6 +99,58 @@ def batches(tok: Any, stream: Iterator[Example], batch_size: int) -> Iterator[di
     """Endless training batches from an example stream."""
     while True:
         yield collate([encode(tok, next(stream)) for _ in range(batch_size)], tok.pad_token_id)
+
+
+T = TypeVar("T")
+
+
+class Schedule(Protocol):
+    """How long and how fast to train (a recipe from scratch, or a fine-tune of a checkpoint)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def warmup(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """A fine-tune's schedule (train-ranker, train-fuser, retrain-ranker)."""
+
+    steps: int = 300
+    lr: float = 3e-5
+    seed: int = 0
+    batch: int = 16
+    warmup: int = 30
+
+
+def read_jsonl(path: Path, parse: Callable[[Any], list[T]]) -> tuple[list[T], list[tuple[int, str]]]:
+    """What ``parse`` makes of every good line, and (line number, why) for each bad one (``parse``
+    raises ValueError for a line it cannot use)."""
+    got: list[T] = []
+    bad: list[tuple[int, str]] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, text in enumerate(f, start=1):
+            if text.strip():
+                try:
+                    got += parse(json.loads(text))
+                except ValueError as e:
+                    bad.append((number, str(e).split("\n")[0]))
+    return got, bad
+
+
+def split_by(items: Sequence[T], key: Callable[[T], Hashable], heldout: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held out) with a ``heldout`` share of the keys aside: no key has items on both sides."""
+    keys = sorted({key(i) for i in items}, key=str)
+    random.Random(seed).shuffle(keys)
+    keep = set(keys[: round(len(keys) * heldout)]) if len(keys) > 1 else set()
+    return [i for i in items if key(i) not in keep], [i for i in items if key(i) in keep]
 
 
 def schedule(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -22,21 +22,6 @@ from service.quality import lm, vocab
 
 SOURCE_MAX = 1224
 CANDIDATE_MAX = 412
-
-
-class Fit(Protocol):
-    """How a PairRM is trained (a recipe from scratch, or a fine-tune of a checkpoint)."""
-
-    @property
-    def steps(self) -> int: ...
-    @property
-    def lr(self) -> float: ...
-    @property
-    def seed(self) -> int: ...
-    @property
-    def batch(self) -> int: ...
-    @property
-    def warmup(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -109,7 +94,7 @@ def _batch(rows: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def train(model: Any, tok: Any, pairs: Sequence[Pair], recipe: Fit, desc: str = "pairrm") -> float:
+def train(model: Any, tok: Any, pairs: Sequence[Pair], recipe: lm.Schedule, desc: str = "pairrm") -> float:
     """Pairwise logistic training on both orders of each pair; returns the mean loss of the last 20 steps."""
     rows = []
     for p in pairs:

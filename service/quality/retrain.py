@@ -16,7 +16,8 @@ import yaml
 
 from service.config import load_config
 from service.quality.learn import CHRF_THRESHOLD, gather_pairs, read_store
-from service.quality.train_ranker import FineTune, fine_tune_pairs
+from service.quality.lm import FineTune
+from service.quality.train_ranker import fine_tune_pairs
 
 
 @dataclass(frozen=True)

@@ -11,24 +11,13 @@ fused texts on them, decoded as ``Blender.fuse`` decodes, are measured before an
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.quality import fuser
+from service.quality import fuser, lm
+from service.quality.lm import FineTune
 from service.quality.suite import normalize
-
-
-@dataclass(frozen=True)
-class FineTune:
-    steps: int = 300
-    lr: float = 1e-4
-    seed: int = 0
-    batch: int = 16
-    warmup: int = 30
 
 
 def _example(obj: Any) -> fuser.FuserExample:
@@ -45,16 +34,7 @@ def _example(obj: Any) -> fuser.FuserExample:
 
 def read_examples(path: Path) -> tuple[list[fuser.FuserExample], list[tuple[int, str]]]:
     """The examples of every good line, and (line number, why) for each bad one."""
-    examples: list[fuser.FuserExample] = []
-    bad: list[tuple[int, str]] = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, text in enumerate(f, start=1):
-            if text.strip():
-                try:
-                    examples.append(_example(json.loads(text)))
-                except ValueError as e:
-                    bad.append((number, str(e).split("\n")[0]))
-    return examples, bad
+    return lm.read_jsonl(path, lambda obj: [_example(obj)])
 
 
 def store_examples(
@@ -84,13 +64,7 @@ def split(
     examples: Sequence[fuser.FuserExample], heldout: float, seed: int
 ) -> tuple[list[fuser.FuserExample], list[fuser.FuserExample]]:
     """(train, held out), by input: no input has examples on both sides."""
-    inputs = sorted({e.instruction + "\n" + e.input_text for e in examples})
-    random.Random(seed).shuffle(inputs)
-    keep = set(inputs[: round(len(inputs) * heldout)]) if len(inputs) > 1 else set()
-    return (
-        [e for e in examples if e.instruction + "\n" + e.input_text not in keep],
-        [e for e in examples if e.instruction + "\n" + e.input_text in keep],
-    )
+    return lm.split_by(examples, lambda e: e.instruction + "\n" + e.input_text, heldout, seed)
 
 
 def scores(model: Any, tok: Any, examples: Sequence[fuser.FuserExample]) -> dict[str, float] | None:

@@ -9,25 +9,14 @@ logit against the rejected one's, both orders, as llm-blender compares) is measu
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from service.quality import ranker
-
-
-@dataclass(frozen=True)
-class FineTune:
-    steps: int = 300
-    lr: float = 3e-5
-    seed: int = 0
-    batch: int = 16
-    warmup: int = 30
+from service.quality import lm, ranker
+from service.quality.lm import FineTune
 
 
 def _pairs(obj: Any) -> list[ranker.Pair]:
@@ -54,24 +43,12 @@ def _pairs(obj: Any) -> list[ranker.Pair]:
 
 def read_preferences(path: Path) -> tuple[list[ranker.Pair], list[tuple[int, str]]]:
     """The pairs of every good line, and (line number, why) for each bad one."""
-    pairs: list[ranker.Pair] = []
-    bad: list[tuple[int, str]] = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, text in enumerate(f, start=1):
-            if text.strip():
-                try:
-                    pairs += _pairs(json.loads(text))
-                except ValueError as e:
-                    bad.append((number, str(e).split("\n")[0]))
-    return pairs, bad
+    return lm.read_jsonl(path, _pairs)
 
 
 def split(pairs: Sequence[ranker.Pair], heldout: float, seed: int) -> tuple[list[ranker.Pair], list[ranker.Pair]]:
     """(train, held out), by source: no source has pairs on both sides."""
-    sources = sorted({p.source for p in pairs})
-    random.Random(seed).shuffle(sources)
-    keep = set(sources[: round(len(sources) * heldout)]) if len(sources) > 1 else set()
-    return [p for p in pairs if p.source not in keep], [p for p in pairs if p.source in keep]
+    return lm.split_by(pairs, lambda p: p.source, heldout, seed)
 
 
 @torch.no_grad()

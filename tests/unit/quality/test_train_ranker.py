@@ -66,7 +66,8 @@ def test_the_first_choice_over_held_out_lists_follows_the_training(tmp_path: Pat
     """``fine_tune_pairs`` scores held-out candidate lists as the ensemble uses the ranker: the
     tuned ranker puts the preferred text first where the random one need not."""
     from service.quality.learn import Choice
-    from service.quality.train_ranker import FineTune, fine_tune_pairs
+    from service.quality.lm import FineTune
+    from service.quality.train_ranker import fine_tune_pairs
 
     make_pairrm(tmp_path / "pairrm")
     pairs, _ = read_preferences(preferences(tmp_path / "p.jsonl"))
