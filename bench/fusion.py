@@ -37,7 +37,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("letter pairs + previous-token prior, 300 steps", {**BEFORE, "previous_token_bias": 8.0}),
     ("letters + prior, 300 steps", {**BEFORE, "pieces": "letters", "previous_token_bias": 8.0}),
     ("letters + prior, 600 steps", {"synthetic": 0.0}),
-    ("letters + prior, 600 steps, half of each batch synthetic (the recipe)", {}),
+    ("letters + prior, 600 steps, half of each batch synthetic", {"induction_prior": 0.0}),
+    ("+ the induction prior (the recipe)", {}),
 ]
 
 

@@ -141,6 +141,7 @@ def default_recipe() -> Recipe:
             seed=11,
             pieces="letters",
             previous_token_bias=8.0,
+            induction_prior=3.0,
             synthetic=0.5,
         ),
     )

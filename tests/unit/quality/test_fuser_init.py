@@ -53,3 +53,43 @@ def test_synthetic_examples_are_fresh_suite_prompts_with_the_right_answer_mostly
         assert e.target == suite.WORD_SKILLS[skill](suite.subject(e.input_text)) and e.target in e.candidates
     share_first = sum(e.candidates[0] == e.target for e in first) / len(first)
     assert 0.8 < share_first < 0.97, share_first
+
+
+def _induction_hits(recipe: fuser.FuserRecipe) -> float:
+    """At initialization, the share of decoder steps (teacher-forced on synthetic examples) whose first
+    cross-attention head scores highest a source token whose two predecessors are the decoder's previous
+    and current tokens: what an induction head on two tokens of context does. The head's scores are
+    computed from the inputs the model hands it."""
+    from itertools import islice
+
+    model, tok = fuser.build(vocab.suite_words(), recipe)
+    cross = model.decoder.block[0].layer[1].EncDecAttention
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_module: object, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor], _out: object) -> None:
+        seen["query"] = args[0] if args else kwargs["hidden_states"]
+        seen["source"] = kwargs["key_value_states"]
+
+    handle = cross.register_forward_hook(keep, with_kwargs=True)
+    hits = total = 0
+    try:
+        for ex in islice(fuser.synthetic_examples(7), 40):
+            src, tgt = fuser.encode(tok, ex)
+            with torch.no_grad():
+                model(input_ids=torch.tensor([src]), labels=torch.tensor([tgt]))
+                width = model.config.d_kv
+                scores = cross.q(seen["query"])[0, :, :width] @ cross.k(seen["source"])[0, :, :width].T
+            decoder_in = [tok.pad_token_id, *tgt[:-1]]
+            for t in range(2, len(tgt)):
+                best = int(scores[t].argmax())
+                hits += best > 1 and src[best - 2 : best] == decoder_in[t - 1 : t + 1]
+                total += 1
+    finally:
+        handle.remove()
+    return hits / total
+
+
+def test_the_induction_prior_makes_the_first_cross_attention_head_look_for_the_current_token_s_successor() -> None:
+    primed = replace(RECIPE, d_model=128, d_ff=256, previous_token_bias=8.0)
+    assert _induction_hits(replace(primed, induction_prior=3.0)) > 0.8
+    assert _induction_hits(primed) < 0.1
