@@ -31,14 +31,16 @@ OUT = ROOT / "bench" / "results" / "fusion.json"
 HELD_OUT = 100  # per skill
 
 # (label, changes to the recipe's FuserRecipe)
-BEFORE = {"pieces": "bigrams", "previous_token_bias": 0.0, "steps": 300, "synthetic": 0.0}
+BEFORE = {"pieces": "bigrams", "previous_token_bias": 0.0, "induction_prior": 0.0, "steps": 300, "synthetic": 0.0}
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("before issue 25: letter pairs, 300 steps", BEFORE),
     ("letter pairs + previous-token prior, 300 steps", {**BEFORE, "previous_token_bias": 8.0}),
     ("letters + prior, 300 steps", {**BEFORE, "pieces": "letters", "previous_token_bias": 8.0}),
-    ("letters + prior, 600 steps", {"synthetic": 0.0}),
+    ("letters + prior, 600 steps", {"synthetic": 0.0, "induction_prior": 0.0}),
     ("letters + prior, 600 steps, half of each batch synthetic", {"induction_prior": 0.0}),
-    ("+ the induction prior on two tokens of context (the recipe)", {}),
+    ("letters + prior + induction prior, 600 steps, no synthetic", {"synthetic": 0.0}),
+    ("letters + prior + induction prior, 300 steps, half synthetic", {"steps": 300}),
+    ("letters + prior + induction prior, 600 steps, half synthetic (the recipe)", {}),
 ]
 
 
@@ -101,8 +103,9 @@ def variant(d: dict[str, Any], label: str, changes: dict[str, Any], steps: int |
     seconds = time.perf_counter() - start
     fused = fuser.fuse(model, tok, d["test"])
     hits = [suite.normalize(f) == suite.normalize(e.target) for f, e in zip(fused, d["test"], strict=True)]
-    row = {"label": label, "steps": recipe.steps, "synthetic": recipe.synthetic, "seconds": round(seconds, 1),
-           "final_loss": round(loss, 3), "exact_match": _per_skill(d["tags"], hits)}  # fmt: skip
+    row = {"label": label, "recipe": not changes, "steps": recipe.steps, "synthetic": recipe.synthetic,
+           "seconds": round(seconds, 1), "final_loss": round(loss, 3),
+           "exact_match": _per_skill(d["tags"], hits)}  # fmt: skip
     logger.info("%s", row)
     return row
 
@@ -142,7 +145,7 @@ def section(result: dict[str, Any] | None) -> list[str]:
             + " | ".join(f"{em[k]:.1f}" for k in skills)
             + f" | {em['all']:.1f} | {row['steps']} steps, {row['seconds']:.0f} s, loss {row['final_loss']:.2f} |"
         )
-    recipe = result["variants"][-1]["exact_match"]
+    recipe = next((r for r in result["variants"] if r.get("recipe")), result["variants"][-1])["exact_match"]
     short = {k: result["ranker_first"][k] - recipe[k] for k in skills if result["ranker_first"][k] - recipe[k] > 2.0}
     verdict = (
         "The recipe's fuser is within 2 points of the ranker's first choice on every skill."

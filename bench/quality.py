@@ -36,10 +36,17 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
     gain = em["ensemble (policy)"] - em["best single member"]
     share = em["ranker first"] / em["oracle"] if em["oracle"] else 0.0
     fusion_gap = em["fused (always)"] - em["ranker first"]
+    # Issue 25: fusion always on within 2 points of the ranker's first choice on every skill.
+    per_skill = [
+        report["scores"][tag]["ranker first"]["exact_match"] - report["scores"][tag]["fused (always)"]["exact_match"]
+        for tag in report["tags"]
+    ]
+    worst = max(per_skill, default=0.0)
     return {
         "ensemble_gain_points": {"value": round(gain, 2), "goal": GAIN_POINTS, "met": gain >= GAIN_POINTS},
         "ranker_share_of_oracle": {"value": round(share, 3), "goal": RANKER_SHARE, "met": share >= RANKER_SHARE},
         "fusion_minus_ranker_points": {"value": round(fusion_gap, 2), "goal": 0.0, "met": fusion_gap >= 0},
+        "fusion_worst_skill_shortfall_points": {"value": round(worst, 2), "goal": 2.0, "met": worst <= 2.0},
     }
 
 
@@ -126,18 +133,29 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
             f"at best {top['exact_match']:.1f}% (margin {top['margin']:g}, fusing {100 - top['skip_rate']:.1f}% "
             "of the requests)."
         )
-    lines += [
-        "",
-    ]
-    if not g["fusion_minus_ranker_points"]["met"]:
+    fusion_met = g["fusion_minus_ranker_points"]["met"] and g["fusion_worst_skill_shortfall_points"]["met"]
+    lines.append(
+        f"- Fusion per skill: at worst {g['fusion_worst_skill_shortfall_points']['value']:.1f} points under the "
+        f"ranker's first choice (goal: within 2 on every skill: {verdict('fusion_worst_skill_shortfall_points')})."
+    )
+    lines += [""]
+    if fusion_met:
+        lines += [
+            "Why fusion now holds its own: the fuser is a 2+2-layer T5 (d_model 128) trained for about two minutes, "
+            "and copying a word or a number piece by piece from the right candidate is what it must do; a "
+            "transformer this small learns to copy only after many steps, so the recipe wires the copying circuit "
+            "in at initialization (an induction head on two letters of context that prefers candidate 0) and "
+            'trains on fresh synthetic examples beside the members\' answers ("Fusion: what was tried" below). '
+            "On these skills a candidate is right or wrong as a whole, so fusing can at best copy the right one.",
+            "",
+        ]
+    else:
         lines += [
             "Why fusion loses here: the fuser is a 2+2-layer T5 (d_model 128) trained for about two minutes. "
             "Copying a word or a number piece by piece from the right candidate is what it must learn, and a "
-            "transformer this small learns to copy only after many steps; the recipe now starts it with half of "
-            "the copying circuit (a previous-token prior) and trains it on fresh synthetic examples beside the "
-            "members' answers, which lifts held-out fusion on the recipe's candidates from 31.0% to 75.8% "
-            "(\"Fusion: what was tried\" below), still under the ranker. So the demo's policy is the ranker's "
-            "first choice (`fusion: never`), and `fused` is the ensemble with fusion always on.",
+            "transformer this small learns to copy only after many steps; the recipe wires the copying circuit in "
+            "at initialization and trains on fresh synthetic examples beside the members' answers (\"Fusion: what "
+            'was tried" below), still under the ranker here.',
             "",
         ]
     lines += [

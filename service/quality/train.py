@@ -235,15 +235,6 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         else:
             build = functools.partial(train_adapter, member, root / member.base, exclude=exclude, desc=name)
             steps.run(name, spec, [member.base], build)
-    for name, variant in recipe.variants.items():
-        spec = {"member": asdict(variant), **spec_exclude}
-        if isinstance(variant, FineTuneRecipe):
-            build = functools.partial(train_finetune, variant, root / variant.base, exclude=exclude, desc=name)
-        elif isinstance(variant, LibraryAdapterRecipe):
-            build = functools.partial(train_library_adapter, variant, root / variant.base, exclude=exclude, desc=name)
-        else:
-            build = functools.partial(train_adapter, variant, root / variant.base, exclude=exclude, desc=name)
-        steps.run(name, spec, [variant.base], build)
     members = list(recipe.members)
     items = suite.training_items(recipe.candidates.seed, recipe.candidates.per_skill, exclude=exclude)
     cands = steps.run(
@@ -292,5 +283,15 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         train(examples, str(ranker_dir), out, kind="auto")
 
     steps.run("router", {"router": {"kind": "auto", "k": 16, "heldout": 0.2}}, [CANDIDATES, "pairrm"], build_router)
+    # The variants last: the default ensemble (members, ranker, fuser, router) does not wait for them.
+    for name, variant in recipe.variants.items():
+        spec = {"member": asdict(variant), **spec_exclude}
+        if isinstance(variant, FineTuneRecipe):
+            build = functools.partial(train_finetune, variant, root / variant.base, exclude=exclude, desc=name)
+        elif isinstance(variant, LibraryAdapterRecipe):
+            build = functools.partial(train_library_adapter, variant, root / variant.base, exclude=exclude, desc=name)
+        else:
+            build = functools.partial(train_adapter, variant, root / variant.base, exclude=exclude, desc=name)
+        steps.run(name, spec, [variant.base], build)
     _write_manifest(root, small, steps)
     return steps.report

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import fusion
 from bench.report import BEGIN, END, GOALS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,8 @@ def test_fusion_bench_runs_end_to_end_small(tmp_path: Path) -> None:
     out = tmp_path / "fusion.json"
     proc = run_module("bench.fusion", "--limit", "40", "--steps", "4", "--out", str(out), timeout=600)
     data = json.loads(out.read_text())
-    assert data["heldout"] == 4 * 8 and len(data["variants"]) == 5
+    assert data["heldout"] == 4 * 8 and len(data["variants"]) == len(fusion.VARIANTS)
+    assert [v["recipe"] for v in data["variants"]].count(True) == 1
     for scores in (data["ranker_first"], data["oracle"], *(v["exact_match"] for v in data["variants"])):
         assert set(scores) >= {"add", "capital", "reverse", "sort", "all"} and all(
             0 <= x <= 100 for x in scores.values()
