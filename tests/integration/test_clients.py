@@ -37,14 +37,17 @@ def expected(demo: Gateway) -> dict[str, Any]:
     r: dict[str, Any] = httpx.post(
         f"{demo.url}/generate", json={"prompt": Q, "return_candidates": True}, timeout=120
     ).json()
-    assert r["output"] == "85" and not r["fused"], r
+    assert r["output"] == "85" and r["fused"], r  # the demo fuses (fusion: always)
     return r
 
 
 def test_openai_chat_plain_and_streamed(oa: openai.OpenAI, expected: dict[str, Any]) -> None:
     top = expected["candidates"][0]["member"]
-    out = oa.chat.completions.create(model="demo", messages=ASK)
-    assert out.choices[0].message.content == "85" and out.model == "demo"
+    fused = oa.chat.completions.create(model="demo", messages=ASK)
+    assert fused.choices[0].message.content == "85" and fused.model == "demo"
+    # The unfused answer's usage (rank-only: the top candidate; a fused one is counted by the fuser, below).
+    out = oa.chat.completions.create(model="rank-only", messages=ASK)
+    assert out.choices[0].message.content == "85" and out.model == "rank-only"
     assert out.usage is not None
     members = out.usage.model_extra["members"]  # type: ignore[index]
     assert set(members) == {c["member"] for c in expected["candidates"]}
@@ -53,7 +56,7 @@ def test_openai_chat_plain_and_streamed(oa: openai.OpenAI, expected: dict[str, A
     assert out.usage.completion_tokens < sum(m["completion_tokens"] for m in members.values())
     chunks = list(
         oa.chat.completions.create(
-            model="demo",
+            model="rank-only",
             messages=ASK,
             stream=True,
             stream_options={"include_usage": True},
@@ -135,7 +138,7 @@ def test_langchain_chat_openai_invoke_and_stream(demo: Gateway) -> None:
 def test_vllm_benchmark_client(demo: Gateway, trained_models: Path, tmp_path: Path) -> None:
     """`vllm bench serve`, openai-chat backend (streaming, include_usage, ignore_eos), as vLLM's users run it."""
     cmd = [sys.executable, "-m", "bench.vllm_bench", "--backend", "openai-chat", "--base-url", demo.url]
-    cmd += ["--endpoint", "/v1/chat/completions", "--model", "demo", "--tokenizer", str(trained_models / "base-a")]
+    cmd += ["--endpoint", "/v1/chat/completions", "--model", "rank-only", "--tokenizer", str(trained_models / "base-a")]
     cmd += ["--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "4", "--num-prompts", "8"]
     cmd += ["--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json", "--disable-tqdm"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
