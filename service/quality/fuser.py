@@ -8,6 +8,7 @@ Decoding is llm-blender's: 4 beams, ``CANDIDATE_MAX`` new tokens, special tokens
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Collection, Iterator, Sequence
@@ -182,11 +183,6 @@ def _look_back(attention: Any, distances: range, head: int, bias: float) -> None
             attention.relative_attention_bias.weight[bucket, head] += bias
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = v / v.norm()
-    return out
-
-
 def _induction_prior(model: Any, tok: Any, gain: float, bias: float, seed: int) -> None:
     """Wire an induction circuit on two tokens of context, which prefers candidate 0, into the first
     layers at initialization.
@@ -211,7 +207,7 @@ def _induction_prior(model: Any, tok: Any, gain: float, bias: float, seed: int) 
     config = model.config
     width, half = config.d_kv, config.d_kv // 2
     if 4 * width > config.d_model or config.num_heads < 3:
-        raise ValueError("the induction prior needs four d_kv-wide subspaces of d_model (num_heads >= 4)")
+        raise ValueError("the induction prior needs num_heads >= 3 and four d_kv-wide subspaces of d_model")
     generator = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(config.d_model, 4 * width, generator=generator))
     read, prev, prev2, mine = (basis[:, i * width : (i + 1) * width].T for i in range(4))  # (d_kv, d_model)
@@ -222,16 +218,17 @@ def _induction_prior(model: Any, tok: Any, gain: float, bias: float, seed: int) 
     _look_back(decoder, range(1, 2), 0, bias)
     _look_back(encoder, range(1, SEGMENT_WINDOW + 1), 2, SEGMENT_BIAS)
     embedding = model.shared.weight.detach()
+    unit = functools.partial(torch.nn.functional.normalize, dim=0)
 
     def marker(i: int) -> torch.Tensor:
         ids = [tok.convert_tokens_to_ids(t) for t in (f"<extra_id_{i}>", f"▁{i}")]
-        return sum((_unit(embedding[t]) for t in ids if t != tok.unk_token_id), torch.zeros(config.d_model))
+        return sum((unit(embedding[t]) for t in ids if t != tok.unk_token_id), torch.zeros(config.d_model))
 
-    towards = _unit(marker(0) - (marker(1) + marker(2)) / 2)
+    towards = unit(marker(0) - (marker(1) + marker(2)) / 2)
     start, segment = prev[width - 1], mine[width - 1]
     heads = [slice(h * width, (h + 1) * width) for h in range(3)]
     with torch.no_grad():
-        for head, into in zip(heads, (prev, prev2), strict=False):
+        for head, into in zip(heads[:2], (prev, prev2), strict=True):
             encoder.v.weight[head] = read
             encoder.o.weight[:, head] = INDUCTION_WRITE * into.T
         decoder.v.weight[heads[0]] = read
@@ -241,7 +238,7 @@ def _induction_prior(model: Any, tok: Any, gain: float, bias: float, seed: int) 
         encoder.o.weight[:, heads[2]] = 0.0
         encoder.o.weight[:, 2 * width] = SEGMENT_WRITE * segment
         decoder.v.weight[heads[1]] = 0.0
-        decoder.v.weight[width] = _unit(embedding[tok.pad_token_id])
+        decoder.v.weight[width] = unit(embedding[tok.pad_token_id])
         decoder.o.weight[:, heads[1]] = 0.0
         decoder.o.weight[:, width] = start
         decoder.relative_attention_bias.weight[:, 1] = SEGMENT_FAR * torch.arange(config.relative_attention_num_buckets)
