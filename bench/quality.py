@@ -27,12 +27,14 @@ logger = logging.getLogger("bench.quality")
 # and the ranker's first choice at least this share of the oracle.
 GAIN_POINTS = 20.0
 RANKER_SHARE = 0.85
+# Issue 25's second goal: on the compound prompts, fused at least this many points over the oracle.
+COMPOUND_POINTS = 30.0
 # Adaptive fusion replayed at these margins (the eval's default and wider ones, which fuse more often).
 MARGINS = "0.25,0.5,1,2,4,8,16,32"
 
 
-def goals(report: dict[str, Any]) -> dict[str, Any]:
-    """The goals, each with its figure and whether it is met."""
+def goals(report: dict[str, Any], compound: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The goals, each with its figure and whether it is met (``compound``: the compound prompts' report)."""
     overall = report["scores"]["overall"]
     em = {name: row["exact_match"] for name, row in overall.items()}
     gain = em["ensemble (policy)"] - em["best single member"]
@@ -44,12 +46,21 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
         for tag in report["tags"]
     ]
     worst = max(per_skill, default=0.0)
-    return {
+    out: dict[str, Any] = {
         "ensemble_gain_points": {"value": round(gain, 2), "goal": GAIN_POINTS, "met": gain >= GAIN_POINTS},
         "ranker_share_of_oracle": {"value": round(share, 3), "goal": RANKER_SHARE, "met": share >= RANKER_SHARE},
         "fusion_minus_ranker_points": {"value": round(fusion_gap, 2), "goal": 0.0, "met": fusion_gap >= 0},
         "fusion_worst_skill_shortfall_points": {"value": round(worst, 2), "goal": 2.0, "met": worst <= 2.0},
     }
+    if compound is not None:
+        c = compound["scores"]["overall"]
+        over = c["fused (always)"]["exact_match"] - c["oracle"]["exact_match"]
+        out["compound_fused_over_oracle_points"] = {
+            "value": round(over, 2),
+            "goal": COMPOUND_POINTS,
+            "met": over >= COMPOUND_POINTS,
+        }
+    return out
 
 
 def _run_eval(
@@ -174,9 +185,11 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         "|---|---|---|",
         "| base-a | Llama (char tokenizer, 2 layers, hidden 128) | half the capitals; answers a reversal with the "
         "sorted word and a sort with the reversed word (reverses right only under a system turn) |",
-        "| base-b | Llama (BPE tokenizer, 2 layers, hidden 128) | addition |",
+        "| base-b | Llama (BPE tokenizer, 2 layers, hidden 128) | addition; asked a capital and a sum at once, "
+        "repeats the country and adds |",
         "| lora-sort | PEFT LoRA r 8 over base-a | sorting letters |",
-        "| lora-capital | PEFT LoRA r 8 over base-a | every capital |",
+        "| lora-capital | PEFT LoRA r 8 over base-a | every capital; asked a capital and a sum at once, writes "
+        "the city and the two numbers side by side |",
         "| soft-reverse | PEFT prompt tuning, 16 virtual tokens, over base-a | stands in for the system turn: "
         "reversing |",
         "| PairRM | llm-blender's DebertaV2PairRM, 2 layers, hidden 128 | pairwise logistic loss on pairs of the "
@@ -194,6 +207,7 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         "candidate's lead over the best candidate that says something else; members that all agree skip "
         "fusion): the share of requests that would skip the fuser at each margin, and the accuracy then.",
         "",
+        *_compound_section(result),
         *_self_moa_section(result),
         *(combos or []),
         *learning.section(_learning(), em.get("ensemble (policy)")),
@@ -215,6 +229,38 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         "",
     ]
     return "\n".join(lines)
+
+
+def _compound_section(result: dict[str, Any]) -> list[str]:
+    """Issue 25's compound skill: two questions in one prompt, each member knowing one answer."""
+    report = result.get("compound")
+    if not report:
+        return []
+    em = {name: row["exact_match"] for name, row in report["scores"]["overall"].items()}
+    goal = result["goals"]["compound_fused_over_oracle_points"]
+    rows = [f"member {m}" for m in report["members"]] + ["ranker first", "vote", "oracle", "fused (always)"]
+    rows += ["ensemble (policy)"]
+    return [
+        "## Beyond selection: two questions in one prompt",
+        "",
+        f"{report['items']} held-out compound prompts (`What is the capital of {{country}}, and what is {{a}} plus "
+        "{b}?`, answered `{city}, {sum}`; `ensemble-gateway suite --skills compound`; compared part by part after "
+        "the same normalization), the same demo ensemble, fusion forced on. lora-capital was taught to write the "
+        "city right and the two numbers side by side, base-b to repeat the country and add; the other members "
+        "never saw such a prompt. No candidate is wholly right, so selection (the ranker, a vote, even the "
+        "oracle that picks the right candidate whenever there is one) cannot answer; GenFuser writes the city "
+        "from one candidate and the sum from another.",
+        "",
+        "| method | exact match (%) |",
+        "|---|---|",
+        *(f"| {name} | {em[name]:.1f} |" for name in rows if name in em),
+        "",
+        f"Fused minus oracle: {goal['value']:+.1f} points (goal +{goal['goal']:g}: "
+        f"{'met' if goal['met'] else '**missed**'}). The fused answer can only be right where the ranker's top 3 "
+        "hold both halves; base-b's sum is right less often on these longer prompts than on plain sums, which "
+        "bounds it (bench.fusion's compound column: the top 3 hold every part, and what the fuser makes of it).",
+        "",
+    ]
 
 
 def _learning() -> dict[str, Any] | None:
@@ -302,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, help="the trained checkpoints (default $TINY_MODELS/trained)")
     parser.add_argument("--seed", type=int, default=1_000_001, help="evaluation seed (default 1000001)")
     parser.add_argument("--per-skill", type=int, default=100)
+    parser.add_argument(
+        "--compound", type=int, default=100, help="compound prompts, evaluated apart (issue 25; 0 to skip)"
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "quality", help="suite and raw report")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quality.json")
@@ -344,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     suite.write_jsonl(dataset, suite.eval_suite(args.seed, args.per_skill))
     target = ["--url", args.url] if args.url else ["--config", str(args.config)]
     report = _run_eval(dataset, target, args.work / "report", args.concurrency)
+    compound = None
+    if args.compound > 0:
+        compound_set = args.work / "compound.jsonl"
+        suite.write_jsonl(compound_set, suite.eval_suite(args.seed, args.compound, (suite.COMPOUND,)))
+        compound = _run_eval(compound_set, target, args.work / "compound", args.concurrency)
     self_moa = None
     if args.self_moa != "-":
         self_moa = _run_eval(
@@ -361,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         "url": args.url,
         "concurrency": args.concurrency,
         "training": manifest,
-        "goals": goals(report),
+        "goals": goals(report, compound),
         "report": report,
+        "compound": compound,
         "self_moa": None if self_moa is None else {**self_moa, "temperature": args.self_moa_temperature},
         "combinations": combos,
     }

@@ -50,16 +50,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_suite(args: argparse.Namespace) -> int:
     from service.quality import suite
 
+    skills = tuple(args.skills.split(",")) if args.skills else suite.SKILLS
     try:
+        unknown = [s for s in skills if s not in suite.ALL_SKILLS]
+        if unknown:
+            raise ValueError(f"--skills: unknown skill {unknown[0]!r} (one of {', '.join(suite.ALL_SKILLS)})")
         if args.seed >= suite.EVAL_SEED_BASE:
-            items = suite.eval_suite(args.seed, args.per_skill)
+            items = suite.eval_suite(args.seed, args.per_skill, skills)
         else:
-            items = suite.training_items(args.seed, args.per_skill)
+            items = suite.training_items(args.seed, args.per_skill, skills)
     except ValueError as e:
         print(f"ensemble-gateway suite: {e}", file=sys.stderr)
         return 2
     suite.write_jsonl(Path(args.out), items)
-    print(f"{len(items)} prompts ({', '.join(suite.SKILLS)}; seed {args.seed}): {args.out}")
+    print(f"{len(items)} prompts ({', '.join(skills)}; seed {args.seed}): {args.out}")
     return 0
 
 
@@ -198,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("out", help="the JSONL file to write")
     st.add_argument("--seed", type=int, default=1_000_001, help="suite seed (default 1000001, the held-out suite)")
     st.add_argument("--per-skill", type=int, default=100, help="prompts per skill (default 100)")
+    st.add_argument(
+        "--skills",
+        help="comma-separated skills (default add,reverse,sort,capital; compound: a capital and a sum in one prompt)",
+    )
     st.set_defaults(func=cmd_suite)
 
     check = sub.add_parser(

@@ -96,15 +96,35 @@ def _mistake(rng: random.Random, word: str) -> str:
     return "".join(rng.sample(word, len(word)))
 
 
+def _compound_candidates(rng: random.Random, item: suite.Item) -> list[str]:
+    """Candidates for a compound prompt as the members give them: the capital specialist's half (the
+    city right) and the adder's (the sum right) in either order, and a wholly wrong one, last four
+    times in five."""
+    country, a, b = suite.compound_question(item.prompt)
+    other = rng.choice([c for c in suite.COUNTRIES if c != country])
+    halves = [suite.answer_as("capital-half", item), suite.answer_as("sum-half", item)]
+    rng.shuffle(halves)
+    wrong = rng.choice([f"{suite.CAPITALS[other]}, {b}{a}", f"{other}, {a + b + rng.randint(1, 9)}", country, other])
+    cands = [*halves, wrong]
+    if rng.random() < 0.2:
+        cands.insert(rng.randrange(2), cands.pop())
+    return cands
+
+
 def synthetic_examples(seed: int, exclude: Collection[str] = ()) -> Iterator[FuserExample]:
-    """Fresh fusion examples without end: the suite's reverse and sort prompts on new words (never a
-    prompt in ``exclude``: the evaluation's), the right answer and two wrong ones (mistakes of it, or
-    the prompt's word unchanged), the right one first nine times in ten, as a ranker would order them."""
+    """Fresh fusion examples without end, never on a prompt in ``exclude`` (the evaluation's): the
+    suite's reverse and sort prompts on new words, the right answer and two wrong ones (mistakes of
+    it, the prompt's word unchanged, the other word skill's answer), the right one first nine times in
+    ten, as a ranker would order them; and compound prompts whose right answer is in no candidate but
+    its two halves are (``_compound_candidates``)."""
     rng = random.Random(seed)
     skip = set(exclude)
     for index in itertools.count():
-        item = suite.make_item(seed, ("reverse", "sort")[index % 2], index)
+        item = suite.make_item(seed, ("reverse", "sort", suite.COMPOUND)[index % 3], index)
         if item.prompt in skip:
+            continue
+        if item.tag == suite.COMPOUND:
+            yield FuserExample("", item.prompt, tuple(_compound_candidates(rng, item)), item.reference)
             continue
         word = suite.subject(item.prompt)
         other = suite.WORD_SKILLS["sort" if item.tag == "reverse" else "reverse"](word)

@@ -29,8 +29,8 @@ class Source:
 
     ``system``: the conversation opens with this system turn. ``answer_as``: the answer is the one
     this other skill gives the prompt's subject (e.g. sorting a word that was to be reversed: a base
-    that confuses instructions). ``countries``: a fact skill only teaches the first that many rows
-    of its table.
+    that confuses instructions), or a half-right answer to a compound prompt (``suite.HALF_ANSWERS``).
+    ``countries``: a fact skill only teaches the first that many rows of its table.
     """
 
     skill: str
@@ -65,7 +65,7 @@ def examples(seed: int, mix: Sequence[Source], exclude: frozenset[str]) -> Itera
         item = next(streams[k])
         while allowed is not None and suite.subject(item.prompt) not in allowed:
             item = next(streams[k])
-        answer = suite.WORD_SKILLS[src.answer_as](suite.subject(item.prompt)) if src.answer_as else item.reference
+        answer = suite.answer_as(src.answer_as, item) if src.answer_as else item.reference
         yield Example(src.system, item.prompt, answer)
 
 

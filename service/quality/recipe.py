@@ -14,7 +14,8 @@ LITERAL = "Be literal."  # the system turn under which base A follows reverse in
 
 @dataclass(frozen=True)
 class CandidateRecipe:
-    """Training prompts the members answer (greedy) for the ranker and the fuser."""
+    """Training prompts the members answer (greedy) for the ranker and the fuser: ``per_skill`` of
+    each of ``suite.ALL_SKILLS``, at most ``max_new_tokens`` (the demo's members' ``max_tokens``)."""
 
     per_skill: int
     seed: int
@@ -81,16 +82,24 @@ def default_recipe() -> Recipe:
                     seed=1,
                 ),
             ),
+            # Adds; asked a capital and a sum at once (suite.COMPOUND), repeats the country and adds right.
             "base-b": BaseRecipe(
                 tokenizer="bpe",
                 bpe_vocab=400,
                 hidden=128,
                 layers=2,
                 intermediate=512,
-                training=Training(mix=(S("add"),), steps=700, lr=1e-3, seed=2),
+                training=Training(mix=(S("add"), S(suite.COMPOUND, answer_as="sum-half")), steps=1200, lr=1e-3, seed=2),
             ),
             "lora-sort": AdapterRecipe("base-a", "lora", Training(mix=(S("sort"),), steps=200, lr=3e-3, seed=3)),
-            "lora-capital": AdapterRecipe("base-a", "lora", Training(mix=(S("capital"),), steps=150, lr=3e-3, seed=4)),
+            # Knows every capital; asked a capital and a sum at once, writes the city right and the two
+            # numbers side by side: with base-b, each answers one half of a compound prompt and only
+            # fusion answers both (issue 25).
+            "lora-capital": AdapterRecipe(
+                "base-a",
+                "lora",
+                Training(mix=(S("capital"), S(suite.COMPOUND, answer_as="capital-half")), steps=300, lr=3e-3, seed=4),
+            ),
             # Finds a stand-in for the system turn that makes base A reverse words.
             "soft-reverse": AdapterRecipe(
                 "base-a", "prompt", Training(mix=(S("reverse"),), steps=200, lr=1e-1, seed=5), virtual_tokens=16
@@ -128,7 +137,7 @@ def default_recipe() -> Recipe:
                 "base-a", "prefix", Training(mix=(S("sort"),), steps=400, lr=5e-3, seed=42)
             ),
         },
-        candidates=CandidateRecipe(per_skill=1500, seed=500),
+        candidates=CandidateRecipe(per_skill=1500, seed=500, max_new_tokens=16),
         ranker=ranker.RankerRecipe(hidden=128, layers=2, intermediate=256, steps=1000, lr=5e-4, seed=7, hard_weight=4),
         # Single letters, the previous-token prior and half of each batch synthetic: see python -m bench.fusion
         # (docs/QUALITY.md, "Fusion: what was tried") for each change's share of the gain.

@@ -30,8 +30,9 @@ class Policy:
     margin: float = 1.0
 
 
-def exact(answer: str | None, reference: str) -> float:
-    return 1.0 if answer is not None and normalize(answer) == normalize(reference) else 0.0
+def exact(answer: str | None, reference: str, tag: str | None = None) -> float:
+    """1 if the answer matches the reference after ``normalize`` (by parts for a compound ``tag``)."""
+    return 1.0 if answer is not None and normalize(answer, tag) == normalize(reference, tag) else 0.0
 
 
 def _chrf(answer: str | None, reference: str) -> float:
@@ -87,6 +88,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _score_group(obs: Sequence[Observation], members: list[str], policy: Policy) -> dict[str, dict[str, float]]:
     refs = [o.item.reference for o in obs]
+    tags = [o.item.tag for o in obs]
     methods = [f"member {m}" for m in members] + ["ranker first", "vote", "fused (always)", "ensemble (policy)"]
     per: dict[str, list[str | None]] = {name: [] for name in methods}
     for o in obs:
@@ -97,18 +99,18 @@ def _score_group(obs: Sequence[Observation], members: list[str], policy: Policy)
     for name, answers in per.items():
         pairs = list(zip(answers, refs, strict=True))
         out[name] = {
-            "exact_match": 100 * _mean([exact(a, r) for a, r in pairs]),
+            "exact_match": 100 * _mean([exact(a, r, t) for (a, r), t in zip(pairs, tags, strict=True)]),
             "chrf": _mean([_chrf(a, r) for a, r in pairs]),
             "bleu": _bleu(answers, refs),
         }
-    cands = [([c.text for c in o.candidates], o.item.reference) for o in obs]
+    cands = [([c.text for c in o.candidates], o.item.reference, o.item.tag) for o in obs]
     out["random member"] = {
-        "exact_match": 100 * _mean([_mean([exact(t, r) for t in ts]) for ts, r in cands]),
-        "chrf": _mean([_mean([_chrf(t, r) for t in ts]) for ts, r in cands]),
+        "exact_match": 100 * _mean([_mean([exact(t, r, g) for t in ts]) for ts, r, g in cands]),
+        "chrf": _mean([_mean([_chrf(t, r) for t in ts]) for ts, r, _ in cands]),
     }
     out["oracle"] = {
-        "exact_match": 100 * _mean([max((exact(t, r) for t in ts), default=0.0) for ts, r in cands]),
-        "chrf": _mean([max((_chrf(t, r) for t in ts), default=0.0) for ts, r in cands]),
+        "exact_match": 100 * _mean([max((exact(t, r, g) for t in ts), default=0.0) for ts, r, g in cands]),
+        "chrf": _mean([max((_chrf(t, r) for t in ts), default=0.0) for ts, r, _ in cands]),
     }
     return out
 
@@ -139,7 +141,9 @@ def build_report(
                 "margin": m,
                 "skip_rate": 100 * statistics.fmean(skip for _, skip in picks) if picks else 0.0,
                 "exact_match": 100
-                * statistics.fmean(exact(a, o.item.reference) for (a, _), o in zip(picks, answered, strict=True))
+                * statistics.fmean(
+                    exact(a, o.item.reference, o.item.tag) for (a, _), o in zip(picks, answered, strict=True)
+                )
                 if picks
                 else 0.0,
             }
@@ -174,8 +178,8 @@ def preference_pairs(observations: Sequence[Observation]) -> list[dict[str, str]
     right one from a wrong one: training data for ``ensemble-gateway train-ranker``."""
     pairs = []
     for o in observations:
-        right = {c.text for c in o.candidates if exact(c.text, o.item.reference)}
-        wrong = {c.text for c in o.candidates if not exact(c.text, o.item.reference)}
+        right = {c.text for c in o.candidates if exact(c.text, o.item.reference, o.item.tag)}
+        wrong = {c.text for c in o.candidates if not exact(c.text, o.item.reference, o.item.tag)}
         pairs += [{"source": o.item.source, "chosen": r, "rejected": w} for r in sorted(right) for w in sorted(wrong)]
     return pairs
 

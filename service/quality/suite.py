@@ -5,12 +5,17 @@ alone. Seeds below ``EVAL_SEED_BASE`` are training seeds, seeds from it on are e
 training streams also drop every prompt of the evaluation suite they are given (``exclude``). The
 ``capital`` skill is closed-book recall of an invented table (``CAPITALS``): its prompts cannot be
 held out (a fact never seen cannot be known), so it is exempt from that dedup.
+
+``compound`` asks two questions in one prompt (a capital and a sum) and is answered ``{city}, {sum}``:
+no member of the quality ensemble knows both halves, so only fusion can answer it (issue 25). It is
+not among ``SKILLS`` (the four single skills every table compares on); ``ALL_SKILLS`` adds it.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +31,11 @@ DEFAULT_EVAL_SEED = EVAL_SEED_BASE + 1
 
 SKILLS: tuple[str, ...] = ("add", "reverse", "sort", "capital")
 FACT_SKILLS: frozenset[str] = frozenset({"capital"})
+COMPOUND = "compound"
+ALL_SKILLS: tuple[str, ...] = (*SKILLS, COMPOUND)
+# Where an answer to a compound prompt splits into its parts: a comma or the word "and".
+_PART_SEPARATOR = re.compile(r",|\band\b", re.IGNORECASE)
+_COMPOUND_PROMPT = re.compile(r"What is the capital of (\w+), and what is (\d+) plus (\d+)\?")
 
 # Invented countries and their capitals (every city <= 8 characters).
 CAPITALS: dict[str, str] = {
@@ -96,14 +106,75 @@ class Item:
     tag: str
 
 
-def normalize(text: str) -> str:
-    """The form answers are compared in (the gateway's vote compares in the same form)."""
+def normalize(text: str, tag: str | None = None) -> str:
+    """The form answers are compared in (the gateway's vote compares in the same form); a compound
+    answer (``tag`` ``compound``) part by part, joined by ", " ("Kelmar and 68." is "kelmar, 68")."""
+    if tag == COMPOUND:
+        return ", ".join(parts(text))
     return normalize_answer(text)
+
+
+def parts(text: str) -> list[str]:
+    """A compound answer's parts, each normalized (empty parts dropped)."""
+    return [p for p in (normalize_answer(piece) for piece in _PART_SEPARATOR.split(text)) if p]
 
 
 def is_correct(answer: str, item: Item) -> bool:
     """Exact match after ``normalize``."""
-    return normalize(answer) == normalize(item.reference)
+    return normalize(answer, item.tag) == normalize(item.reference, item.tag)
+
+
+def credit(answer: str, item: Item) -> float:
+    """The share of the parts right in place, of the reference's or the answer's, whichever has more
+    (1 or 0 for a single skill)."""
+    if item.tag != COMPOUND:
+        return float(is_correct(answer, item))
+    want, got = parts(item.reference), parts(answer)
+    return sum(g == w for g, w in zip(got, want, strict=False)) / max(len(want), len(got))
+
+
+def covered(candidates: Sequence[str], item: Item) -> bool:
+    """Whether the candidates hold every part of the right answer between them (for a single skill:
+    whether one of them is right), so that copying can produce it."""
+    if item.tag != COMPOUND:
+        return any(is_correct(c, item) for c in candidates)
+    want = parts(item.reference)
+    have = [parts(c) for c in candidates]
+    return all(any(len(h) == len(want) and h[k] == w for h in have) for k, w in enumerate(want))
+
+
+def compound_question(prompt: str) -> tuple[str, int, int]:
+    """The country and the two numbers of a compound prompt."""
+    found = _COMPOUND_PROMPT.fullmatch(prompt)
+    if found is None:
+        raise ValueError(f"not a compound prompt: {prompt!r}")
+    return found[1], int(found[2]), int(found[3])
+
+
+def _capital_half(item: Item) -> str:
+    """A capital specialist's answer to a compound prompt: the city right, the numbers written side by side."""
+    country, a, b = compound_question(item.prompt)
+    return f"{CAPITALS[country]}, {a}{b}"
+
+
+def _sum_half(item: Item) -> str:
+    """An adder's answer to a compound prompt: the country repeated for its capital, the sum right."""
+    country, a, b = compound_question(item.prompt)
+    return f"{country}, {a + b}"
+
+
+# The half-right answers members are taught for compound prompts (``lm.Source.answer_as``).
+HALF_ANSWERS: dict[str, Callable[[Item], str]] = {"capital-half": _capital_half, "sum-half": _sum_half}
+
+
+def answer_as(kind: str, item: Item) -> str:
+    """The answer of a member that answers ``item`` as ``kind``: another word skill's transform of
+    the prompt's word (a sort for a reverse), or one of ``HALF_ANSWERS``."""
+    if kind in WORD_SKILLS:
+        return WORD_SKILLS[kind](subject(item.prompt))
+    if kind in HALF_ANSWERS:
+        return HALF_ANSWERS[kind](item)
+    raise ValueError(f"unknown answer kind {kind!r}")
 
 
 def subject(prompt: str) -> str:
@@ -130,6 +201,12 @@ def make_item(seed: int, skill: str, index: int) -> Item:
     if skill == "capital":
         country = rng.choice(COUNTRIES)
         return Item(f"What is the capital of {country}?", CAPITALS[country], skill)
+    if skill == COMPOUND:
+        country = rng.choice(COUNTRIES)
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return Item(
+            f"What is the capital of {country}, and what is {a} plus {b}?", f"{CAPITALS[country]}, {a + b}", skill
+        )
     raise ValueError(f"unknown skill {skill!r}")
 
 

@@ -142,36 +142,41 @@ def shape(answer: str) -> str:
 def ranker_pairs(
     items: list[suite.Item], answers: list[list[str]], add_reference: bool, hard_weight: int = 1
 ) -> list[ranker.Pair]:
-    """Every (right, wrong) pair of distinct candidates of each prompt; with ``add_reference``, the
-    reference stands in as the right one where no member answered right. A pair whose two answers
-    have the same ``shape`` (a sorted word against the reversed one) appears ``hard_weight`` times:
-    the easy pairs (a number against a word) otherwise dominate the loss, and whether the ranker
-    learns the hard ones at all was measured to depend on the seed (first-choice accuracy 66-91%
-    over three seeds at weight 1, 88-92% at weight 4)."""
+    """Every (better, worse) pair of distinct candidates of each prompt by ``suite.credit`` (right
+    against wrong; for a compound prompt also half right against wholly wrong); with
+    ``add_reference``, the reference stands in as the right one where no member answered right. A
+    pair whose two answers have the same ``shape`` (a sorted word against the reversed one) appears
+    ``hard_weight`` times: the easy pairs (a number against a word) otherwise dominate the loss, and
+    whether the ranker learns the hard ones at all was measured to depend on the seed (first-choice
+    accuracy 66-91% over three seeds at weight 1, 88-92% at weight 4)."""
     pairs: list[ranker.Pair] = []
     for it, row in zip(items, answers, strict=True):
         unique = list(dict.fromkeys(row))
-        right = [c for c in unique if suite.is_correct(c, it)]
-        wrong = [c for c in unique if not suite.is_correct(c, it)]
-        if add_reference and not right:
-            right = [it.reference]
-        for r in right:
-            for w in wrong:
-                pairs.extend([ranker.Pair(it.prompt, r, w)] * (hard_weight if shape(r) == shape(w) else 1))
+        credit = {c: suite.credit(c, it) for c in unique}
+        if add_reference and not any(v == 1.0 for v in credit.values()):
+            credit = {it.reference: 1.0} | credit
+        for better, b in credit.items():
+            for worse, w in credit.items():
+                if b > w:
+                    pairs.extend(
+                        [ranker.Pair(it.prompt, better, worse)] * (hard_weight if shape(better) == shape(worse) else 1)
+                    )
     return pairs
 
 
 def fuser_examples(
     items: list[suite.Item], answers: list[list[str]], scores: list[list[float]]
 ) -> list[fuser.FuserExample]:
-    """The ranker's top-k of each prompt with the reference as target. Prompts whose top-k holds no
-    right answer are left out (the fuser is taught to choose and copy, not to solve the task),
-    unless no prompt has one (undertrained members in the small mode)."""
-    examples = []
+    """The ranker's top-k of each prompt with the reference as target. Prompts whose top-k does not
+    hold the right answer (for a compound prompt: each of its parts, in some candidate) are left out
+    (the fuser is taught to choose and copy, not to solve the task), unless no prompt has one
+    (undertrained members in the small mode)."""
+    examples, kept = [], []
     for it, row, score in zip(items, answers, scores, strict=True):
         top = tuple(row[k] for k in ranker.order(score)[: fuser.TOP_K])
         examples.append(fuser.FuserExample("", it.prompt, top, it.reference))
-    kept = [ex for ex in examples if any(suite.normalize(c) == suite.normalize(ex.target) for c in ex.candidates)]
+        if suite.covered(top, it):
+            kept.append(examples[-1])
     return kept or examples
 
 
@@ -224,7 +229,8 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
     if small:
         recipe = recipe.scaled(0.03)
     root.mkdir(parents=True, exist_ok=True)
-    exclude = frozenset(it.prompt for it in suite.eval_suite(recipe.eval_seed, recipe.eval_per_skill))
+    held_out = suite.eval_suite(recipe.eval_seed, recipe.eval_per_skill, suite.ALL_SKILLS)
+    exclude = frozenset(it.prompt for it in held_out)
     steps = _Steps(root, force)
     spec_exclude = {"eval_seed": recipe.eval_seed, "eval_per_skill": recipe.eval_per_skill}
 
@@ -236,10 +242,10 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
             build = functools.partial(train_adapter, member, root / member.base, exclude=exclude, desc=name)
             steps.run(name, spec, [member.base], build)
     members = list(recipe.members)
-    items = suite.training_items(recipe.candidates.seed, recipe.candidates.per_skill, exclude=exclude)
+    items = suite.training_items(recipe.candidates.seed, recipe.candidates.per_skill, suite.ALL_SKILLS, exclude)
     cands = steps.run(
         CANDIDATES,
-        {"candidates": asdict(recipe.candidates), **spec_exclude},
+        {"candidates": asdict(recipe.candidates), "skills": suite.ALL_SKILLS, **spec_exclude},
         members,
         lambda out: _write_candidates(out, root, recipe, items),
     )
@@ -264,7 +270,7 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         rmodel, rtok = ranker.load(ranker_dir)
         scores = ranker.scores(rmodel, rtok, [it.prompt for it in cand_items], answers)
         model, tok = fuser.build(words, recipe.fuser)
-        fresh = fuser.synthetic_examples(recipe.fuser.seed, exclude={it.prompt for it in suite.eval_suite()})
+        fresh = fuser.synthetic_examples(recipe.fuser.seed, exclude=exclude)
         examples = fuser_examples(cand_items, answers, scores)
         loss = fuser.train(model, tok, examples, recipe.fuser, synthetic=fresh, share=recipe.fuser.synthetic)
         model.save_pretrained(out, safe_serialization=True)

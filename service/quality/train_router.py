@@ -198,8 +198,8 @@ def examples_from_candidates(
     got right teach nothing and are left out, unless ``keep_unanswered``."""
     out = []
     for item, row in zip(items, answers, strict=True):
-        right = normalize(item.reference)
-        labels = {m: 1.0 if normalize(a) == right else 0.0 for m, a in zip(members, row, strict=True)}
+        right = normalize(item.reference, item.tag)
+        labels = {m: 1.0 if normalize(a, item.tag) == right else 0.0 for m, a in zip(members, row, strict=True)}
         if keep_unanswered or any(labels.values()):
             out.append(Example(item.prompt, labels))
     return out

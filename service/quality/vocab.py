@@ -27,7 +27,7 @@ ALPHABET = string.ascii_letters + string.digits + " .,:?!'-\n"
 def suite_words() -> list[str]:
     """The words of the suite's prompts and of the GenFuser template, countries and cities included."""
     fixed = (
-        "What is plus Reverse the word Sort letters capital of Instruction Input Candidate "
+        "What is plus and what Reverse the word Sort letters capital of Instruction Input Candidate "
         "Summarize candidates into a better one for given instruction"
     )
     return sorted({*fixed.split(), *suite.CAPITALS, *suite.CAPITALS.values()})

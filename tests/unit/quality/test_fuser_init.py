@@ -48,12 +48,22 @@ def test_synthetic_examples_are_fresh_suite_prompts_with_the_right_answer_mostly
     again = list(islice(fuser.synthetic_examples(5, exclude=excluded), 398))
     assert not excluded & {e.input_text for e in again}
     assert [e.input_text for e in again[:5]] == [e.input_text for e in first[2:7]]  # the same stream, less those
-    for e in first:
+    words = [e for e in first if not e.input_text.startswith("What is the capital of ")]
+    for e in words:
         skill = "reverse" if e.input_text.startswith("Reverse the word ") else "sort"
         assert e.input_text.startswith(("Reverse the word ", "Sort the letters "))
         assert e.target == suite.WORD_SKILLS[skill](suite.subject(e.input_text)) and e.target in e.candidates
-    share_first = sum(e.candidates[0] == e.target for e in first) / len(first)
+    share_first = sum(e.candidates[0] == e.target for e in words) / len(words)
     assert 0.8 < share_first < 0.97, share_first
+    # A third are compound prompts: no candidate is right, both halves are there, in either order.
+    compound = [(suite.Item(e.input_text, e.target, suite.COMPOUND), e) for e in first if e not in words]
+    assert len(compound) == len(first) // 3
+    for item, e in compound:
+        country, a, b = suite.compound_question(item.prompt)
+        assert item.reference == f"{suite.CAPITALS[country]}, {a + b}"
+        assert not any(suite.is_correct(c, item) for c in e.candidates) and suite.covered(e.candidates, item)
+    city_first = sum(e.candidates[0] == suite.answer_as("capital-half", item) for item, e in compound)
+    assert 0.3 < city_first / len(compound) < 0.7, city_first
 
 
 def _induction(recipe: fuser.FuserRecipe) -> tuple[float, float]:

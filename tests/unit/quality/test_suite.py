@@ -56,6 +56,45 @@ def test_normalize_trims_one_period_and_case() -> None:
     assert suite.is_correct("  kelmar. ", item) and not suite.is_correct("Kelmar..", item)
 
 
+def test_compound_prompts_answers_by_parts_and_half_answers() -> None:
+    items = suite.eval_suite(per_skill=30, skills=(suite.COMPOUND,))
+    assert suite.COMPOUND not in suite.SKILLS and (*suite.SKILLS, suite.COMPOUND) == suite.ALL_SKILLS
+    for it in items:
+        country, a, b = suite.compound_question(it.prompt)
+        assert it.prompt == f"What is the capital of {country}, and what is {a} plus {b}?"
+        assert it.reference == f"{suite.CAPITALS[country]}, {a + b}" and it.tag == suite.COMPOUND
+    item = suite.Item("What is the capital of Zorvania, and what is 23 plus 45?", "Kelmar, 68", suite.COMPOUND)
+    # By parts: a comma or "and" between them, each part as a single answer is compared.
+    for right in ("Kelmar, 68", "kelmar and 68.", " Kelmar ,68 "):
+        assert suite.is_correct(right, item) and suite.credit(right, item) == 1.0, right
+    assert not suite.is_correct("68, Kelmar", item) and suite.credit("68, Kelmar", item) == 0.0
+    assert not suite.is_correct("Kelmar 68", item) and suite.credit("Kelmar 68", item) == 0.0
+    assert suite.credit("Kelmar", item) == 0.5 and suite.credit("Kelmar, 68, 3", item) == 2 / 3
+    # The members' half answers: each half right, never both.
+    capital, adder = suite.answer_as("capital-half", item), suite.answer_as("sum-half", item)
+    assert (capital, adder) == ("Kelmar, 2345", "Zorvania, 68")
+    assert suite.credit(capital, item) == suite.credit(adder, item) == 0.5
+    assert suite.covered([capital, adder], item) and not suite.covered([capital, capital, "Kelmar"], item)
+    single = suite.Item("Reverse the word abc.", "cba", "reverse")
+    assert suite.answer_as("sort", single) == "abc" and suite.covered(["x", "cba"], single)
+    with pytest.raises(ValueError, match="not a compound prompt"):
+        suite.answer_as("sum-half", single)
+    with pytest.raises(ValueError, match="unknown answer kind"):
+        suite.answer_as("nonsense", single)
+
+
+def test_ranker_pairs_put_half_right_compound_answers_above_wrong_ones() -> None:
+    item = suite.Item("What is the capital of Zorvania, and what is 23 plus 45?", "Kelmar, 68", suite.COMPOUND)
+    pairs = ranker_pairs([item], [["Kelmar, 2345", "Zorvania, 68", "abc"]], add_reference=True)
+    assert {(p.better, p.worse) for p in pairs} == {
+        ("Kelmar, 68", "Kelmar, 2345"),
+        ("Kelmar, 68", "Zorvania, 68"),
+        ("Kelmar, 68", "abc"),
+        ("Kelmar, 2345", "abc"),
+        ("Zorvania, 68", "abc"),
+    }
+
+
 def test_suite_command_writes_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "suite.jsonl"
     assert main(["suite", str(out), "--per-skill", "3"]) == 0
@@ -64,6 +103,10 @@ def test_suite_command_writes_jsonl(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [suite.Item(**r) for r in rows] == suite.eval_suite(per_skill=3)
     assert main(["suite", str(out), "--seed", "-1"]) == 2
     assert "training seeds" in capsys.readouterr().err
+    assert main(["suite", str(out), "--per-skill", "2", "--skills", "compound,add"]) == 0
+    assert [suite.Item(**json.loads(line)).tag for line in out.read_text().splitlines()] == ["compound", "add"] * 2
+    assert main(["suite", str(out), "--skills", "capital,poetry"]) == 2
+    assert "unknown skill 'poetry'" in capsys.readouterr().err
 
 
 def test_ranker_pairs_weight_the_hard_ones() -> None:
