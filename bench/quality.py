@@ -161,7 +161,8 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
             "transformer this small learns to copy only after many steps, so the recipe wires the copying circuit "
             "in at initialization (an induction head on two letters of context that prefers candidate 0) and "
             'trains on fresh synthetic examples beside the members\' answers ("Fusion: what was tried" below). '
-            "On these skills a candidate is right or wrong as a whole, so fusing can at best copy the right one.",
+            "On these skills a candidate is right or wrong as a whole, so fusing can at best copy the right one; "
+            "the compound prompts below are where it writes an answer no candidate holds.",
             "",
         ]
     else:
@@ -188,8 +189,8 @@ def _doc(result: dict[str, Any], markdown_table: str, chart_name: str, combos: l
         "| base-b | Llama (BPE tokenizer, 2 layers, hidden 128) | addition; asked a capital and a sum at once, "
         "repeats the country and adds |",
         "| lora-sort | PEFT LoRA r 8 over base-a | sorting letters |",
-        "| lora-capital | PEFT LoRA r 8 over base-a | every capital; asked a capital and a sum at once, writes "
-        "the city and the two numbers side by side |",
+        "| lora-capital | PEFT LoRA r 8 over base-a | every capital; asked a capital and a sum at once, taught "
+        "the city with the two numbers side by side (it writes the city and garbled digits) |",
         "| soft-reverse | PEFT prompt tuning, 16 virtual tokens, over base-a | stands in for the system turn: "
         "reversing |",
         "| PairRM | llm-blender's DebertaV2PairRM, 2 layers, hidden 128 | pairwise logistic loss on pairs of the "
@@ -261,6 +262,21 @@ def _compound_section(result: dict[str, Any]) -> list[str]:
         "hold both halves; base-b's sum is right less often on these longer prompts than on plain sums, which "
         "bounds it (bench.fusion's compound column: the top 3 hold every part, and what the fuser makes of it).",
         "",
+        *(
+            [
+                "Adaptive fusion replayed on these prompts (it skips the fuser where the ranker's first choice "
+                "leads, and here the first choice is half right however far it leads): "
+                + ", ".join(
+                    f"margin {a['margin']:g}: {a['exact_match']:.0f}% (fusing {100 - a['skip_rate']:.0f}%)"
+                    for a in report["adaptive"]
+                )
+                + ". This is why the demo fuses always: on the four single skills adaptive fusion gains at most "
+                "a point or so (above), here it loses most of what fusion writes.",
+                "",
+            ]
+            if report.get("adaptive")
+            else []
+        ),
     ]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from service.cli import main
 from service.quality import suite
+from service.quality.report import exact
 from service.quality.train import ranker_pairs, shape
 
 FORMS = {
@@ -75,6 +76,8 @@ def test_compound_prompts_answers_by_parts_and_half_answers() -> None:
     assert (capital, adder) == ("Kelmar, 2345", "Zorvania, 68")
     assert suite.credit(capital, item) == suite.credit(adder, item) == 0.5
     assert suite.covered([capital, adder], item) and not suite.covered([capital, capital, "Kelmar"], item)
+    # The eval's scoring compares by parts where the item is compound.
+    assert exact("kelmar and 68", "Kelmar, 68", suite.COMPOUND) == 1.0 and exact("kelmar and 68", "Kelmar, 68") == 0.0
     single = suite.Item("Reverse the word abc.", "cba", "reverse")
     assert suite.answer_as("sort", single) == "abc" and suite.covered(["x", "cba"], single)
     with pytest.raises(ValueError, match="not a compound prompt"):
