@@ -75,6 +75,7 @@ def data(models: Path, limit: int | None = None) -> dict[str, Any]:
         "eval": {it.prompt for it in suite.eval_suite()},
         "train": fuser_examples([items[i] for i in train], [answers[i] for i in train], [scores[i] for i in train]),
         "test": test,
+        "items": [items[i] for i in held],
         "tags": [items[i].tag for i in held],
         "right": [[suite.is_correct(c, items[i]) for c in e.candidates] for i, e in zip(held, test, strict=True)],
         "covered": [suite.covered(e.candidates, items[i]) for i, e in zip(held, test, strict=True)],
@@ -107,10 +108,7 @@ def variant(d: dict[str, Any], label: str, changes: dict[str, Any], steps: int |
     loss = fuser.train(model, tok, d["train"], recipe, label, synthetic=fresh, share=recipe.synthetic)
     seconds = time.perf_counter() - start
     fused = fuser.fuse(model, tok, d["test"])
-    hits = [
-        suite.normalize(f, t) == suite.normalize(e.target, t)
-        for f, e, t in zip(fused, d["test"], d["tags"], strict=True)
-    ]
+    hits = [suite.is_correct(f, it) for f, it in zip(fused, d["items"], strict=True)]
     row = {"label": label, "recipe": not changes, "steps": recipe.steps, "synthetic": recipe.synthetic,
            "seconds": round(seconds, 1), "final_loss": round(loss, 3),
            "exact_match": _per_skill(d["tags"], hits)}  # fmt: skip

@@ -207,7 +207,7 @@ def make_item(seed: int, skill: str, index: int) -> Item:
         return Item(
             f"What is the capital of {country}, and what is {a} plus {b}?", f"{CAPITALS[country]}, {a + b}", skill
         )
-    raise ValueError(f"unknown skill {skill!r}")
+    raise ValueError(f"unknown skill {skill!r} (one of {', '.join(ALL_SKILLS)})")
 
 
 def stream(seed: int, skill: str, exclude: Collection[str] = (), unique: bool = True) -> Iterator[Item]:

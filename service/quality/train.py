@@ -45,8 +45,9 @@ STAMP = ".quality-stamp"
 # Float sums, and so the trained weights, depend on torch's thread count: training runs on this many
 # threads unless told otherwise, so that a rerun on another machine reproduces the checkpoints.
 THREADS = 2
-# Bump when ``ranker_pairs`` changes which pairs the ranker trains on (retrains the ranker and what follows).
-PAIRS_VERSION = 2
+# Per step, bump when its code changes what it produces (``ranker_pairs`` for pairrm, ``fuser_examples``
+# or ``fuser.synthetic_examples`` for genfuser): that step and the steps after it retrain, the others not.
+STEP_VERSIONS: dict[str, int] = {"pairrm": 2}
 MANIFEST = "manifest.json"  # at the root: versions and every step's stamp, written when all are current
 CANDIDATES = "candidates"
 
@@ -81,6 +82,7 @@ class _Steps:
                 "recipe": RECIPE_VERSION,
                 "spec": spec,
                 "deps": [self.stamps[d] for d in deps],
+                **({"step": STEP_VERSIONS[name]} if name in STEP_VERSIONS else {}),
             }
         )
         self.stamps[name] = stamp
@@ -174,12 +176,11 @@ def fuser_examples(
     hold the right answer (for a compound prompt: each of its parts, in some candidate) are left out
     (the fuser is taught to choose and copy, not to solve the task), unless no prompt has one
     (undertrained members in the small mode)."""
-    examples, kept = [], []
-    for it, row, score in zip(items, answers, scores, strict=True):
-        top = tuple(row[k] for k in ranker.order(score)[: fuser.TOP_K])
-        examples.append(fuser.FuserExample("", it.prompt, top, it.reference))
-        if suite.covered(top, it):
-            kept.append(examples[-1])
+    examples = [
+        fuser.FuserExample("", it.prompt, tuple(row[k] for k in ranker.order(score)[: fuser.TOP_K]), it.reference)
+        for it, row, score in zip(items, answers, scores, strict=True)
+    ]
+    kept = [ex for ex, it in zip(examples, items, strict=True) if suite.covered(ex.candidates, it)]
     return kept or examples
 
 
@@ -232,8 +233,7 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
     if small:
         recipe = recipe.scaled(0.03)
     root.mkdir(parents=True, exist_ok=True)
-    held_out = suite.eval_suite(recipe.eval_seed, recipe.eval_per_skill, suite.ALL_SKILLS)
-    exclude = frozenset(it.prompt for it in held_out)
+    exclude = frozenset(it.prompt for it in suite.eval_suite(recipe.eval_seed, recipe.eval_per_skill, suite.ALL_SKILLS))
     steps = _Steps(root, force)
     spec_exclude = {"eval_seed": recipe.eval_seed, "eval_per_skill": recipe.eval_per_skill}
 
@@ -266,9 +266,7 @@ def _train_all(root: Path, recipe: Recipe, small: bool, force: bool) -> Report:
         tok.save_pretrained(out)
         return loss
 
-    ranker_dir = steps.run(
-        "pairrm", {"ranker": asdict(recipe.ranker), "pairs": PAIRS_VERSION}, [CANDIDATES], build_ranker
-    )
+    ranker_dir = steps.run("pairrm", {"ranker": asdict(recipe.ranker)}, [CANDIDATES], build_ranker)
 
     def build_fuser(out: Path) -> float:
         cand_items, answers = read_candidates(cands)

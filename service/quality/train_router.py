@@ -28,7 +28,7 @@ import numpy as np
 
 from service.models.routers.encoder import Embedder, RouterModel
 from service.quality.learn import CHRF_THRESHOLD, judged, source_of
-from service.quality.suite import normalize
+from service.quality.suite import is_correct, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ def examples_from_candidates(
     got right teach nothing and are left out, unless ``keep_unanswered``."""
     out = []
     for item, row in zip(items, answers, strict=True):
-        right = normalize(item.reference, item.tag)
-        labels = {m: 1.0 if normalize(a, item.tag) == right else 0.0 for m, a in zip(members, row, strict=True)}
+        labels = {m: float(is_correct(a, item)) for m, a in zip(members, row, strict=True)}
         if keep_unanswered or any(labels.values()):
             out.append(Example(item.prompt, labels))
     return out
